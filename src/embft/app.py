@@ -172,7 +172,14 @@ def run_job(cfg: DictConfig) -> float:
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun, say how many of the sweep's jobs finished and failed (from MLflow)."""
+    """Create the MLflow store before parallel jobs race to; at the end, count the sweep's runs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            tracking.setup(config.tracking)
+        except EmbftError as err:
+            log.error("%s", err)
+            raise SystemExit(1) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:

@@ -1,0 +1,717 @@
+"""Implementation of the embft Optuna sweeper; imported lazily by the plugin class."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import optuna
+import sqlalchemy.exc
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import (
+    ChoiceSweep,
+    IntervalSweep,
+    Override,
+    QuotedString,
+    RangeSweep,
+    Transformer,
+)
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, Trial, TrialState
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "optimization_results.yaml"
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+# Top-level job config node that, when present, receives the trial number and study name.
+TRIAL_INFO_NODE = "optuna"
+TRIAL_INFO_KEYS = ("trial_number", "study_name")
+
+_INT_LITERAL = re.compile(r"[+-]?\d[\d_]*")
+
+
+class FailureBudgetExceeded(RuntimeError):
+    """Raised when too many of the sweep's trials failed."""
+
+
+# --------------------------------------------------------------------------- search space
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One searched parameter: the override key and its Optuna distribution."""
+
+    key: str  # override key element, including a "+"/"++" prefix if one was given
+    distribution: BaseDistribution
+    choice_texts: Tuple[str, ...] = ()  # override text of each categorical choice
+
+    def override(self, value: Any) -> str:
+        if isinstance(self.distribution, CategoricalDistribution):
+            # Map through the choice index: the original text keeps quoting and types
+            # (e.g. '1' vs 1) that the Python value alone would lose.
+            text = self.choice_texts[int(self.distribution.to_internal_repr(value))]
+        else:
+            text = format_value(value)
+        return f"{self.key}={text}"
+
+
+@dataclass
+class SearchSpace:
+    """Searched parameters and fixed overrides, both keyed by parameter name."""
+
+    params: Dict[str, SearchParam] = field(default_factory=dict)
+    fixed: Dict[str, str] = field(default_factory=dict)  # name -> override, passed unchanged
+
+    @property
+    def distributions(self) -> Dict[str, BaseDistribution]:
+        return {name: p.distribution for name, p in self.params.items()}
+
+    def overrides(self, values: Mapping[str, Any]) -> List[str]:
+        """Job overrides for one trial: the fixed ones, then one per searched parameter."""
+        return [*self.fixed.values(), *(p.override(values[n]) for n, p in self.params.items())]
+
+
+def parse_search_space(
+    params: Optional[Mapping[str, Any]],
+    arguments: Sequence[str] = (),
+    config_loader: Any = None,
+) -> SearchSpace:
+    """Build the search space from ``hydra.sweeper.params`` and command-line overrides.
+
+    Sweep values map to distributions: ``choice(...)``/``a,b``/``glob(...)`` to categorical,
+    ``range(start, stop, step)`` to a stepped int or float distribution (``stop`` excluded),
+    ``interval(a, b)`` to a uniform float distribution, or int when both bounds are written
+    as integers; ``tag(log, ...)`` makes it log-scaled. Plain overrides are kept as fixed
+    overrides. A command-line override replaces a config entry of the same key.
+    """
+    lines = [f"{k}={'null' if v is None else v}" for k, v in (params or {}).items()]
+    lines.extend(arguments)
+    space = SearchSpace()
+    for override in OverridesParser.create(config_loader=config_loader).parse_overrides(lines):
+        name = _param_name(override)
+        space.params.pop(name, None)
+        space.fixed.pop(name, None)
+        if override.is_sweep_override():
+            space.params[name] = _search_param(override)
+        else:
+            assert override.input_line is not None
+            space.fixed[name] = override.input_line
+    return space
+
+
+def _param_name(override: Override) -> str:
+    if override.package is None:
+        return override.key_or_group
+    return f"{override.key_or_group}@{override.package}"
+
+
+def _search_param(override: Override) -> SearchParam:
+    key = override.get_key_element()
+    value = override.value()
+    log_scale = "log" in getattr(value, "tags", ())
+
+    if override.is_choice_sweep():
+        if log_scale:
+            raise ValueError(
+                f"'{override.input_line}': log scale needs interval(...) or range(...)"
+            )
+        if isinstance(value, ChoiceSweep):
+            elements = list(value.list)
+        else:  # glob(...) over config group options
+            elements = list(override.sweep_iterator())
+        texts = tuple(format_value(e) for e in elements)
+        choices = tuple(_categorical_choice(e) for e in elements)
+        return SearchParam(key, CategoricalDistribution(choices), texts)
+
+    if override.is_range_sweep():
+        assert isinstance(value, RangeSweep)
+        return SearchParam(key, _range_distribution(value, log_scale, override.input_line))
+
+    if override.is_interval_sweep():
+        assert isinstance(value, IntervalSweep)
+        assert value.start is not None and value.end is not None
+        # Hydra's grammar turns interval bounds into floats; the text tells whether they were ints.
+        if _interval_has_int_bounds(override.get_value_string()):
+            return SearchParam(
+                key, IntDistribution(int(value.start), int(value.end), log=log_scale)
+            )
+        return SearchParam(
+            key, FloatDistribution(float(value.start), float(value.end), log=log_scale)
+        )
+
+    raise ValueError(f"'{override.input_line}': unsupported sweep type {override.value_type}")
+
+
+def _categorical_choice(element: Any) -> Any:
+    if isinstance(element, QuotedString):
+        return element.text
+    if element is None or isinstance(element, (bool, int, float, str)):
+        return element
+    return Transformer.str(element)  # lists/dicts: Optuna stores them as their text
+
+
+def _range_distribution(
+    value: RangeSweep, log_scale: bool, line: Optional[str]
+) -> BaseDistribution:
+    start, stop, step = value.start, value.stop, value.step
+    assert start is not None and stop is not None
+    if all(isinstance(x, int) for x in (start, stop, step)):
+        values = range(int(start), int(stop), int(step))
+        if len(values) == 0:
+            raise ValueError(f"'{line}': empty range")
+        if log_scale and abs(int(step)) != 1:
+            raise ValueError(f"'{line}': a log-scaled int range needs step 1")
+        low, high = sorted((values[0], values[-1]))
+        return IntDistribution(low, high, log=log_scale, step=abs(int(step)))
+
+    if log_scale:
+        raise ValueError(f"'{line}': use tag(log, interval(a, b)) for a log-scaled float")
+    d_start, d_stop, d_step = (Decimal(str(x)) for x in (start, stop, step))
+    if d_step == 0:
+        raise ValueError(f"'{line}': range step must not be 0")
+    count = int(((d_stop - d_start) / d_step).to_integral_value(rounding=ROUND_CEILING))
+    if count <= 0:
+        raise ValueError(f"'{line}': empty range")
+    low, high = sorted((d_start, d_start + (count - 1) * d_step))
+    return FloatDistribution(float(low), float(high), step=float(abs(d_step)))
+
+
+def _interval_has_int_bounds(value_text: str) -> bool:
+    match = re.search(r"interval\s*\(([^)]*)\)", value_text)
+    if match is None:
+        return False
+    bounds = [arg.split("=", 1)[-1].strip() for arg in match.group(1).split(",")]
+    return len(bounds) == 2 and all(_INT_LITERAL.fullmatch(b) for b in bounds)
+
+
+@functools.lru_cache(maxsize=1)
+def _plain_parser() -> OverridesParser:
+    return OverridesParser.create()
+
+
+def _parses_back(text: str, value: str) -> bool:
+    try:
+        parsed = _plain_parser().parse_override(f"k={text}")
+    except Exception:
+        return False
+    if parsed.is_sweep_override():
+        return False
+    return type(parsed.value()) is str and parsed.value() == value
+
+
+def _quote(text: str) -> str:
+    quote = "'" if "'" not in text else ('"' if '"' not in text else "'")
+    # Hydra only treats backslashes as escapes before a quote or the closing quote.
+    body = re.sub(
+        r"(\\*)(" + re.escape(quote) + "|$)",
+        lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""),
+        text,
+    )
+    return quote + body + quote
+
+
+def format_value(value: Any) -> str:
+    """Override text that Hydra parses back to ``value`` (strings are quoted when needed)."""
+    text = Transformer.str(value)
+    if isinstance(value, str) and not _parses_back(text, value):
+        text = _quote(value)
+        if not _parses_back(text, value):
+            raise ValueError(f"cannot write {value!r} as a Hydra override value")
+    return text
+
+
+# --------------------------------------------------------------------------- objective values
+
+
+def _as_float(value: Any) -> Optional[float]:
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def objective_values(ret: JobReturn, n_objectives: int) -> Tuple[Optional[List[float]], str]:
+    """The job's objective value(s), or ``None`` and the reason the trial failed."""
+    try:
+        value = ret.return_value  # re-raises the job's exception
+    except Exception as e:
+        return None, f"job raised {type(e).__name__}: {e}"
+    if n_objectives == 1:
+        raw: Sequence[Any] = [value]
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        raw = value
+    else:
+        return None, f"expected {n_objectives} objective values, job returned {value!r}"
+    if len(raw) != n_objectives:
+        return None, f"expected {n_objectives} objective values, job returned {value!r}"
+    values = [_as_float(v) for v in raw]
+    if any(v is None for v in values):
+        return None, f"job returned a non-number: {value!r}"
+    if any(math.isnan(v) for v in values):  # type: ignore[arg-type]
+        return None, f"job returned NaN: {value!r}"
+    return values, ""  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- heartbeat
+
+
+class _Heartbeat:
+    """Records heartbeats of this process's in-flight trials from a background thread.
+
+    Optuna only runs heartbeats inside ``Study.optimize``; with ask/tell we keep them
+    ourselves so that other processes can tell our live trials from stale ones.
+    """
+
+    def __init__(self, storage: RDBStorage, interval: int) -> None:
+        self._storage = storage
+        self._interval = interval
+        self._trial_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
+
+    def __enter__(self) -> "_Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def track(self, trial: Trial) -> None:
+        trial_id = trial._trial_id  # no public accessor; needed by record_heartbeat
+        self._storage.record_heartbeat(trial_id)
+        with self._lock:
+            self._trial_ids.add(trial_id)
+
+    def untrack(self, trials: Sequence[Trial]) -> None:
+        with self._lock:
+            self._trial_ids.difference_update(t._trial_id for t in trials)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                trial_ids = list(self._trial_ids)
+            for trial_id in trial_ids:
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception as e:  # a missed beat is harmless, a dead thread is not
+                    log.warning("Could not record heartbeat of trial id %d: %s", trial_id, e)
+
+
+class _NoHeartbeat:
+    def __enter__(self) -> "_NoHeartbeat":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def track(self, trial: Trial) -> None:
+        pass
+
+    def untrack(self, trials: Sequence[Trial]) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- sweeper
+
+
+def _make_sampler(conf: Mapping[str, Any], seed: Optional[int]) -> optuna.samplers.BaseSampler:
+    name = str(conf.get("name", "tpe")).lower()
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name != "tpe":
+        raise ValueError(f"hydra.sweeper.sampler.name must be 'tpe' or 'random', got {name!r}")
+    kwargs = {
+        k: conf[k]
+        for k in ("n_startup_trials", "multivariate", "constant_liar")
+        if conf.get(k) is not None
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, **kwargs)
+
+
+def _check_compatible(name: str, old: BaseDistribution, new: BaseDistribution) -> None:
+    same = type(old) is type(new)
+    if same and isinstance(old, (FloatDistribution, IntDistribution)):
+        same = old.log == new.log  # type: ignore[union-attr]
+    if same and isinstance(old, CategoricalDistribution):
+        same = old.choices == new.choices  # type: ignore[attr-defined]
+    if not same:
+        raise ValueError(
+            f"Search space of '{name}' is {new}, but the study already has trials with {old}. "
+            "Use a new hydra.sweeper.study_name for a different search space."
+        )
+
+
+class OptunaSweeperImpl(Sweeper):
+    """Ask/tell loop: asks ``n_jobs`` trials, launches them as one batch, tells results."""
+
+    def __init__(
+        self,
+        direction: Any,
+        study_name: Optional[str],
+        storage: Optional[str],
+        n_trials: int,
+        n_jobs: int,
+        seed: Optional[int],
+        sampler: Optional[Mapping[str, Any]],
+        max_failure_rate: float,
+        failure_rate_min_trials: int,
+        heartbeat_interval: Optional[int],
+        grace_period: Optional[int],
+        params: Optional[Mapping[str, Any]],
+    ) -> None:
+        directions = [direction] if isinstance(direction, str) else list(direction)
+        if not directions or any(d not in ("maximize", "minimize") for d in directions):
+            raise ValueError(
+                f"hydra.sweeper.direction: expected maximize/minimize, got {direction!r}"
+            )
+        if n_jobs < 1:
+            raise ValueError(f"hydra.sweeper.n_jobs must be >= 1, got {n_jobs}")
+        if n_trials < 0:
+            raise ValueError(f"hydra.sweeper.n_trials must be >= 0, got {n_trials}")
+        self.directions = directions
+        self.study_name = study_name
+        self.storage_url = storage
+        self.n_trials = n_trials
+        self.n_jobs = n_jobs
+        self.seed = seed
+        self.sampler_conf: Mapping[str, Any] = sampler or {}
+        self.max_failure_rate = max_failure_rate
+        self.failure_rate_min_trials = failure_rate_min_trials
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.params = params
+
+        self.hydra_context: Optional[HydraContext] = None
+        self.config: Optional[DictConfig] = None
+        self.launcher: Optional[Launcher] = None
+        self.n_told = 0  # trials finished by this sweep, for the failure budget
+        self.n_failed = 0
+
+    def setup(
+        self,
+        *,
+        hydra_context: HydraContext,
+        task_function: TaskFunction,
+        config: DictConfig,
+    ) -> None:
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    # ---------------------------------------------------------------- study
+
+    def _make_storage(self) -> Optional[RDBStorage]:
+        if self.storage_url is None:
+            return None
+        assert self.config is not None
+        url = make_url(self.storage_url)
+        engine_kwargs: Dict[str, Any] = {}
+        if url.get_backend_name() == "sqlite":
+            database = url.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                path = Path(database).expanduser()
+                if not path.is_absolute():
+                    # Jobs may chdir; pin the file to where the command was started.
+                    base = OmegaConf.select(self.config, "hydra.runtime.cwd") or os.getcwd()
+                    path = Path(base) / path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                url = url.set(database=str(path))
+            # Workers and the heartbeat thread share the file: wait on locks, don't fail fast.
+            engine_kwargs["connect_args"] = {"timeout": 60}
+        self.storage_url = url.render_as_string(hide_password=False)
+        for attempt in range(1, 6):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ExperimentalWarning)
+                    return RDBStorage(
+                        self.storage_url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=self.heartbeat_interval,
+                        grace_period=self.grace_period,
+                    )
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+                # Workers starting together race to create the schema of a new database;
+                # the loser succeeds on retry once the winner's tables exist.
+                if attempt == 5:
+                    raise
+                log.info("Storage not ready (%s); retrying", type(e).__name__)
+                time.sleep(0.2 * attempt + random.random() * 0.2)
+        raise AssertionError("unreachable")
+
+    def _open_study(self, study_name: str, storage: Optional[RDBStorage]) -> optuna.Study:
+        n_existing = 0
+        if storage is not None:
+            try:
+                n_existing = storage.get_n_trials(storage.get_study_id_from_name(study_name))
+            except KeyError:
+                pass
+        # Offsetting the seed keeps a fresh study reproducible while a resumed one does
+        # not replay the random startup samples of its first trials.
+        seed = None if self.seed is None else self.seed + n_existing
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            sampler=_make_sampler(self.sampler_conf, seed),
+            directions=self.directions,
+            load_if_exists=True,
+        )
+        actual = [d.name.lower() for d in study.directions]
+        if actual != self.directions:
+            raise ValueError(
+                f"Study '{study_name}' exists with direction {actual}, "
+                f"but hydra.sweeper.direction is {self.directions}."
+            )
+        return study
+
+    # ---------------------------------------------------------------- sweep
+
+    def sweep(self, arguments: List[str]) -> List[Sequence[JobReturn]]:
+        assert self.config is not None and self.launcher is not None
+        assert self.hydra_context is not None
+        space = parse_search_space(self.params, arguments, self.hydra_context.config_loader)
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+        study_name = self.study_name or str(self.config.hydra.job.name)
+        storage = self._make_storage()
+        study = self._open_study(study_name, storage)
+        for trial in study.get_trials(deepcopy=False):
+            for name, dist in trial.distributions.items():
+                if name in space.params:
+                    _check_compatible(name, dist, space.params[name].distribution)
+
+        use_heartbeat = storage is not None and self.heartbeat_interval is not None
+        heartbeat = (
+            _Heartbeat(storage, self.heartbeat_interval)  # type: ignore[arg-type]
+            if use_heartbeat
+            else _NoHeartbeat()
+        )
+        info_keys = self._trial_info_keys()
+        results_path = sweep_dir / RESULTS_FILE
+        log.info(
+            "Optuna study '%s' (%s): n_trials=%d, n_jobs=%d, search space %s, fixed %s",
+            study_name,
+            self._masked_storage(),
+            self.n_trials,
+            self.n_jobs,
+            {n: p.distribution for n, p in space.params.items()},
+            list(space.fixed.values()),
+        )
+
+        returns: List[Sequence[JobReturn]] = []
+        with heartbeat:
+            while (remaining := self._remaining_trials(study, use_heartbeat)) > 0:
+                results = self._run_batch(
+                    study,
+                    space,
+                    heartbeat,
+                    n=min(self.n_jobs, remaining),
+                    job_idx=sum(len(r) for r in returns),
+                    trial_info_keys=info_keys,
+                )
+                returns.append(results)
+                self._write_results(study, space, results_path)
+                self._check_failure_budget(results_path)
+
+        self._log_summary(self._write_results(study, space, results_path), results_path)
+        return returns
+
+    def _run_batch(
+        self,
+        study: optuna.Study,
+        space: SearchSpace,
+        heartbeat: "_Heartbeat | _NoHeartbeat",
+        n: int,
+        job_idx: int,
+        trial_info_keys: Sequence[str],
+    ) -> Sequence[JobReturn]:
+        """Ask ``n`` trials, launch them in one call and tell their results."""
+        assert self.launcher is not None
+        trials: List[Trial] = []
+        try:
+            for _ in range(n):
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                    trial = study.ask(space.distributions)
+                heartbeat.track(trial)
+                trials.append(trial)
+            batch = []
+            for trial in trials:
+                overrides = space.overrides(trial.params)
+                trial.set_user_attr("overrides", overrides)
+                batch.append(overrides + self._trial_info(trial_info_keys, trial, study.study_name))
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=job_idx)
+            for trial, ret in zip(trials, results):
+                self._tell(study, trial, ret)
+        except BaseException:
+            # Don't leave RUNNING trials behind when composition or the launcher fails.
+            for trial in trials:
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        finally:
+            heartbeat.untrack(trials)
+        return results
+
+    def _remaining_trials(self, study: optuna.Study, use_heartbeat: bool) -> int:
+        if use_heartbeat:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        taken = sum(t.state in FINISHED_STATES for t in trials)
+        if use_heartbeat:
+            # Stale trials were just failed, so RUNNING ones belong to live workers and
+            # count as taken. Without heartbeats we can't tell, so only finished ones count.
+            taken += sum(t.state == TrialState.RUNNING for t in trials)
+        return self.n_trials - taken
+
+    def _trial_info_keys(self) -> List[str]:
+        assert self.config is not None
+        node = self.config.get(TRIAL_INFO_NODE)
+        if not isinstance(node, DictConfig):
+            return []
+        return [k for k in TRIAL_INFO_KEYS if k in node]
+
+    @staticmethod
+    def _trial_info(keys: Sequence[str], trial: Trial, study_name: str) -> List[str]:
+        values = {"trial_number": trial.number, "study_name": study_name}
+        return [f"{TRIAL_INFO_NODE}.{k}={format_value(values[k])}" for k in keys]
+
+    def _tell(self, study: optuna.Study, trial: Trial, ret: JobReturn) -> None:
+        values, reason = objective_values(ret, len(self.directions))
+        try:
+            output_dir = None
+            if ret.hydra_cfg is not None:
+                output_dir = OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir")
+            if output_dir is not None:
+                trial.set_user_attr("output_dir", str(output_dir))
+            if values is None:
+                trial.set_user_attr("fail_reason", reason)
+        except UpdateFinishedTrialError:
+            log.warning("Trial %d was already finished (failed as stale?)", trial.number)
+        self.n_told += 1
+        if values is None:
+            self.n_failed += 1
+            log.warning("Trial %d failed: %s", trial.number, reason)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        else:
+            log.info("Trial %d finished with value %s", trial.number, ", ".join(map(str, values)))
+            study.tell(trial, values if len(values) > 1 else values[0], skip_if_finished=True)
+
+    def _check_failure_budget(self, results_path: Path) -> None:
+        if self.n_told < self.failure_rate_min_trials:
+            return
+        rate = self.n_failed / self.n_told
+        if rate > self.max_failure_rate:
+            raise FailureBudgetExceeded(
+                f"Optuna sweep stopped: {self.n_failed} of the {self.n_told} trials run by this "
+                f"sweep failed ({rate:.0%}), more than hydra.sweeper.max_failure_rate="
+                f"{self.max_failure_rate} (checked once hydra.sweeper.failure_rate_min_trials="
+                f"{self.failure_rate_min_trials} trials finished). See the job logs for the "
+                f"errors; partial results are in {results_path}."
+            )
+
+    # ---------------------------------------------------------------- results
+
+    def _masked_storage(self) -> Optional[str]:
+        if self.storage_url is None:
+            return None
+        return make_url(self.storage_url).render_as_string(hide_password=True)
+
+    @staticmethod
+    def _trial_overrides(trial: FrozenTrial, space: SearchSpace) -> List[str]:
+        recorded = trial.user_attrs.get("overrides")
+        if recorded is not None:
+            return list(recorded)
+        try:  # e.g. a trial added to the study outside this sweeper
+            return space.overrides(trial.params)
+        except (KeyError, ValueError, IndexError):
+            return [f"{k}={format_value(v)}" for k, v in trial.params.items()]
+
+    def _results(self, study: optuna.Study, space: SearchSpace) -> Dict[str, Any]:
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        results: Dict[str, Any] = {
+            "name": "optuna",
+            "study_name": study.study_name,
+            "storage": self._masked_storage(),
+            "direction": self.directions[0] if len(self.directions) == 1 else self.directions,
+            "n_trials": self.n_trials,
+            "n_complete": len(complete),
+            "n_failed": sum(t.state == TrialState.FAIL for t in trials),
+        }
+        if len(self.directions) == 1:
+            best = study.best_trial if complete else None
+            results.update(
+                best_value=None if best is None else best.value,
+                best_params=None if best is None else dict(best.params),
+                best_trial_number=None if best is None else best.number,
+                best_overrides=None if best is None else self._trial_overrides(best, space),
+            )
+        else:
+            results["best_trials"] = [
+                {
+                    "number": t.number,
+                    "values": list(t.values),
+                    "params": dict(t.params),
+                    "overrides": self._trial_overrides(t, space),
+                }
+                for t in (study.best_trials if complete else [])
+            ]
+        return results
+
+    def _write_results(self, study: optuna.Study, space: SearchSpace, path: Path) -> Dict[str, Any]:
+        results = self._results(study, space)
+        tmp = path.with_name(path.name + ".tmp")
+        OmegaConf.save(OmegaConf.create(results), tmp)
+        os.replace(tmp, path)  # readers never see a half-written file
+        return results
+
+    @staticmethod
+    def _log_summary(results: Mapping[str, Any], results_path: Path) -> None:
+        if results["n_complete"] == 0:
+            log.warning("Study '%s' has no completed trial", results["study_name"])
+        elif "best_value" in results:
+            log.info(
+                "Best value %s (trial %d): %s",
+                results["best_value"],
+                results["best_trial_number"],
+                " ".join(results["best_overrides"]),
+            )
+        log.info("Results written to %s", results_path)

@@ -1,0 +1,74 @@
+"""Structured config of the ``embft_optuna`` sweeper (``hydra/sweeper=embft_optuna``)."""
+
+# No `from __future__ import annotations` here: Hydra executes plugin modules before they
+# are in sys.modules, which breaks dataclasses with string annotations (and OmegaConf).
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+
+SWEEPER_TARGET = "hydra_plugins.embft_optuna_sweeper.embft_optuna_sweeper.EmbftOptunaSweeper"
+
+
+@dataclass
+class SamplerConf:
+    """Sampler choice. ``None`` fields keep Optuna's own default for that argument."""
+
+    name: str = "tpe"  # "tpe" | "random"
+    n_startup_trials: Optional[int] = None  # TPE only
+    multivariate: Optional[bool] = None  # TPE only
+    constant_liar: Optional[bool] = None  # TPE only; helps when n_jobs > 1 or several workers
+
+
+@dataclass
+class EmbftOptunaSweeperConf:
+    """Options of the ``embft_optuna`` sweeper (select with ``hydra/sweeper=embft_optuna``).
+
+    - ``direction``: ``"maximize"``/``"minimize"``, or a list of them for a multi-objective
+      study (the job must then return a sequence of that many numbers).
+    - ``study_name``: ``None`` uses ``hydra.job.name`` (the task's name). Set it to an
+      interpolation such as ``${experiment.name}`` to get one study per experiment.
+    - ``storage``: an SQLAlchemy URL. The default keeps the study in ``optuna.db`` in the
+      directory the command was started from (``hydra.runtime.cwd``, always absolute), so
+      rerunning the same command resumes the study. A relative ``sqlite:///`` path is
+      resolved against that directory too, and the parent folder is created. ``null``
+      gives an in-memory study that is neither persisted nor shared. Interpolations here
+      must not use the ``${hydra:...}`` resolver (directly or through other keys): Hydra
+      instantiates the sweeper before that resolver works; use ``${hydra.runtime.cwd}``.
+    - ``n_trials``: total finished (COMPLETE/FAIL/PRUNED) trials the study should reach,
+      counting earlier runs and other workers sharing the storage.
+    - ``n_jobs``: trials asked per batch, handed to the launcher in one ``launch`` call.
+    - ``seed``: sampler seed; offset by the number of trials already in the study so that
+      a resumed study does not replay the first trials' samples.
+    - ``max_failure_rate``/``failure_rate_min_trials``: the sweep aborts when more than
+      this fraction of the trials it finished failed, once at least that many finished.
+    - ``heartbeat_interval``/``grace_period`` (seconds): RUNNING trials whose heartbeat is
+      older than ``grace_period`` (default ``2 * heartbeat_interval``) are marked FAIL
+      before each batch; ``heartbeat_interval: null`` turns this off.
+    - ``params``: search space as Hydra override values, e.g.
+      ``{lr: "tag(log, interval(1e-5, 1e-3))", batch_size: "choice(16, 32)"}``.
+      Sweep overrides given on the command line are added and win over these.
+    """
+
+    _target_: str = SWEEPER_TARGET
+    direction: Any = "maximize"
+    study_name: Optional[str] = None
+    storage: Optional[str] = "sqlite:///${hydra.runtime.cwd}/optuna.db"
+    n_trials: int = 20
+    n_jobs: int = 1
+    seed: Optional[int] = 42
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+    max_failure_rate: float = 0.5
+    failure_rate_min_trials: int = 5
+    heartbeat_interval: Optional[int] = 60
+    grace_period: Optional[int] = None
+    params: Optional[Dict[str, str]] = None
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper",
+    name="embft_optuna",
+    node=EmbftOptunaSweeperConf,
+    provider="embft",
+)

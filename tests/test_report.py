@@ -1,0 +1,193 @@
+"""`embft report` on a small synthetic MLflow store (sqlite in a temp folder)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from embft import report
+
+SWEEP = "seed_grid/2026-11-27_00-10-00"
+BASELINE = 0.60
+# accuracy_cosine by (learning rate, seed); lr=2e-5 is the better configuration.
+ACC = {("1e-05", 1): 0.61, ("1e-05", 2): 0.63, ("1e-05", 3): 0.62,
+       ("2e-05", 1): 0.70, ("2e-05", 2): 0.66, ("2e-05", 3): 0.71}
+
+
+def _run(client, exp_id, *, role, params, metrics, status="FINISHED", sweep=SWEEP, key="k1"):
+    tags = {"embft.role": role, "embft.baseline_key": key, "embft.config_hash": "h"}
+    if sweep:
+        tags["embft.sweep"] = sweep
+    run = client.create_run(exp_id, tags=tags)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)) for k, v in params.items()],
+    )
+    if status != "RUNNING":
+        client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def _ft_params(lr, seed, run_no):
+    return {
+        "model.name": "bge-small",
+        "train.learning_rate": lr,
+        "train.seed": seed,
+        "train.temperature": 0.02,
+        "data.pairing": "same_label",
+        # Per-run values that must not become settings.
+        "paths.output_dir": f"/tmp/out/{run_no}",
+        "optuna.trial": run_no,
+        "force": run_no % 2 == 0,
+        "eval.cache_dir": f"/tmp/cache/{run_no}",
+    }
+
+
+def _ft_metrics(acc, base=BASELINE, seconds=120.0):
+    return {
+        "accuracy_cosine": acc,
+        "accuracy_cosine_std": 0.01,
+        "f1": acc - 0.02,
+        "baseline_accuracy_cosine": base,
+        "delta_accuracy_cosine": acc - base,
+        "train_seconds": seconds,
+        "train_queries_per_second": 50.0,
+        "train_loss": 0.5,
+    }
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """seed_grid: 2 configs x 3 seeds + 1 FAILED + 1 RUNNING; baseline in another experiment."""
+    tmp = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    grid, bases, other, broken, single = (
+        client.create_experiment(n, artifact_location=str(tmp / "art" / n))
+        for n in ("seed_grid", "baselines", "other", "broken", "single")
+    )
+    _run(client, bases, role="baseline", sweep="base/1", key="k1",
+         params={"model.name": "bge-small"},
+         metrics={"accuracy_cosine": BASELINE, "accuracy_cosine_std": 0.02, "f1": 0.55})
+    for i, ((lr, seed), acc) in enumerate(ACC.items()):
+        _run(client, grid, role="finetune", params=_ft_params(lr, seed, i),
+             metrics=_ft_metrics(acc, seconds=60.0 * (i + 1)))
+    _run(client, grid, role="finetune", params=_ft_params("1e-05", 4, 10), metrics={},
+         status="FAILED")
+    _run(client, grid, role="finetune", params=_ft_params("2e-05", 4, 11),
+         metrics={"train_loss": 0.9}, status="RUNNING")
+    # Another sweep elsewhere: must not leak into selection by sweep tag.
+    _run(client, other, role="finetune", sweep="other/1", params=_ft_params("3e-05", 1, 20),
+         metrics=_ft_metrics(0.9))
+    _run(client, broken, role="finetune", sweep="broken/1", params=_ft_params("1e-05", 1, 30),
+         metrics={}, status="FAILED")
+    # One run, baseline key without a baseline run: falls back to the logged metric.
+    _run(client, single, role="finetune", sweep="single/1", key="k-missing",
+         params=_ft_params("1e-05", 1, 40), metrics=_ft_metrics(0.65, base=0.58))
+    return uri, client
+
+
+def test_summarize_table(store):
+    _, client = store
+    df = report.load_runs(client, "seed_grid")
+    assert len(df[df["selected"]]) == 8 and len(df[~df["selected"]]) == 1  # + baseline
+    table, info = report.summarize(df)
+
+    assert info["settings"] == ["train.learning_rate"]
+    assert list(table.columns) == ["configuration", "train.learning_rate", *report.TABLE_NUMBERS]
+    assert list(table["configuration"]) == [
+        "learning_rate=2e-05", "learning_rate=1e-05", "baseline"
+    ]
+    assert (info["n_used"], info["n_skipped"]) == (6, 2)
+    assert info["skipped_by_status"] == {"FAILED": 1, "RUNNING": 1}
+    assert report.used_sentence(info).startswith("used 6 runs, skipped 2: 1 FAILED, 1 RUNNING")
+    assert info["baseline_source"] == "runs" and info["baselines"] == {"baseline": BASELINE}
+
+    best = table.iloc[0]
+    accs = np.array([0.70, 0.66, 0.71])
+    assert best["n_seeds"] == 3
+    assert best["accuracy_mean"] == pytest.approx(accs.mean())
+    assert best["accuracy_std_seeds"] == pytest.approx(accs.std(ddof=1))
+    assert best["mteb_std_mean"] == pytest.approx(0.01)
+    deltas = accs - BASELINE
+    half = stats.t.ppf(0.975, 2) * deltas.std(ddof=1) / math.sqrt(3)
+    assert best["delta_mean"] == pytest.approx(deltas.mean())
+    assert best["delta_ci95_low"] == pytest.approx(deltas.mean() - half)
+    assert best["delta_ci95_high"] == pytest.approx(deltas.mean() + half)
+    assert best["train_minutes"] == pytest.approx(np.mean([4, 5, 6]))  # runs 3..5: 60 s * (i+1)
+    assert best["train_qps"] == pytest.approx(50.0)
+
+    base = table.iloc[2]
+    assert base["accuracy_mean"] == pytest.approx(BASELINE) and base["n_seeds"] == 1
+    assert math.isnan(base["delta_mean"])
+
+
+def test_cli_writes_report(store, tmp_path, capsys):
+    uri, _ = store
+    rc = report.main(["seed_grid", "--tracking-uri", uri, "--out-dir", str(tmp_path)])
+    assert rc == 0
+    md, png = tmp_path / "seed_grid" / "report.md", tmp_path / "seed_grid" / "report.png"
+    assert png.stat().st_size > 1000
+    text = md.read_text()
+    assert "used 6 runs, skipped 2: 1 FAILED, 1 RUNNING" in text
+    assert "| 1 | 2e-05 | 3 | 0.6900 | 0.0265 | 0.0100 | +0.0900 |" in text
+    assert "![accuracy per configuration](report.png)" in text
+    assert SWEEP in text
+    out = capsys.readouterr().out
+    assert str(md) in out and str(png) in out and "best learning_rate=2e-05" in out
+
+
+def test_select_by_sweep_tag(store, tmp_path):
+    uri, client = store
+    df = report.load_runs(client, SWEEP)
+    table, info = report.summarize(df)
+    assert info["n_used"] == 6 and info["experiments"] == ["seed_grid"]
+    assert "3e-05" not in set(table["train.learning_rate"])
+    rc = report.main([SWEEP, "--tracking-uri", uri, "--out-dir", str(tmp_path)])
+    assert rc == 0
+    assert (tmp_path / "seed_grid_2026-11-27_00-10-00" / "report.md").exists()
+    rc = report.main([SWEEP, "--tracking-uri", uri, "--out-dir", str(tmp_path),
+                      "--output-name", "mine"])
+    assert rc == 0 and (tmp_path / "mine" / "report.png").exists()
+
+
+def test_single_seed_and_logged_baseline(store, tmp_path):
+    uri, client = store
+    table, info = report.summarize(report.load_runs(client, "single"))
+    assert info["settings"] == [] and info["baseline_source"] == "metric"
+    assert list(table["configuration"]) == ["all runs", "baseline"]
+    row = table.iloc[0]
+    assert row["n_seeds"] == 1 and math.isnan(row["accuracy_std_seeds"])
+    assert math.isnan(row["delta_ci95_low"]) and row["delta_mean"] == pytest.approx(0.07)
+    assert table.iloc[1]["accuracy_mean"] == pytest.approx(0.58)
+    assert report.main(["single", "--tracking-uri", uri, "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "single" / "report.md").read_text()
+    assert "| 1 | 1 | 0.6500 | n/a | 0.0100 | +0.0700 | n/a | 2.00 | 50.00 |" in text
+    assert "| **baseline** | (logged) | 0.5800 |" in text
+
+
+def test_no_usable_runs(store, tmp_path, capsys):
+    uri, _ = store
+    for name in ("broken", "no-such-study"):
+        assert report.main([name, "--tracking-uri", uri, "--out-dir", str(tmp_path)]) == 1
+    assert "no usable runs" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    missing = f"sqlite:///{tmp_path}/nope/mlflow.db"
+    assert report.main(["seed_grid", "--tracking-uri", missing, "--out-dir", str(tmp_path)]) == 1
+
+
+def test_t_interval_hand_computation():
+    lo, hi = report.t_interval([0.1, 0.2, 0.4])
+    # mean 0.2333, sd 0.15275, t(0.975, 2) = 4.302653
+    half = 4.302653 * 0.152753 / math.sqrt(3)
+    assert lo == pytest.approx(0.233333 - half, abs=1e-5)
+    assert hi == pytest.approx(0.233333 + half, abs=1e-5)
+    assert all(math.isnan(v) for v in report.t_interval([0.3]))
