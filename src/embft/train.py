@@ -134,12 +134,13 @@ def train(cfg: Any, records_dir: Path, model_path: str, n_records: int, out_dir:
             f"train.per_device_train_batch_size={t.per_device_train_batch_size} gives batch {batch} in same-dataset "
             f"mode (FlagEmbedding halves it for symmetric records); use at least 2 or set train.same_dataset_batch_size."
         )
-    device = pick_device(t.device)
-    precision = t.precision
-    if precision == "auto":
-        from embft.batched import pick_precision
+    from embft.batched import pick_precision, precision_training_kwargs
 
-        precision = pick_precision("auto", device)
+    device = pick_device(t.device)
+    try:
+        precision = pick_precision(t.precision, device)
+    except ValueError as err:
+        raise EmbftError(f"train.precision: {err}") from err
     runner_cls = EncoderOnlyEmbedderRunner
     if t.loss == "groupwise":
         from embft.batched import GroupwiseEmbedderRunner
@@ -178,8 +179,7 @@ def train(cfg: Any, records_dir: Path, model_path: str, n_records: int, out_dir:
             logging_steps=t.logging_steps,
             save_strategy="no",
             report_to=[],
-            use_cpu=device == "cpu",
-            bf16=precision == "bf16",
+            **precision_training_kwargs(precision, device),
             dataloader_num_workers=0,
             log_level="warning",
         )
@@ -189,9 +189,8 @@ def train(cfg: Any, records_dir: Path, model_path: str, n_records: int, out_dir:
             m.name, n_records, v.name, batch, t.train_group_size, precision, device, t.loss,
         )
         start = time.perf_counter()
-        runner.trainer.train()
+        runner.run()  # train, then save the bare weights into bare_dir
         seconds = time.perf_counter() - start
-        runner.trainer.save_model()
         losses = [(int(e["step"]), float(e["loss"])) for e in runner.trainer.state.log_history if "loss" in e]
         final = out_dir / "model"
         save_sentence_transformer(bare_dir, final, m.pooling, m.normalize)

@@ -1,0 +1,56 @@
+"""Never lose a sweep: SIGKILL mid-job then rerun, parallel joblib workers, CPU determinism."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_pipeline import embft, runs
+
+pytestmark = pytest.mark.slow
+
+
+def finetune_runs(root, experiment):
+    return [r for r in runs(root, experiment) if r.data.tags.get("embft.role") == "finetune"]
+
+
+def test_killed_job_is_finished_by_rerunning_the_same_command(tmp_path, ag_news_dir):
+    args = ["experiment=smoke", f"data.local_dir={ag_news_dir}", "name=killed", "train.max_train_queries=64"]
+    env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "embft", *args], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    for line in job.stdout:  # wait until training is under way, then kill without warning
+        if "Fine-tuning" in line or time.time() > deadline:
+            break
+    time.sleep(3)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert [r.info.status for r in finetune_runs(tmp_path, "killed")] == ["RUNNING"]
+
+    again = embft(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    statuses = sorted(r.info.status for r in finetune_runs(tmp_path, "killed"))
+    assert statuses == ["FINISHED", "KILLED"]
+    third = embft(tmp_path, *args)
+    assert third.returncode == 0 and "Skipping" in third.stdout + third.stderr
+    assert sorted(r.info.status for r in finetune_runs(tmp_path, "killed")) == ["FINISHED", "KILLED"]
+
+
+def test_two_joblib_workers_land_every_run_and_results_are_deterministic(tmp_path, ag_news_dir):
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=smoke", f"data.local_dir={ag_news_dir}",
+            "name=parallel", "train.seed=7,7,8", "force=true"]
+    done = embft(tmp_path, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "database is locked" not in done.stdout + done.stderr
+    tuned = finetune_runs(tmp_path, "parallel")
+    assert len(tuned) == 3 and {r.info.status for r in tuned} == {"FINISHED"}
+    baselines = [r for r in runs(tmp_path, "parallel") if r.data.tags.get("embft.role") == "baseline"]
+    assert len(baselines) == 1, "the shared baseline is computed and logged once"
+    by_seed = {}
+    for r in tuned:
+        by_seed.setdefault(r.data.params["train.seed"], []).append(r.data.metrics["accuracy_cosine"])
+    assert by_seed["7"][0] == by_seed["7"][1], "same config and seed give the same accuracy on the CPU"
