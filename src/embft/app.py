@@ -33,13 +33,12 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("FlagEmbedding.abc.finetune.embedder.AbsRunner").setLevel(logging.ERROR)  # per-rank banner
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*pin_memory.*")
-    try:
-        import transformers
+    warnings.filterwarnings("ignore", message=".*pin_memory.*|.*`max_length` is ignored.*")
+    import datasets
+    import transformers
 
-        transformers.logging.set_verbosity_warning()
-    except ImportError:
-        pass
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()  # FlagEmbedding's JSON loading; training and encoding keep theirs
 
 
 def _hydra_context() -> tuple[Optional[str], str]:
@@ -162,7 +161,6 @@ def run_job(cfg: DictConfig) -> float:
             "train_queries_per_second": result.queries_per_second,
             "effective_batch_size": result.effective_batch_size,
             "eval_seconds": eval_seconds,
-            "eval_texts_per_second": scores.n_test / scores.test_encode_seconds,
         })
         mlflow.set_tags({"precision": result.precision, "device": result.device})
         mlflow.log_text(scores.to_json(), "mteb_scores.json")

@@ -26,7 +26,6 @@ class EvalResult:
     f1: float
     n_test: int
     scores: dict[str, Any]  # MTEB's scores for the test split, per experiment included
-    test_encode_seconds: float = float("nan")  # MTEB's own timing of the test-set encoding
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=float)
@@ -114,9 +113,7 @@ def make_task(splits: Splits, eval_cfg: Any, dataset_name: str):
 def evaluate(model: Any, splits: Splits, eval_cfg: Any, dataset_name: str) -> EvalResult:
     """Run the MTEB task on a SentenceTransformer (MTEB's result cache off)."""
     import mteb
-    from mteb.timing import TimingStack
 
-    timer = TimingStack()
     task = make_task(splits, eval_cfg, dataset_name)
     n_test = len(task.dataset["test"])
     log.info("Evaluating on %d test texts (%s, %d experiments)", n_test, metric_name(eval_cfg), eval_cfg.n_experiments)
@@ -127,9 +124,7 @@ def evaluate(model: Any, splits: Splits, eval_cfg: Any, dataset_name: str) -> Ev
         overwrite_strategy="always",
         encode_kwargs={"batch_size": eval_cfg.batch_size},
         show_progress_bar=True,
-        timer=timer,
     )
-    encode = [p["end"] - p["start"] for p in timer.phases if p["name"] == "Encoding test samples"]
     scores = result.task_results[0].scores["test"][0]
     per_experiment = [float(s["accuracy"]) for s in scores["scores_per_experiment"]]
     return EvalResult(
@@ -138,7 +133,6 @@ def evaluate(model: Any, splits: Splits, eval_cfg: Any, dataset_name: str) -> Ev
         f1=float(scores["f1"]),
         n_test=n_test,
         scores=json.loads(json.dumps(scores, default=float)),
-        test_encode_seconds=encode[0] if encode else float("nan"),
     )
 
 
