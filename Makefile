@@ -1,12 +1,22 @@
 # make run: install into .venv and run the default job on the local AG News copy.
 # make test: the whole suite (slow end-to-end tests included), as CI runs it.
+# make e2e: start PostgreSQL + an MLflow server (scripts/e2e_services.sh), run the e2e tests
+# (-m e2e: tracking server over HTTP, Optuna workers on PostgreSQL, the UI in headless Chromium),
+# stop them again.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/ag_news
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install run grid search test test-fast mlflow-ui clean
+# Services of scripts/e2e_services.sh (loopback only); the script reads the same variables.
+E2E_PG_PORT ?= 5433
+E2E_MLFLOW_PORT ?= 5055
+export E2E_PG_PORT E2E_MLFLOW_PORT
+SERVICES := VENV=$(VENV) scripts/e2e_services.sh
+E2E_ENV := EMBFT_MLFLOW_URI=http://127.0.0.1:$(E2E_MLFLOW_PORT) EMBFT_PG_URI=postgresql://embft@127.0.0.1:$(E2E_PG_PORT)
+
+.PHONY: install run grid search test test-fast mlflow-ui mlflow-server services-up services-down e2e clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +41,27 @@ test: install
 	$(BIN)/python -m pytest -q
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not e2e"
 
 mlflow-ui:
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+# An MLflow tracking server on PostgreSQL, artifacts proxied into .e2e/mlartifacts; it keeps
+# running (make services-down stops it). Log to it with `python -m embft tracking=server ...`.
+mlflow-server: services-up
+	@echo "MLflow server: http://127.0.0.1:$(E2E_MLFLOW_PORT)  (python -m embft tracking=server ...)"
+	@echo "Optuna storage: hydra.sweeper.storage=postgresql://embft@127.0.0.1:$(E2E_PG_PORT)/optuna"
+
+services-up: $(BIN)/python
+	$(SERVICES) start
+
+services-down:
+	$(SERVICES) stop
+
+# The services are stopped whatever happens (test failure, Ctrl-C); the exit status is pytest's.
+e2e: install
+	@trap '$(SERVICES) stop' EXIT; trap 'exit 130' INT TERM; \
+	$(SERVICES) start && $(E2E_ENV) $(BIN)/python -m pytest -q -m e2e
 
 clean:
 	rm -rf outputs multirun .cache

@@ -60,3 +60,20 @@ def test_seed_grid_sweeps_the_four_variants(compose):
 def test_bad_override_fails(compose, override, error):
     with pytest.raises(error):
         compose([override])
+
+
+def test_config_hash_ignores_new_keys_at_their_defaults(compose):
+    """Keys added to the schema later keep old jobs' hashes (resume still skips them) at defaults."""
+    from omegaconf import OmegaConf
+
+    from embft.tracking import config_hash
+
+    def resolved(overrides=()):
+        return OmegaConf.to_container(compose(list(overrides)), resolve=True)
+
+    now = resolved()
+    before = {**now, "train": {k: v for k, v in now["train"].items()
+                               if k not in ("nproc_per_node", "negatives_cross_device")}}
+    assert config_hash(now) == config_hash(before)
+    assert config_hash(resolved(["train.nproc_per_node=2"])) != config_hash(now)
+    assert config_hash(resolved(["train.learning_rate=3e-5"])) != config_hash(now)

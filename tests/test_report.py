@@ -191,3 +191,21 @@ def test_t_interval_hand_computation():
     assert lo == pytest.approx(0.233333 - half, abs=1e-5)
     assert hi == pytest.approx(0.233333 + half, abs=1e-5)
     assert all(math.isnan(v) for v in report.t_interval([0.3]))
+
+
+def test_pool_studies_with_where(store, tmp_path):
+    """Borrow identical runs from another study: 'other' (3e-05) + seed_grid's 2e-05 runs only."""
+    uri, client = store
+    df = report.load_runs(client, ["other", "seed_grid"], {"train.learning_rate": "2e-05"})
+    assert set(df[df["selected"]]["params.train.learning_rate"]) == {"2e-05"}  # where drops 'other'
+    df = report.load_runs(client, ["other", "seed_grid"])
+    table, info = report.summarize(df)
+    assert list(table["train.learning_rate"])[:3] == ["3e-05", "2e-05", "1e-05"]  # + baseline row
+    assert info["experiments"] == ["other", "seed_grid"]
+    rc = report.main(["seed_grid", "other", "--where", "train.learning_rate=2e-05",
+                      "--tracking-uri", uri, "--out-dir", str(tmp_path)])
+    assert rc == 0
+    text = (tmp_path / "seed_grid" / "report.md").read_text()
+    assert "# Study report: seed_grid + other" in text and "used 3 runs" in text
+    with pytest.raises(SystemExit):
+        report.main(["seed_grid", "--where", "nokey", "--tracking-uri", uri])

@@ -7,7 +7,6 @@ import logging
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,20 +24,6 @@ log = logging.getLogger("embft")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 register_configs()
-
-
-def _quiet_libraries() -> None:
-    """Keep the log about what embft does: libraries speak at WARNING and above."""
-    for name in ("FlagEmbedding", "mteb", "sentence_transformers", "datasets", "transformers", "filelock", "httpx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("FlagEmbedding.abc.finetune.embedder.AbsRunner").setLevel(logging.ERROR)  # per-rank banner
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*pin_memory.*|.*`max_length` is ignored.*")
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()  # FlagEmbedding's JSON loading; training and encoding keep theirs
 
 
 def _hydra_context() -> tuple[Optional[str], str]:
@@ -63,9 +48,9 @@ def run_job(cfg: DictConfig) -> float:
     """Run one experiment job and return its objective (accuracy_cosine for the kNN eval)."""
     from embft.data import load_splits, prepare_records
     from embft.evaluate import baseline_key, cached_baseline, evaluate, metric_name
-    from embft.train import resolve_model_path, sentence_transformer, train
+    from embft.train import check_parallel, quiet_libraries, resolve_model_path, sentence_transformer, train
 
-    _quiet_libraries()
+    quiet_libraries()
     resolved = to_container(cfg)
     params = tracking.flatten(resolved)
     hash_ = tracking.config_hash(resolved)
@@ -100,6 +85,7 @@ def run_job(cfg: DictConfig) -> float:
     with tracking.job_run(experiment_id, run_name, tags):
         tracking.log_params(params)
         mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+        check_parallel(cfg.train, cfg.variant)  # in the run, so a sweep counts it; before minutes of baseline
 
         splits = load_splits(cfg.data)
         mlflow.log_dict(splits.notes, "data_notes.json")

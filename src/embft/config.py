@@ -78,6 +78,12 @@ class TrainConfig:
     # auto: bf16 autocast where the CPU/GPU supports it, else fp32.
     precision: str = "fp32"
     device: str = "auto"  # auto | cpu | cuda
+    # Processes training this one job (one per GPU on CUDA). >1 runs the fine-tuning under torchrun
+    # (DDP: NCCL on GPUs, gloo on CPUs); batch sizes above are per process.
+    nproc_per_node: int = 1
+    # FlagEmbedding's negatives_cross_device: each query also scores the other processes' passages.
+    # Only for in-batch variants (same, no_same) with nproc_per_node > 1.
+    negatives_cross_device: bool = False
     keep_model: bool = True
 
 
@@ -98,7 +104,8 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     uri: str = "sqlite:///${paths.root_dir}/mlruns/mlflow.db"
-    artifact_root: str = "${paths.root_dir}/mlruns/artifacts"
+    # null: the store decides (a tracking server's proxied `mlflow-artifacts:` store).
+    artifact_root: Optional[str] = "${paths.root_dir}/mlruns/artifacts"
     experiment_name: str = "${name}"
 
 

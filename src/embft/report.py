@@ -1,6 +1,8 @@
 """`embft report NAME`: a study report (markdown table + plot) from the MLflow runs of a study.
 
-NAME is an MLflow experiment name or an `embft.sweep` tag value. Usable runs are FINISHED
+NAME is an MLflow experiment name or an `embft.sweep` tag value; several NAMEs are pooled, and
+`--where KEY=VALUE` keeps only the fine-tune runs with that param (to borrow identical runs from
+another study, e.g. `embft report pairing seed_grid --where variant.name=same_nib`). Usable runs are FINISHED
 fine-tune runs with an `accuracy_cosine` metric; they are grouped into configurations by the
 params that vary across them (training seeds excluded), and each configuration gets its mean and
 spread over seeds, compared with the untrained model's baseline.
@@ -33,7 +35,7 @@ ROLE_TAG, SWEEP_TAG, KEY_TAG, HASH_TAG = (
 SEED_PARAM = "train.seed"
 NON_SETTING_PREFIXES = ("paths.", "tracking.", "optuna.", "hydra.")
 # Top-level run switches (tracking.LOCATION_KEYS) that never change a result.
-NON_SETTING_KEYS = ("force", "debug")
+NON_SETTING_KEYS = ("force", "debug", "name")  # `name` labels the study (MLflow experiment)
 TABLE_NUMBERS = [
     "n_seeds",
     "accuracy_mean",
@@ -102,8 +104,10 @@ def _rows(runs: list, exp_names: dict[str, str]) -> list[dict[str, Any]]:
     return rows
 
 
-def load_runs(client, name: str) -> pd.DataFrame:
+def load_runs(client, name: str | list[str], where: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per run of NAME (experiment name, else `embft.sweep` tag in any experiment).
+
+    Several names are pooled; `where` keeps only the fine-tune runs whose params equal its values.
 
     Columns: run_id, experiment, status, role, sweep, baseline_key, config_hash, start_time,
     end_time, `params.<key>` (strings) and `metrics.<key>` (latest value). Baseline runs from
@@ -112,17 +116,23 @@ def load_runs(client, name: str) -> pd.DataFrame:
     """
     exps = _all_experiments(client)
     exp_names = {e.experiment_id: e.name for e in exps}
-    by_name = [e for e in exps if e.name == name]
-    if by_name:
-        runs = _search_all(client, [by_name[0].experiment_id])
-    else:
-        runs = _search_all(client, list(exp_names), f"tags.`{SWEEP_TAG}` = {_quote(name)}")
-    selected = _rows(runs, exp_names)
-    for row in selected:
-        row["selected"] = True
+    selected, seen = [], set()
+    for one in [name] if isinstance(name, str) else name:
+        by_name = [e for e in exps if e.name == one]
+        if by_name:
+            runs = _search_all(client, [by_name[0].experiment_id])
+        else:
+            runs = _search_all(client, list(exp_names), f"tags.`{SWEEP_TAG}` = {_quote(one)}")
+        for row in _rows(runs, exp_names):
+            wanted = row["role"] == "baseline" or all(
+                row.get(f"params.{k}") == v for k, v in (where or {}).items()
+            )
+            if wanted and row["run_id"] not in seen:
+                row["selected"] = True
+                seen.add(row["run_id"])
+                selected.append(row)
 
     keys = {r["baseline_key"] for r in selected if r["role"] == "finetune" and r["baseline_key"]}
-    seen = {r["run_id"] for r in selected}
     extra = []
     if keys:
         baselines = _search_all(client, list(exp_names), f"tags.`{ROLE_TAG}` = 'baseline'")
@@ -165,7 +175,8 @@ def varying_settings(runs: pd.DataFrame) -> list[str]:
         if not _is_setting(key):
             continue
         values = runs[col]
-        if values.nunique(dropna=False) < 2:
+        # One value, missing in some runs: a key the schema gained later, not a configuration axis.
+        if values.nunique(dropna=True) < 2:
             continue
         present = values.dropna().astype(str)
         # Per-run folders (output dirs, caches) would split every run into its own configuration.
@@ -526,7 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="embft report", description="Write report.md and report.png for a study from MLflow."
     )
-    parser.add_argument("name", help="MLflow experiment name or embft.sweep tag value")
+    parser.add_argument(
+        "name", nargs="+", help="MLflow experiment name(s) or embft.sweep tag value(s), pooled"
+    )
+    parser.add_argument(
+        "--where", action="append", default=[], metavar="KEY=VALUE",
+        help="keep only fine-tune runs with this param value (repeatable)",
+    )
     parser.add_argument(
         "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or the project store"
     )
@@ -538,6 +555,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    where = {}
+    for item in args.where:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--where {item!r}: expected KEY=VALUE, e.g. variant.name=same_nib")
+        where[key] = value
+    title = " + ".join(args.name)
     uri = args.tracking_uri or _default_tracking_uri()
     # A missing sqlite file would silently be created as an empty store; say what is wrong instead.
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
@@ -546,28 +570,28 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     try:
-        df = load_runs(MlflowClient(tracking_uri=uri), args.name)
+        df = load_runs(MlflowClient(tracking_uri=uri), args.name, where)
         if df.empty:
             raise EmbftError(
-                f"no experiment named {args.name!r} and no runs tagged "
-                f"{SWEEP_TAG}={args.name!r} in {uri}"
+                f"no experiment named {title!r} and no runs tagged "
+                f"{SWEEP_TAG}={title!r} in {uri}" + (f" matching {where}" if where else "")
             )
         table, info = summarize(df)
     except EmbftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    out = args.out_dir / (args.output_name or args.name.replace("/", "_"))
+    out = args.out_dir / (args.output_name or args.name[0].replace("/", "_"))
     out.mkdir(parents=True, exist_ok=True)
-    md = write_markdown(table, info, args.name, out / "report.md")
-    png = plot(table, info, args.name, out / "report.png")
+    md = write_markdown(table, info, title, out / "report.md")
+    png = plot(table, info, title, out / "report.png")
     best = table[~table["configuration"].isin(list(info["baselines"]))].iloc[0]
     print(md)
     print(png)
     n_configs = len(table) - len(info["baselines"])
     delta = "" if math.isnan(best["delta_mean"]) else f" (delta {best['delta_mean']:+.4f})"
     print(
-        f"{args.name}: {used_sentence(info)}; {n_configs} configuration(s); "
+        f"{title}: {used_sentence(info)}; {n_configs} configuration(s); "
         f"best {best['configuration']}: accuracy {best['accuracy_mean']:.4f}{delta}"
     )
     return 0

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 ROLE, SWEEP, CONFIG_HASH, BASELINE_KEY = "embft.role", "embft.sweep", "embft.config_hash", "embft.baseline_key"
 # Keys that locate things rather than choose them: they stay out of the config hash.
 LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug")
+# Keys added after studies were logged: at these defaults they leave a job's hash as it was, so
+# rerunning an older study's command still skips its finished jobs.
+HASH_NEUTRAL = {("train", "nproc_per_node"): 1, ("train", "negatives_cross_device"): False}
 
 
 def default_tracking_uri() -> str:
@@ -42,6 +45,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def config_hash(resolved: dict) -> str:
     """Hash of the settings that decide a result (locations and trial bookkeeping excluded)."""
     chosen = {k: v for k, v in resolved.items() if k not in LOCATION_KEYS}
+    for (group, key), neutral in HASH_NEUTRAL.items():
+        if isinstance(chosen.get(group), dict) and chosen[group].get(key, neutral) == neutral:
+            chosen[group] = {k: v for k, v in chosen[group].items() if k != key}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -60,18 +66,39 @@ def setup(tracking_cfg: Any) -> str:
             probe.unlink()
         except OSError as err:
             raise EmbftError(f"tracking.uri={uri}: cannot write to {db.parent} ({err}); choose a writable location.") from err
+    elif uri.startswith(("http://", "https://")):
+        _check_server(uri)
     mlflow.set_tracking_uri(uri)
     name = tracking_cfg.experiment_name
     try:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
+        if tracking_cfg.artifact_root is None:  # the store's default, e.g. a server's mlflow-artifacts:
+            return mlflow.create_experiment(name)
         artifacts = Path(tracking_cfg.artifact_root).expanduser().resolve() / name
         return mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
     except MlflowException as err:
         if "already exists" in str(err):  # another worker created it first
             return mlflow.get_experiment_by_name(name).experiment_id
         raise EmbftError(f"tracking.uri={uri}: MLflow refused the store ({err}).") from err
+
+
+def _check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail in seconds with one line when a tracking server is down; MLflow's own client retries
+    with backoff for minutes before it says so. Only an unreachable host counts: a proxy that
+    answers /health with an HTTP error may still serve the API."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise EmbftError(f"tracking.uri={uri}: no MLflow server answers ({reason}); start one "
+                         "(`make mlflow-server`) or point tracking.uri / EMBFT_MLFLOW_URI at it.") from err
 
 
 def _versions() -> dict[str, str]:

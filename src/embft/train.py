@@ -1,4 +1,5 @@
-"""Training: resolve the base model, fine-tune with FlagEmbedding's runner in-process, save it whole."""
+"""Training: resolve the base model, fine-tune with FlagEmbedding's runner (in-process, or under torchrun
+with train.nproc_per_node > 1), save it whole."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +20,20 @@ log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 ST_POOLING = {"cls": "cls", "mean": "mean", "last_token": "lasttoken"}
+
+
+def quiet_libraries() -> None:
+    """Keep the log about what embft does: libraries speak at WARNING and above."""
+    for name in ("FlagEmbedding", "mteb", "sentence_transformers", "datasets", "transformers", "filelock", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("FlagEmbedding.abc.finetune.embedder.AbsRunner").setLevel(logging.ERROR)  # per-rank banner
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*|.*`max_length` is ignored.*")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()  # FlagEmbedding's JSON loading; training and encoding keep theirs
 
 
 def resolve_model_path(model_cfg: Any) -> str:
@@ -97,13 +113,38 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def effective_batch_size(train_cfg: Any, same_dataset: bool) -> int:
-    """Queries per optimizer step as FlagEmbedding will really use them."""
+def per_process_batch_size(train_cfg: Any, same_dataset: bool) -> int:
+    """Queries per optimizer step in each process, as FlagEmbedding will really use them."""
     if not same_dataset:
         return train_cfg.per_device_train_batch_size
     if train_cfg.same_dataset_batch_size is not None:
         return train_cfg.same_dataset_batch_size
     return train_cfg.per_device_train_batch_size // 2  # FlagEmbedding's rule for `symmetric_*` records
+
+
+def effective_batch_size(train_cfg: Any, same_dataset: bool) -> int:
+    """Queries per optimizer step over all processes (DDP averages the processes' gradients)."""
+    return per_process_batch_size(train_cfg, same_dataset) * train_cfg.nproc_per_node
+
+
+def check_parallel(train_cfg: Any, variant_cfg: Any) -> None:
+    """Refuse process settings that cannot work, before any data or model is touched."""
+    n = train_cfg.nproc_per_node
+    if n < 1:
+        raise EmbftError(f"train.nproc_per_node={n}: use 1 (one process) or more.")
+    if train_cfg.negatives_cross_device:
+        if n == 1:
+            raise EmbftError("train.negatives_cross_device=true shares negatives between processes; "
+                             "it needs train.nproc_per_node > 1.")
+        if variant_cfg.no_in_batch_neg:
+            raise EmbftError(f"train.negatives_cross_device=true: variant={variant_cfg.name} trains without in-batch "
+                             "negatives, so there are none to share; use variant=same or no_same, or drop the flag.")
+    if n > 1 and train_cfg.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available() and n > torch.cuda.device_count():
+            raise EmbftError(f"train.nproc_per_node={n} but {torch.cuda.device_count()} GPU(s) are visible; "
+                             "use at most one process per GPU.")
 
 
 @dataclass
@@ -118,8 +159,54 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-def train(cfg: Any, records_dir: Path, model_path: str, n_records: int, out_dir: Path) -> TrainResult:
-    """Fine-tune with FlagEmbedding's EncoderOnlyEmbedderRunner and save to `out_dir/model`."""
+def runner_spec(cfg: Any, records_dir: Path, model_path: str, bare_dir: Path, precision: str, device: str) -> dict:
+    """FlagEmbedding's arguments as plain JSON: what `run_runner` needs, in this process or in a torchrun worker."""
+    t, m, v = cfg.train, cfg.model, cfg.variant
+    return {
+        "loss": t.loss,
+        "precision": precision,
+        "device": device,
+        "model_args": {"model_name_or_path": model_path},
+        "data_args": {
+            "train_data": [str(records_dir)],
+            "train_group_size": t.train_group_size,
+            "query_max_len": t.query_max_len,
+            "passage_max_len": t.passage_max_len,
+            "pad_to_multiple_of": t.pad_to_multiple_of,
+            "query_instruction_for_retrieval": m.query_instruction or None,
+            "query_instruction_format": "{}{}",
+            "knowledge_distillation": False,
+            "same_dataset_within_batch": v.same_dataset_within_batch,
+        },
+        "training_args": {
+            "output_dir": str(bare_dir),
+            "overwrite_output_dir": True,
+            "learning_rate": t.learning_rate,
+            "num_train_epochs": t.num_train_epochs,
+            "per_device_train_batch_size": t.per_device_train_batch_size,
+            "warmup_ratio": t.warmup_ratio,
+            "temperature": t.temperature,
+            "sentence_pooling_method": m.pooling,
+            "normalize_embeddings": m.normalize,
+            "negatives_cross_device": t.negatives_cross_device,
+            "seed": t.seed,
+            "data_seed": t.seed,
+            "logging_steps": t.logging_steps,
+            "save_strategy": "no",
+            "report_to": [],
+            "dataloader_num_workers": 0,
+            "log_level": "warning",
+        },
+    }
+
+
+def run_runner(spec: dict) -> dict:
+    """Train with FlagEmbedding's runner and save the bare weights into training_args.output_dir.
+
+    The one code path for both cases: called in the job's process, or by every torchrun worker
+    (TrainingArguments then picks up RANK/WORLD_SIZE from the environment; only rank 0 saves).
+    Returns {"seconds": training time, "losses": [[step, loss], ...]} (the loss averaged over processes).
+    """
     from FlagEmbedding.finetune.embedder.encoder_only.base import (
         EncoderOnlyEmbedderDataArguments,
         EncoderOnlyEmbedderModelArguments,
@@ -127,76 +214,75 @@ def train(cfg: Any, records_dir: Path, model_path: str, n_records: int, out_dir:
         EncoderOnlyEmbedderTrainingArguments,
     )
 
+    from embft.batched import GroupwiseEmbedderRunner, precision_training_kwargs
+
+    runner_cls = GroupwiseEmbedderRunner if spec["loss"] == "groupwise" else EncoderOnlyEmbedderRunner
+    training_args = EncoderOnlyEmbedderTrainingArguments(
+        **spec["training_args"], **precision_training_kwargs(spec["precision"], spec["device"])
+    )
+    runner = runner_cls(
+        model_args=EncoderOnlyEmbedderModelArguments(**spec["model_args"]),
+        data_args=EncoderOnlyEmbedderDataArguments(**spec["data_args"]),
+        training_args=training_args,
+    )
+    start = time.perf_counter()
+    runner.run()  # train, then save the bare weights
+    seconds = time.perf_counter() - start
+    losses = [[int(e["step"]), float(e["loss"])] for e in runner.trainer.state.log_history if "loss" in e]
+    return {"seconds": seconds, "losses": losses}
+
+
+def train(cfg: Any, records_dir: Path, model_path: str, n_records: int, out_dir: Path) -> TrainResult:
+    """Fine-tune with FlagEmbedding's EncoderOnlyEmbedderRunner and save to `out_dir/model`.
+
+    With train.nproc_per_node > 1 the runner runs in torchrun's workers (embft.distributed); the
+    conversion to a SentenceTransformer folder happens here either way.
+    """
     t, m, v = cfg.train, cfg.model, cfg.variant
-    batch = effective_batch_size(t, v.same_dataset_within_batch)
-    if batch < 1:
+    check_parallel(t, v)
+    nproc = t.nproc_per_node
+    per_process = per_process_batch_size(t, v.same_dataset_within_batch)
+    if per_process < 1:
         raise EmbftError(
-            f"train.per_device_train_batch_size={t.per_device_train_batch_size} gives batch {batch} in same-dataset "
+            f"train.per_device_train_batch_size={t.per_device_train_batch_size} gives batch {per_process} in same-dataset "
             f"mode (FlagEmbedding halves it for symmetric records); use at least 2 or set train.same_dataset_batch_size."
         )
-    from embft.batched import pick_precision, precision_training_kwargs
+    batch = per_process * nproc
+    if v.same_dataset_within_batch and n_records < batch:
+        # FlagEmbedding would build no batch at all and the Trainer would fail obscurely.
+        raise EmbftError(f"{n_records} training queries do not fill one step of {batch} queries ({nproc} process(es) x "
+                         f"{per_process}); raise train.max_train_queries or lower the batch size.")
+    from embft.batched import pick_precision
 
     device = pick_device(t.device)
     try:
         precision = pick_precision(t.precision, device)
     except ValueError as err:
         raise EmbftError(f"train.precision: {err}") from err
-    runner_cls = EncoderOnlyEmbedderRunner
-    if t.loss == "groupwise":
-        from embft.batched import GroupwiseEmbedderRunner
-
-        runner_cls = GroupwiseEmbedderRunner
-    elif t.loss != "stock":
+    if t.loss not in ("stock", "groupwise"):
         raise EmbftError(f"train.loss={t.loss!r}: choose stock or groupwise.")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     bare_dir = Path(tempfile.mkdtemp(prefix=".flagembedding.", dir=out_dir))
     try:
-        model_args = EncoderOnlyEmbedderModelArguments(model_name_or_path=model_path)
-        data_args = EncoderOnlyEmbedderDataArguments(
-            train_data=[str(records_dir)],
-            train_group_size=t.train_group_size,
-            query_max_len=t.query_max_len,
-            passage_max_len=t.passage_max_len,
-            pad_to_multiple_of=t.pad_to_multiple_of,
-            query_instruction_for_retrieval=m.query_instruction or None,
-            query_instruction_format="{}{}",
-            knowledge_distillation=False,
-            same_dataset_within_batch=v.same_dataset_within_batch,
-        )
-        training_args = EncoderOnlyEmbedderTrainingArguments(
-            output_dir=str(bare_dir),
-            overwrite_output_dir=True,
-            learning_rate=t.learning_rate,
-            num_train_epochs=t.num_train_epochs,
-            per_device_train_batch_size=t.per_device_train_batch_size,
-            warmup_ratio=t.warmup_ratio,
-            temperature=t.temperature,
-            sentence_pooling_method=m.pooling,
-            normalize_embeddings=m.normalize,
-            seed=t.seed,
-            data_seed=t.seed,
-            logging_steps=t.logging_steps,
-            save_strategy="no",
-            report_to=[],
-            **precision_training_kwargs(precision, device),
-            dataloader_num_workers=0,
-            log_level="warning",
-        )
-        runner = runner_cls(model_args=model_args, data_args=data_args, training_args=training_args)
+        spec = runner_spec(cfg, records_dir, model_path, bare_dir, precision, device)
         log.info(
-            "Fine-tuning %s on %d queries: %s, batch %d queries/step, group %d, %s on %s, loss %s",
-            m.name, n_records, v.name, batch, t.train_group_size, precision, device, t.loss,
+            "Fine-tuning %s on %d queries: %s, batch %d queries/step%s, group %d, %s on %s, loss %s",
+            m.name, n_records, v.name, batch, f" ({nproc} processes x {per_process})" if nproc > 1 else "",
+            t.train_group_size, precision, device, t.loss,
         )
-        start = time.perf_counter()
-        runner.run()  # train, then save the bare weights into bare_dir
-        seconds = time.perf_counter() - start
-        losses = [(int(e["step"]), float(e["loss"])) for e in runner.trainer.state.log_history if "loss" in e]
+        if nproc == 1:
+            outcome = run_runner(spec)
+        else:
+            from embft.distributed import launch
+
+            outcome = launch(spec, nproc, device, work_parent=out_dir)
         final = out_dir / "model"
         save_sentence_transformer(bare_dir, final, m.pooling, m.normalize)
     finally:
         shutil.rmtree(bare_dir, ignore_errors=True)
-    # Same-dataset mode drops each epoch's last partial batch.
+    seconds = outcome["seconds"]
+    # Same-dataset mode drops each epoch's last partial (global) batch.
     per_epoch = (n_records // batch) * batch if v.same_dataset_within_batch else n_records
     n_queries = int(per_epoch * t.num_train_epochs)
     return TrainResult(
@@ -207,5 +293,5 @@ def train(cfg: Any, records_dir: Path, model_path: str, n_records: int, out_dir:
         effective_batch_size=batch,
         precision=precision,
         device=device,
-        losses=losses,
+        losses=[(int(step), float(loss)) for step, loss in outcome["losses"]],
     )

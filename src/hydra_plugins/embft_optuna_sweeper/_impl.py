@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -11,12 +12,14 @@ import re
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import optuna
+import sqlalchemy
 import sqlalchemy.exc
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import (
@@ -359,6 +362,138 @@ def _make_sampler(conf: Mapping[str, Any], seed: Optional[int]) -> optuna.sample
         return optuna.samplers.TPESampler(seed=seed, **kwargs)
 
 
+class _PerTrialSeedSampler(optuna.samplers.BaseSampler):
+    """Samples each trial with its own sampler, seeded with ``seed + trial.number``.
+
+    One seeded sampler per process would make workers that share a study replay the same
+    random stream, i.e. propose the same parameters. Trial numbers are unique in the storage,
+    so per-trial seeds never collide across workers, and a trial's parameters still depend
+    only on its number and the trials before it (a resumed study gets new numbers, new seeds).
+    The wrapped samplers (TPE, random) keep no state between trials besides their RNG.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make = make
+        self._seed = seed
+        self._samplers: Dict[int, optuna.samplers.BaseSampler] = {}
+        self._lock = threading.Lock()
+
+    def _sampler(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        with self._lock:
+            if trial.number not in self._samplers:
+                self._samplers[trial.number] = self._make(self._seed + trial.number)
+            return self._samplers[trial.number]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._sampler(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> Dict[str, BaseDistribution]:
+        return self._sampler(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: Dict[str, BaseDistribution]
+    ) -> Dict[str, Any]:
+        return self._sampler(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self._sampler(trial).sample_independent(
+            study, trial, param_name, param_distribution
+        )
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Optional[Sequence[float]],
+    ) -> None:
+        self._sampler(trial).after_trial(study, trial, state, values)
+        with self._lock:
+            self._samplers.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:
+        with self._lock:
+            for sampler in self._samplers.values():
+                sampler.reseed_rng()
+
+
+def _with_installed_pg_driver(url: Any) -> Any:
+    """``postgresql://`` with psycopg2 when psycopg (3) is missing: SQLAlchemy 2.1 maps the bare
+    scheme to psycopg 3, while psycopg2-binary is what embft installs."""
+    if url.drivername != "postgresql":
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return url.set(drivername="postgresql+psycopg2")
+    return url
+
+
+def _lock_name(study_name: str) -> str:
+    return hashlib.sha256(f"embft-optuna-ask\0{study_name}".encode()).hexdigest()
+
+
+@contextmanager
+def _ask_lock(storage_url: Optional[str], study_name: str) -> Iterator[None]:
+    """Serializes "count the study's trials, then ask" across the processes sharing a study.
+
+    Without it two workers can both see one trial left and both ask, overshooting n_trials.
+    PostgreSQL and MySQL get a database lock (works across machines), a SQLite file a lock
+    file beside it; other backends run unlocked (an overshoot of up to n_jobs per concurrent
+    worker is then possible).
+    """
+    if storage_url is None:
+        yield
+        return
+    url = make_url(storage_url)
+    backend = url.get_backend_name()
+    name = _lock_name(study_name)
+    if backend == "sqlite":
+        database = url.database or ""
+        if not database or database == ":memory:" or database.startswith("file:"):
+            yield
+            return
+        from filelock import FileLock
+
+        with FileLock(database + ".embft-ask.lock"):
+            yield
+        return
+    if backend not in ("postgresql", "mysql", "mariadb"):
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        if backend == "postgresql":
+            # A transaction-level advisory lock: released when this transaction ends, also if
+            # the process dies (the server drops the connection).
+            key = int.from_bytes(bytes.fromhex(name[:16]), "big", signed=True)
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+                yield
+        else:
+            lock = f"embft_optuna_{name[:40]}"  # MySQL lock names are at most 64 characters
+            with engine.connect() as conn:
+                got = conn.execute(
+                    sqlalchemy.text("SELECT GET_LOCK(:name, 600)"), {"name": lock}
+                ).scalar()
+                if got != 1:
+                    raise RuntimeError(f"could not take the MySQL lock {lock} in 600 s")
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:name)"), {"name": lock})
+    finally:
+        engine.dispose()
+
+
 def _check_compatible(name: str, old: BaseDistribution, new: BaseDistribution) -> None:
     same = type(old) is type(new)
     if same and isinstance(old, (FloatDistribution, IntDistribution)):
@@ -437,7 +572,7 @@ class OptunaSweeperImpl(Sweeper):
         if self.storage_url is None:
             return None
         assert self.config is not None
-        url = make_url(self.storage_url)
+        url = _with_installed_pg_driver(make_url(self.storage_url))
         engine_kwargs: Dict[str, Any] = {}
         if url.get_backend_name() == "sqlite":
             database = url.database
@@ -462,7 +597,11 @@ class OptunaSweeperImpl(Sweeper):
                         heartbeat_interval=self.heartbeat_interval,
                         grace_period=self.grace_period,
                     )
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+            except (
+                sqlalchemy.exc.IntegrityError,
+                sqlalchemy.exc.OperationalError,
+                sqlalchemy.exc.ProgrammingError,  # PostgreSQL: "relation ... already exists"
+            ) as e:
                 # Workers starting together race to create the schema of a new database;
                 # the loser succeeds on retry once the winner's tables exist.
                 if attempt == 5:
@@ -472,19 +611,16 @@ class OptunaSweeperImpl(Sweeper):
         raise AssertionError("unreachable")
 
     def _open_study(self, study_name: str, storage: Optional[RDBStorage]) -> optuna.Study:
-        n_existing = 0
-        if storage is not None:
-            try:
-                n_existing = storage.get_n_trials(storage.get_study_id_from_name(study_name))
-            except KeyError:
-                pass
-        # Offsetting the seed keeps a fresh study reproducible while a resumed one does
-        # not replay the random startup samples of its first trials.
-        seed = None if self.seed is None else self.seed + n_existing
+        if self.seed is None:
+            sampler = _make_sampler(self.sampler_conf, None)
+        else:
+            sampler = _PerTrialSeedSampler(
+                functools.partial(_make_sampler, self.sampler_conf), self.seed
+            )
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
-            sampler=_make_sampler(self.sampler_conf, seed),
+            sampler=sampler,
             directions=self.directions,
             load_if_exists=True,
         )
@@ -535,15 +671,17 @@ class OptunaSweeperImpl(Sweeper):
 
         returns: List[Sequence[JobReturn]] = []
         with heartbeat:
-            while (remaining := self._remaining_trials(study, use_heartbeat)) > 0:
+            while True:
                 results = self._run_batch(
                     study,
                     space,
                     heartbeat,
-                    n=min(self.n_jobs, remaining),
+                    use_heartbeat=use_heartbeat,
                     job_idx=sum(len(r) for r in returns),
                     trial_info_keys=info_keys,
                 )
+                if not results:  # the study has its n_trials
+                    break
                 returns.append(results)
                 self._write_results(study, space, results_path)
                 self._check_failure_budget(results_path)
@@ -556,20 +694,27 @@ class OptunaSweeperImpl(Sweeper):
         study: optuna.Study,
         space: SearchSpace,
         heartbeat: "_Heartbeat | _NoHeartbeat",
-        n: int,
+        use_heartbeat: bool,
         job_idx: int,
         trial_info_keys: Sequence[str],
     ) -> Sequence[JobReturn]:
-        """Ask ``n`` trials, launch them in one call and tell their results."""
+        """Ask up to ``n_jobs`` trials (none once the study is full), launch them in one call
+        and tell their results."""
         assert self.launcher is not None
         trials: List[Trial] = []
         try:
-            for _ in range(n):
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                    trial = study.ask(space.distributions)
-                heartbeat.track(trial)
-                trials.append(trial)
+            # Count and ask under one lock, so that concurrent workers never ask for the
+            # same remaining trial; the asked trials are RUNNING, hence counted, on release.
+            with _ask_lock(self.storage_url, study.study_name):
+                n = min(self.n_jobs, self._remaining_trials(study, use_heartbeat))
+                for _ in range(n):
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                        trial = study.ask(space.distributions)
+                    heartbeat.track(trial)
+                    trials.append(trial)
+            if not trials:
+                return []
             batch = []
             for trial in trials:
                 overrides = space.overrides(trial.params)
@@ -597,7 +742,8 @@ class OptunaSweeperImpl(Sweeper):
         taken = sum(t.state in FINISHED_STATES for t in trials)
         if use_heartbeat:
             # Stale trials were just failed, so RUNNING ones belong to live workers and
-            # count as taken. Without heartbeats we can't tell, so only finished ones count.
+            # count as taken. Without heartbeats we can't tell, so only finished ones count
+            # (and workers running concurrently may then overshoot by their in-flight trials).
             taken += sum(t.state == TrialState.RUNNING for t in trials)
         return self.n_trials - taken
 

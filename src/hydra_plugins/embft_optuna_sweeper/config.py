@@ -36,11 +36,17 @@ class EmbftOptunaSweeperConf:
       gives an in-memory study that is neither persisted nor shared. Interpolations here
       must not use the ``${hydra:...}`` resolver (directly or through other keys): Hydra
       instantiates the sweeper before that resolver works; use ``${hydra.runtime.cwd}``.
-    - ``n_trials``: total finished (COMPLETE/FAIL/PRUNED) trials the study should reach,
-      counting earlier runs and other workers sharing the storage.
+    - ``n_trials``: total trials the study should reach, counting earlier runs and other
+      workers sharing the storage (several processes started with the same command on one
+      PostgreSQL/MySQL URL or SQLite file). A worker counts the trials and asks new ones
+      under a lock (a database advisory lock, or a lock file beside a SQLite file), and
+      with heartbeats on (the default) live workers' RUNNING trials count, so the study
+      ends at exactly ``n_trials``. With ``heartbeat_interval: null`` only finished trials
+      count and concurrent workers may overshoot by their in-flight trials.
     - ``n_jobs``: trials asked per batch, handed to the launcher in one ``launch`` call.
-    - ``seed``: sampler seed; offset by the number of trials already in the study so that
-      a resumed study does not replay the first trials' samples.
+    - ``seed``: trial ``n`` is sampled with seed ``seed + n``. Trial numbers are unique in
+      the storage, so workers sharing a study never propose the same random samples, and
+      a resumed study does not replay its first trials' samples. ``null``: unseeded.
     - ``max_failure_rate``/``failure_rate_min_trials``: the sweep aborts when more than
       this fraction of the trials it finished failed, once at least that many finished.
     - ``heartbeat_interval``/``grace_period`` (seconds): RUNNING trials whose heartbeat is

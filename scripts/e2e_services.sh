@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Throwaway services for `make e2e` and `make mlflow-server`: a PostgreSQL cluster of its own
+# under .e2e/pg (databases `mlflow` and `optuna`, 127.0.0.1 only, no Unix socket) and an MLflow
+# tracking server on it that proxies artifacts into .e2e/mlartifacts.
+#
+#   scripts/e2e_services.sh start|stop|status|env|clean
+#
+# Settings (environment): E2E_DIR (.e2e), E2E_PG_PORT (5433: beside a system cluster on 5432),
+# E2E_MLFLOW_PORT (5055), E2E_MLFLOW_WORKERS (2), PG_BIN (PostgreSQL's bin folder; found in
+# /usr/lib/postgresql/*/bin or on PATH), VENV (.venv). As root, PostgreSQL (which refuses to run
+# as root) runs as the `postgres` user that Debian's package creates.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+E2E_DIR=${E2E_DIR:-$ROOT/.e2e}
+case $E2E_DIR in /*) ;; *) E2E_DIR=$PWD/$E2E_DIR ;; esac  # server commands run from /
+PG_PORT=${E2E_PG_PORT:-5433}
+MLFLOW_PORT=${E2E_MLFLOW_PORT:-5055}
+MLFLOW_WORKERS=${E2E_MLFLOW_WORKERS:-2}
+VENV=${VENV:-$ROOT/.venv}
+HOST=127.0.0.1
+PG_USER=embft          # the cluster's superuser; trust auth is fine for a loopback-only throwaway
+PG_OS_USER=postgres    # who runs the server when this script runs as root
+MLFLOW_PID=$E2E_DIR/mlflow.pid
+MLFLOW_LOG=$E2E_DIR/mlflow.log
+ARTIFACTS=$E2E_DIR/mlartifacts
+
+MLFLOW_URI=http://$HOST:$MLFLOW_PORT
+PG_URI=postgresql://$PG_USER@$HOST:$PG_PORT
+
+die() { echo "e2e_services: $*" >&2; exit 1; }
+say() { echo "e2e_services: $*"; }
+
+pg_bin() {
+    if [ -n "${PG_BIN:-}" ]; then echo "$PG_BIN"; return; fi
+    local dir
+    dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -n "$dir" ] && [ -x "$dir/initdb" ]; then echo "$dir"; return; fi
+    if command -v initdb >/dev/null 2>&1; then dirname "$(command -v initdb)"; return; fi
+    die "PostgreSQL server binaries (initdb) not found: apt-get install postgresql, or set PG_BIN"
+}
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# Run a PostgreSQL server command as its owner (from a folder it can enter: initdb and postgres
+# complain about an unreadable cwd).
+as_pg() {
+    if is_root; then
+        (cd / && runuser -u "$PG_OS_USER" -- "$@")
+    else
+        "$@"
+    fi
+}
+
+# The cluster's folder. As root it must belong to `postgres`, and `postgres` must be able to
+# reach it: when the project sits under a private folder (e.g. /root), the cluster goes to a
+# folder in /tmp instead and .e2e/pg links to it.
+pg_dir() {
+    local dir=$E2E_DIR/pg
+    if [ -L "$dir" ] && [ ! -e "$dir" ]; then rm -f "$dir"; fi  # its /tmp folder is gone (reboot)
+    if [ -e "$dir" ]; then readlink -f "$dir"; return; fi
+    mkdir -p "$E2E_DIR"
+    if ! is_root; then mkdir -p "$dir"; echo "$dir"; return; fi
+    getent passwd "$PG_OS_USER" >/dev/null || die "running as root needs the '$PG_OS_USER' user (apt-get install postgresql)"
+    mkdir -p "$dir"
+    chown "$PG_OS_USER:" "$dir"
+    if ! runuser -u "$PG_OS_USER" -- test -w "$dir" 2>/dev/null; then
+        rmdir "$dir"
+        local tmp
+        tmp=$(mktemp -d "${TMPDIR:-/tmp}/embft-e2e-pg.XXXXXX")
+        chown "$PG_OS_USER:" "$tmp"
+        ln -s "$tmp" "$dir"
+        dir=$tmp
+    fi
+    echo "$dir"
+}
+
+pg_running() {
+    local dir=$1
+    [ -f "$dir/data/PG_VERSION" ] && as_pg "$(pg_bin)/pg_ctl" -D "$dir/data" status >/dev/null 2>&1
+}
+
+psql_() { "$(pg_bin)/psql" -X -q -v ON_ERROR_STOP=1 -h "$HOST" -p "$PG_PORT" -U "$PG_USER" "$@"; }
+
+start_pg() {
+    local bin dir
+    bin=$(pg_bin)
+    dir=$(pg_dir)
+    if [ ! -f "$dir/data/PG_VERSION" ]; then
+        say "creating a PostgreSQL cluster in $dir/data"
+        as_pg "$bin/initdb" -D "$dir/data" -U "$PG_USER" --auth=trust --no-locale -E UTF8 >"$dir/initdb.log" 2>&1 \
+            || { cat "$dir/initdb.log" >&2; die "initdb failed"; }
+        # Loopback TCP only (no Unix socket: its default folder belongs to the system cluster);
+        # durability off: the data is throwaway and the tests run faster without fsync.
+        as_pg tee -a "$dir/data/postgresql.conf" >/dev/null <<EOF
+
+# e2e_services.sh
+listen_addresses = '$HOST'
+unix_socket_directories = ''
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+EOF
+    fi
+    if pg_running "$dir"; then
+        say "PostgreSQL already running ($PG_URI)"
+    else
+        as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -o "-p $PG_PORT" -w -t 60 start >/dev/null \
+            || { tail -n 20 "$dir/postgres.log" >&2 || true; die "PostgreSQL did not start (is port $PG_PORT taken? E2E_PG_PORT=...)"; }
+        say "PostgreSQL up on $HOST:$PG_PORT (log $dir/postgres.log)"
+    fi
+    local db
+    for db in mlflow optuna; do
+        if [ -z "$(psql_ -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; then
+            psql_ -d postgres -c "CREATE DATABASE $db" >/dev/null
+        fi
+    done
+}
+
+mlflow_healthy() {
+    "$VENV/bin/python" - "$MLFLOW_URI/health" <<'EOF' >/dev/null 2>&1
+import sys, urllib.request
+# No proxy: a CI's http_proxy must not intercept a loopback address.
+urllib.request.build_opener(urllib.request.ProxyHandler({})).open(sys.argv[1], timeout=2).close()
+EOF
+}
+
+# The pid in the pid file, if that process is still our MLflow server (not a reused pid).
+mlflow_pid() {
+    [ -f "$MLFLOW_PID" ] || return 1
+    local pid
+    pid=$(cat "$MLFLOW_PID")
+    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "mlflow" && echo "$pid"
+}
+
+start_mlflow() {
+    [ -x "$VENV/bin/mlflow" ] || die "$VENV/bin/mlflow not found: run make install first"
+    if mlflow_healthy; then
+        say "MLflow server already answers at $MLFLOW_URI"
+        return
+    fi
+    mlflow_pid >/dev/null && die "MLflow server (pid $(cat "$MLFLOW_PID")) runs but does not answer; see $MLFLOW_LOG, or stop it"
+    mkdir -p "$ARTIFACTS"
+    # setsid: the server and its workers form one process group, which stop() ends together.
+    # The pid file is written by the group leader itself (exec keeps the pid).
+    # +psycopg2: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed.
+    setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$MLFLOW_PID" \
+        "$VENV/bin/mlflow" server \
+        --backend-store-uri "postgresql+psycopg2://$PG_USER@$HOST:$PG_PORT/mlflow" \
+        --artifacts-destination "$ARTIFACTS" \
+        --host "$HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" \
+        >"$MLFLOW_LOG" 2>&1 </dev/null &
+    local waited=0
+    # The first start migrates the database schema: allow a few minutes on a slow machine.
+    until mlflow_healthy; do
+        if [ "$waited" -ge 300 ] || { [ "$waited" -ge 2 ] && ! mlflow_pid >/dev/null; }; then
+            tail -n 30 "$MLFLOW_LOG" >&2 || true
+            stop_mlflow
+            die "MLflow server did not come up at $MLFLOW_URI (log $MLFLOW_LOG)"
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
+    say "MLflow server up at $MLFLOW_URI in ${waited}s (pid $(cat "$MLFLOW_PID"), log $MLFLOW_LOG, artifacts $ARTIFACTS)"
+}
+
+stop_mlflow() {
+    local pid
+    if pid=$(mlflow_pid); then
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+        local i
+        for i in $(seq 1 30); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.5
+        done
+        kill -KILL -- "-$pid" 2>/dev/null || true
+        say "MLflow server stopped"
+    fi
+    rm -f "$MLFLOW_PID"
+}
+
+stop_pg() {
+    [ -e "$E2E_DIR/pg" ] || return 0
+    local dir
+    dir=$(readlink -f "$E2E_DIR/pg")
+    if pg_running "$dir"; then
+        as_pg "$(pg_bin)/pg_ctl" -D "$dir/data" -m fast -w -t 60 stop >/dev/null
+        say "PostgreSQL stopped"
+    fi
+}
+
+print_env() {
+    echo "export EMBFT_MLFLOW_URI=$MLFLOW_URI"
+    echo "export EMBFT_PG_URI=$PG_URI"
+}
+
+case "${1:-}" in
+    start)
+        start_pg
+        start_mlflow
+        say "Optuna storage: hydra.sweeper.storage=$PG_URI/optuna"
+        ;;
+    stop)
+        stop_mlflow
+        stop_pg
+        ;;
+    status)
+        up=0
+        if [ -e "$E2E_DIR/pg" ] && pg_running "$(readlink -f "$E2E_DIR/pg")"; then
+            say "PostgreSQL: running at $PG_URI (databases mlflow, optuna)"
+        else
+            say "PostgreSQL: not running"; up=1
+        fi
+        if mlflow_healthy; then say "MLflow server: up at $MLFLOW_URI"; else say "MLflow server: down"; up=1; fi
+        exit $up
+        ;;
+    env)
+        print_env
+        ;;
+    clean)  # stop, then delete the cluster, the artifacts and the logs
+        stop_mlflow
+        stop_pg
+        if [ -e "$E2E_DIR/pg" ]; then rm -rf "$(readlink -f "$E2E_DIR/pg")"; fi
+        rm -rf "$E2E_DIR"
+        ;;
+    *)
+        echo "usage: $0 start|stop|status|env|clean" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,76 @@
+"""Fixtures of the e2e tests: live services that `make e2e` (scripts/e2e_services.sh) starts.
+
+The services are found through EMBFT_MLFLOW_URI and EMBFT_PG_URI (defaults: the script's ports).
+A service that does not answer fails the test with what to run: these tests exist to exercise
+the services, so a missing one is an error, not a reason to skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+E2E_DIR = ROOT / ".e2e"
+START_HINT = "start them with `make services-up` (scripts/e2e_services.sh start), or run `make e2e`"
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri() -> str:
+    uri = os.environ.get("EMBFT_MLFLOW_URI", "http://127.0.0.1:5055").rstrip("/")
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        opener.open(f"{uri}/health", timeout=10).close()
+    except OSError as err:
+        pytest.fail(f"No MLflow server answers at EMBFT_MLFLOW_URI={uri} ({err}); {START_HINT}.", pytrace=False)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def pg_uri() -> str:
+    """Server URI without a database, e.g. postgresql://embft@127.0.0.1:5433 (libpq syntax)."""
+    import psycopg2
+
+    uri = os.environ.get("EMBFT_PG_URI", "postgresql://embft@127.0.0.1:5433").rstrip("/")
+    try:
+        psycopg2.connect(f"{uri}/optuna", connect_timeout=10).close()
+    except psycopg2.Error as err:
+        pytest.fail(f"No PostgreSQL (database optuna) at EMBFT_PG_URI={uri} ({str(err).strip()}); {START_HINT}.",
+                    pytrace=False)
+    return uri
+
+
+@dataclass
+class SmokeSweep:
+    name: str  # MLflow experiment
+    experiment_id: str
+    root: Path  # the job's project root (caches, outputs)
+    output: str  # stdout + stderr of the command
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(mlflow_uri: str, ag_news_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SmokeSweep:
+    """One smoke sweep logged to the server over HTTP, shared by the HTTP and the browser tests
+    (it trains for minutes). Its own project root keeps the project's mlruns/ and caches out."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("smoke_root")
+    name = f"e2e_smoke_{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "EMBFT_ROOT": str(root), "EMBFT_MLFLOW_URI": mlflow_uri, "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "embft", "-m", "experiment=smoke", "tracking=server",
+           f"data.local_dir={ag_news_dir}", f"name={name}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        pytest.fail(f"smoke sweep failed ({done.returncode}): {' '.join(cmd)}\n{output[-4000:]}", pytrace=False)
+    experiment = MlflowClient(tracking_uri=mlflow_uri).get_experiment_by_name(name)
+    assert experiment is not None, f"experiment {name} missing on {mlflow_uri}\n{output[-2000:]}"
+    return SmokeSweep(name, experiment.experiment_id, root, output)

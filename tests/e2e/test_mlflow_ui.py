@@ -1,0 +1,102 @@
+"""The MLflow UI, in Debian's headless Chromium, lists the smoke sweep's runs and accuracy_cosine.
+
+Selenium drives /usr/bin/chromium through /usr/bin/chromedriver (apt packages chromium,
+chromium-driver); Selenium Manager, which would download a browser or a driver, is never used.
+"""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # slow too: `-m "not slow"` must not need the services
+
+CHROMIUM = os.environ.get("EMBFT_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("EMBFT_CHROMEDRIVER", "/usr/bin/chromedriver")
+SCREENSHOT = Path(__file__).resolve().parents[2] / ".e2e" / "screenshots" / "mlflow_ui.png"
+METRIC_COL = "metrics.`accuracy_cosine`"  # ag-grid column id of a metric in MLflow 3's runs table
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.selenium_manager import SeleniumManager
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            pytest.fail(f"{path} is missing: apt-get install chromium chromium-driver", pytrace=False)
+
+    def no_downloads(*args, **kwargs):
+        raise AssertionError("Selenium Manager was called; the test must use Debian's chromium/chromedriver")
+
+    monkeypatch.setattr(SeleniumManager, "binary_paths", no_downloads)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_mlflow_ui_shows_the_smoke_runs(browser, smoke_sweep, mlflow_uri: str, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    runs = MlflowClient(tracking_uri=mlflow_uri).search_runs([smoke_sweep.experiment_id])
+    names = {r.info.run_id: r.info.run_name for r in runs}
+    assert len(names) == 2  # the fine-tuned run and its baseline-* run
+
+    def body_text() -> str:
+        return browser.find_element(By.TAG_NAME, "body").text
+
+    def headers() -> set:
+        return {h.get_attribute("col-id") for h in browser.find_elements(By.CSS_SELECTOR, ".ag-header-cell")}
+
+    def column_entry(title: str):
+        return browser.find_element(By.XPATH, f"//span[contains(@class, 'tree-title') and normalize-space()='{title}']")
+
+    try:
+        # MLflow 3 opens experiments in its GenAI view; the runs table is the "machine_learning" one.
+        browser.get(f"{mlflow_uri}/#/experiments/{smoke_sweep.experiment_id}/runs?workflowType=machine_learning")
+        WebDriverWait(browser, 120).until(lambda _: all(n in body_text() for n in names.values()))
+        for close in browser.find_elements(By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"):
+            close.click()  # the assistant panel would hide half of the table in the screenshot
+
+        # Metrics are not shown by default: pick accuracy_cosine in "Columns" (and drop the empty
+        # Dataset/Source/Models columns so it is in view).
+        browser.find_element(By.CSS_SELECTOR, "[data-testid=column-selection-dropdown]").click()
+        search = WebDriverWait(browser, 30).until(
+            lambda _: browser.find_element(By.CSS_SELECTOR, "input[placeholder='Search columns']"))
+        for title in ("Dataset", "Source", "Models"):
+            if f"attributes.`{title}`" in headers():
+                column_entry(title).click()
+        if METRIC_COL not in headers():
+            search.send_keys("accuracy_cosine")
+            WebDriverWait(browser, 30).until(lambda _: column_entry("accuracy_cosine")).click()
+        search.send_keys(Keys.ESCAPE)
+        WebDriverWait(browser, 30).until(lambda _: METRIC_COL in headers())
+
+        for run in runs:  # rows are keyed by run id; each shows its name and its accuracy_cosine
+            row = f".ag-row[row-id='{run.info.run_id}']"
+            cell = WebDriverWait(browser, 30).until(
+                lambda _: browser.find_element(By.CSS_SELECTOR, f"{row} [col-id='{METRIC_COL}']"))
+            assert float(cell.text) == pytest.approx(run.data.metrics["accuracy_cosine"], abs=1e-9)
+            row_text = " ".join(r.text for r in browser.find_elements(By.CSS_SELECTOR, row))
+            assert run.info.run_name in row_text
+        assert "accuracy_cosine" in body_text()
+        time.sleep(1)  # let the column finish rendering before the screenshot
+    finally:
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOT))
+        shutil.copy(SCREENSHOT, tmp_path / SCREENSHOT.name)

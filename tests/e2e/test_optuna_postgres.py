@@ -1,0 +1,45 @@
+"""Two search workers, started with the same command, share one Optuna study on PostgreSQL."""
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # slow too: `-m "not slow"` must not need the services
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = ROOT / "tests" / "sweeper_app" / "my_app.py"
+
+
+def test_two_workers_share_one_postgres_study(pg_uri: str, tmp_path: Path) -> None:
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    from hydra_plugins.embft_optuna_sweeper._impl import _with_installed_pg_driver
+
+    n_trials, study_name = 8, f"e2e_{uuid.uuid4().hex[:8]}"
+    storage = f"{pg_uri}/optuna"  # a bare postgresql:// URL, as a user would write it
+    cmd = [sys.executable, str(APP), "-m", f"hydra.sweeper.storage={storage}",
+           f"hydra.sweeper.study_name={study_name}", f"hydra.sweeper.n_trials={n_trials}",
+           "hydra.sweep.dir=sweep", "sleep_s=0.5"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    workers = []
+    for i in range(2):  # two folders, as two machines would have
+        (tmp_path / f"w{i}").mkdir()
+        workers.append(subprocess.Popen(cmd, cwd=tmp_path / f"w{i}", env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True))
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
+
+    url = _with_installed_pg_driver(make_url(storage)).render_as_string(hide_password=False)
+    trials = optuna.load_study(study_name=study_name, storage=url).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * n_trials  # no overshoot
+    assert sorted(t.number for t in trials) == list(range(n_trials))
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == n_trials, params  # per-trial seeds: no replayed random stream
+    jobs = [sum(p.is_dir() for p in (tmp_path / f"w{i}" / "sweep").iterdir()) for i in range(2)]
+    assert sum(jobs) == n_trials and min(jobs) >= 1, f"trials per worker: {jobs}"
