@@ -202,6 +202,11 @@ def build_records(
     if pairing == "label_text":
         if not label_names:
             raise EmbftError("data.pairing=label_text needs data.label_names (a name or description per class).")
+        if n_neg > len(by_class) - 1:
+            # FlagEmbedding fills a short group by repeating the negatives it has (AbsDataset).
+            log.warning("data.pairing=label_text: %d classes give %d negatives per query; FlagEmbedding will repeat "
+                        "them to fill train.train_group_size=%d (set train.train_group_size=%d to avoid repeats).",
+                        len(by_class), len(by_class) - 1, group_size, len(by_class))
         n_neg = min(n_neg, len(by_class) - 1)
     else:
         fewest = min(len(labels_arr) - len(idx) for idx in by_class.values())
