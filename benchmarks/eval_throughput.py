@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from embft.data import load_splits  # noqa: E402
 from embft.evaluate import evaluate  # noqa: E402
-from embft.train import sentence_transformer  # noqa: E402
+from embft.embedder import sentence_transformer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

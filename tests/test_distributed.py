@@ -17,7 +17,8 @@ from conftest import make_tiny_bert
 from embft import distributed
 from embft.data import build_records, write_records
 from embft.errors import EmbftError
-from embft.train import check_parallel, effective_batch_size, runner_spec, train
+from embft.runner import RunnerSpec, check_parallel, effective_batch_size, runner_spec
+from embft.train import train
 from test_pipeline import embft, runs
 
 
@@ -46,11 +47,11 @@ def test_ddp_backend_per_device():
 def test_runner_spec_is_plain_json_with_the_configs_settings(compose, tmp_path):
     cfg = compose(["variant=same", "train.nproc_per_node=2", "train.negatives_cross_device=true", "train.seed=7"])
     spec = runner_spec(cfg, tmp_path / "records", "/models/m", tmp_path / "bare", "fp32", "cpu")
-    assert json.loads(json.dumps(spec)) == spec
-    assert spec["training_args"]["negatives_cross_device"] is True and spec["training_args"]["seed"] == 7
-    assert spec["training_args"]["output_dir"] == str(tmp_path / "bare")
-    assert spec["data_args"]["same_dataset_within_batch"] is True
-    assert spec["model_args"] == {"model_name_or_path": "/models/m"}
+    assert json.loads(json.dumps(spec.to_dict())) == spec.to_dict()
+    assert spec.training_args["negatives_cross_device"] is True and spec.training_args["seed"] == 7
+    assert spec.training_args["output_dir"] == str(tmp_path / "bare")
+    assert spec.data_args["same_dataset_within_batch"] is True
+    assert spec.model_args == {"model_name_or_path": "/models/m"}
 
 
 def test_defaults_are_one_process_without_cross_device_negatives(compose):
@@ -120,7 +121,7 @@ def test_launch_logs_worker_output_and_fails_with_one_error(tmp_path, monkeypatc
               "print('[default0]:hello from a worker'); e = pathlib.Path(spec['error_dir']); e.mkdir(); "
               "(e / 'rank0.json').write_text(json.dumps({'rank': 0, 'error': 'RuntimeError: boom'})); sys.exit(1)")
     monkeypatch.setattr(distributed, "torchrun_command", lambda spec_path, nproc, log_dir: [sys.executable, "-c", script, str(spec_path)])
-    spec = {"training_args": {"output_dir": str(tmp_path / "bare")}}
+    spec = RunnerSpec("stock", "fp32", "cpu", {}, {}, {"output_dir": str(tmp_path / "bare")})
     with caplog.at_level("INFO", logger="embft.distributed"), pytest.raises(EmbftError, match="rank 0: RuntimeError: boom"):
         distributed.launch(spec, 2, "cpu", work_parent=tmp_path)
     assert "[default0]:hello from a worker" in caplog.text

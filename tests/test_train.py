@@ -9,7 +9,9 @@ import torch
 from conftest import make_tiny_bert
 from embft.data import build_records, write_records
 from embft.errors import EmbftError
-from embft.train import effective_batch_size, resolve_model_path, train
+from embft.embedder import resolve_model_path
+from embft.runner import effective_batch_size
+from embft.train import train
 
 
 @pytest.fixture(scope="module")

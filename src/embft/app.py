@@ -1,12 +1,14 @@
-"""The Hydra app: one job = prepare records, baseline, fine-tune, evaluate, track."""
+"""The Hydra app: one job = a list of stages (skip-if-done, data, baseline, records, train, evaluate, log)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,14 +18,66 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from embft import tracking
-from embft.config import register_configs, to_container
+from embft import names, tracking
+from embft.config import Config, check_values, register_configs, to_container
+from embft.data import Splits
 from embft.errors import EmbftError
+from embft.evaluate import EncodeSettings, EvalResult
+from embft.train import TrainResult
 
 log = logging.getLogger("embft")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# Left in a job's output folder when it skipped an already finished config (counted by SweepSummary).
+SKIPPED_MARKER = ".embft-skipped"
 
 register_configs()
+
+
+@dataclass
+class Job:
+    """What every stage of one job needs to know."""
+
+    cfg: Config
+    params: dict[str, Any]
+    config_hash: str
+    metric: str  # the test score's name, e.g. accuracy_cosine; names.validation(metric) for validation
+    experiment_id: str
+    cache_dir: Path
+    out_dir: Path
+
+    @property
+    def objective(self) -> str:
+        """The metric a sweeper optimizes: the validation score unless eval.objective=test."""
+        return names.validation(self.metric) if self.cfg.eval.objective == "validation" else self.metric
+
+
+@dataclass
+class JobResult:
+    baseline: dict[str, EvalResult]  # by split: validation, test
+    scores: dict[str, EvalResult]
+    train: TrainResult
+    eval_seconds: float
+
+    def metrics(self, metric: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for split, prefix in (("test", ""), ("validation", names.VALIDATION_PREFIX)):
+            name, tuned, base = f"{prefix}{metric}", self.scores[split], self.baseline[split]
+            out.update({
+                name: tuned.accuracy,
+                names.std(name): tuned.accuracy_std,
+                f"{prefix}{names.F1}": tuned.f1,
+                names.baseline(name): base.accuracy,
+                names.delta(name): tuned.accuracy - base.accuracy,
+            })
+        t = self.train
+        out.update({
+            names.TRAIN_SECONDS: t.seconds,
+            names.TRAIN_QUERIES: t.n_queries,
+            names.TRAIN_QPS: t.queries_per_second,
+            names.EFFECTIVE_BATCH_SIZE: t.effective_batch_size,
+            names.EVAL_SECONDS: self.eval_seconds,
+        })
+        return out
 
 
 def _hydra_context() -> tuple[Optional[str], str]:
@@ -31,9 +85,7 @@ def _hydra_context() -> tuple[Optional[str], str]:
     if not HydraConfig.initialized():
         return None, "job"
     hc = HydraConfig.get()
-    sweep = None
-    if hc.mode == RunMode.MULTIRUN:
-        sweep = f"{Path(hc.sweep.dir).parent.name}/{Path(hc.sweep.dir).name}"
+    sweep = names.sweep_id(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     return sweep, hc.job.override_dirname or "job"
 
 
@@ -44,120 +96,219 @@ def _lock(cache_dir: Path, name: str):
     return FileLock(str(cache_dir / "locks" / f"{name}.lock"))
 
 
-def run_job(cfg: DictConfig) -> float:
-    """Run one experiment job and return its objective (accuracy_cosine for the kNN eval)."""
-    from embft.data import load_splits, prepare_records
-    from embft.evaluate import baseline_key, cached_baseline, evaluate, metric_name
-    from embft.train import check_parallel, quiet_libraries, resolve_model_path, sentence_transformer, train
+# ------------------------------------------------------------------------------------------ stages
 
+
+def start(cfg: Config) -> Job:
+    """Check values and open the store, before any data or model work."""
+    from embft.console import quiet_libraries
+    from embft.evaluate import metric_name
+
+    check_values(cfg)
     quiet_libraries()
     resolved = to_container(cfg)
-    params = tracking.flatten(resolved)
-    hash_ = tracking.config_hash(resolved)
-    metric = metric_name(cfg.eval)
-    cache_dir = Path(cfg.paths.cache_dir)
-    out_dir = Path(cfg.paths.output_dir)
+    return Job(
+        cfg=cfg,
+        params=tracking.flatten(resolved),
+        config_hash=tracking.config_hash(resolved),
+        metric=metric_name(cfg.eval),
+        experiment_id=tracking.setup(cfg.tracking),
+        cache_dir=Path(cfg.paths.cache_dir),
+        out_dir=Path(cfg.paths.output_dir),
+    )
 
-    experiment_id = tracking.setup(cfg.tracking)
-    if not cfg.force:
-        done = tracking.find_runs(experiment_id, {tracking.CONFIG_HASH: hash_})
-        if done and metric in done[0].data.metrics:
-            log.info("Skipping: run %s already FINISHED this config (%s=%s); force=true reruns it",
-                     done[0].info.run_id, tracking.CONFIG_HASH, hash_)
-            return float(done[0].data.metrics[metric])
-    tracking.close_stale_runs(experiment_id, hash_)
 
+def finished_run(job: Job) -> Optional[Any]:
+    """The FINISHED run of this config, if one has the objective (force=true ignores it)."""
+    if job.cfg.force:
+        return None
+    done = tracking.find_runs(job.experiment_id, {names.CONFIG_HASH: job.config_hash})
+    return next((run for run in done if job.objective in run.data.metrics), None)
+
+
+def skip(job: Job, run: Any) -> float:
+    log.info("Skipping: run %s already FINISHED this config (%s=%s); force=true reruns it",
+             run.info.run_id, names.CONFIG_HASH, job.config_hash)
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    (job.out_dir / SKIPPED_MARKER).write_text(run.info.run_id)
+    return float(run.data.metrics[job.objective])
+
+
+def run_tags(job: Job) -> tuple[str, dict[str, str]]:
+    cfg = job.cfg
     sweep, run_name = _hydra_context()
     tags = {
-        tracking.ROLE: "finetune",
-        tracking.CONFIG_HASH: hash_,
+        names.ROLE: names.ROLE_FINETUNE,
+        names.CONFIG_HASH: job.config_hash,
         "variant": cfg.variant.name,
         "model": cfg.model.name,
         "data": cfg.data.name,
     }
     if sweep:
-        tags[tracking.SWEEP] = sweep
+        tags[names.SWEEP] = sweep
     if cfg.optuna.study_name is not None:
-        tags.update({"optuna.study_name": cfg.optuna.study_name, "optuna.trial_number": str(cfg.optuna.trial_number)})
+        tags.update({names.OPTUNA_STUDY: cfg.optuna.study_name, names.OPTUNA_TRIAL: str(cfg.optuna.trial_number)})
+    return run_name, tags
 
+
+def load_data(job: Job) -> Splits:
     import mlflow
 
-    with tracking.job_run(experiment_id, run_name, tags):
-        tracking.log_params(params)
-        mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
-        check_parallel(cfg.train, cfg.variant)  # in the run, so a sweep counts it; before minutes of baseline
+    from embft.data import load_splits
 
-        splits = load_splits(cfg.data)
-        mlflow.log_dict(splits.notes, "data_notes.json")
-        log.info("Data %s: %d train, %d test rows, %d classes", splits.source, len(splits.train), len(splits.test),
-                 len(splits.label_names))
-        model_path = resolve_model_path(cfg.model)
+    splits = load_splits(job.cfg.data)
+    mlflow.log_dict(splits.notes, names.DATA_NOTES_ARTIFACT)
+    log.info("Data %s: %d train, %d validation, %d test rows, %d classes", splits.source, len(splits.train),
+             len(splits.validation), len(splits.test), len(splits.label_names))
+    return splits
 
-        def base_model():
-            return sentence_transformer(model_path, cfg.model.pooling, cfg.model.normalize, cfg.train.query_max_len)
 
-        model_id = {"path": cfg.model.name_or_path if not cfg.model.package else cfg.model.package,
-                    "revision": cfg.model.revision, "pooling": cfg.model.pooling, "normalize": cfg.model.normalize}
-        key = baseline_key(model_id, splits, cfg.eval)
-        with _lock(cache_dir, f"baseline-{key}"):
-            baseline, _ = cached_baseline(cache_dir, key, lambda: evaluate(base_model(), splits, cfg.eval, cfg.data.name))
-            baseline_params = {k: v for k, v in params.items() if k.split(".")[0] in ("model", "data", "eval")}
-            tracking.ensure_baseline_run(experiment_id, key, baseline, metric, baseline_params)
-        mlflow.set_tag(tracking.BASELINE_KEY, key)
-        log.info("Baseline %s = %.4f", metric, baseline.accuracy)
+def score_baseline(job: Job, splits: Splits, base_encoder, settings: EncodeSettings) -> dict[str, EvalResult]:
+    """The untrained model's scores on both splits: computed once per (model, data, eval settings), cached."""
+    import mlflow
 
-        record_settings = dict(
+    from embft.evaluate import baseline_key, cached_baseline, evaluate
+
+    cfg = job.cfg
+    model_id = {"path": cfg.model.package or cfg.model.name_or_path, "revision": cfg.model.revision,
+                "pooling": str(cfg.model.pooling), "normalize": cfg.model.normalize}
+    key = baseline_key(model_id, splits, cfg.eval, settings)
+    with _lock(job.cache_dir, f"baseline-{key}"):
+        baseline, _ = cached_baseline(job.cache_dir, key, lambda: evaluate(base_encoder(), splits, cfg.eval, cfg.data.name))
+        metrics = {}
+        for split, prefix in (("test", ""), ("validation", names.VALIDATION_PREFIX)):
+            name = f"{prefix}{job.metric}"
+            metrics.update({name: baseline[split].accuracy, names.std(name): baseline[split].accuracy_std,
+                            f"{prefix}{names.F1}": baseline[split].f1})
+        params = {k: v for k, v in job.params.items() if k.split(".")[0] in ("model", "data", "eval")}
+        tracking.ensure_baseline_run(job.experiment_id, key, metrics, {s: r.scores for s, r in baseline.items()}, params)
+    mlflow.set_tag(names.BASELINE_KEY, key)
+    log.info("Baseline %s = %.4f (validation), %.4f (test)", job.metric, baseline["validation"].accuracy,
+             baseline["test"].accuracy)
+    return baseline
+
+
+def build_records(job: Job, splits: Splits, base_encoder, settings: EncodeSettings) -> tuple[Path, int]:
+    """FlagEmbedding's training records from the train split only (cached by content and settings)."""
+    import mlflow
+
+    from embft.data import prepare_records
+
+    cfg = job.cfg
+    model_id = {"path": cfg.model.package or cfg.model.name_or_path, "revision": cfg.model.revision,
+                "pooling": str(cfg.model.pooling), "normalize": cfg.model.normalize}
+    with _lock(job.cache_dir, "records"):
+        records_dir = prepare_records(
+            splits,
+            cache_dir=job.cache_dir,
+            dataset_name=cfg.data.name,
+            no_in_batch_neg=cfg.variant.no_in_batch_neg,
+            encode=lambda texts: base_encoder().encode(texts, batch_size=settings.batch_size),
+            model_key=json.dumps(model_id, sort_keys=True),
             group_size=cfg.train.train_group_size,
             seed=cfg.train.seed,
             max_queries=cfg.train.max_train_queries,
             prompt="",
             batch_size=cfg.train.same_dataset_batch_size,
-            pairing=cfg.data.pairing,
+            pairing=str(cfg.data.pairing),
         )
-        with _lock(cache_dir, "records"):
-            records_dir = prepare_records(
-                splits,
-                cache_dir=cache_dir,
-                dataset_name=cfg.data.name,
-                no_in_batch_neg=cfg.variant.no_in_batch_neg,
-                encode=lambda texts: base_model().encode(texts, batch_size=cfg.eval.batch_size),
-                model_key=json.dumps(model_id, sort_keys=True),
-                **record_settings,
-            )
-        n_records = sum(1 for _ in (records_dir / "train.jsonl").open())
-        mlflow.set_tag("records_dir", str(records_dir))
+    mlflow.set_tag(names.RECORDS_DIR, str(records_dir))
+    return records_dir, sum(1 for _ in (records_dir / "train.jsonl").open())
 
-        result = train(cfg, records_dir, model_path, n_records, out_dir)
-        tracking.log_series("train_loss", result.losses)
 
-        from sentence_transformers import SentenceTransformer
+def fine_tune(job: Job, records_dir: Path, n_records: int, model_path: str, settings: EncodeSettings) -> TrainResult:
+    from embft.train import train
 
-        eval_start = time.perf_counter()
-        tuned = SentenceTransformer(str(result.model_dir), device=result.device)
-        scores = evaluate(tuned, splits, cfg.eval, cfg.data.name)
-        eval_seconds = time.perf_counter() - eval_start
-        mlflow.log_metrics({
-            metric: scores.accuracy,
-            f"{metric}_std": scores.accuracy_std,
-            "f1": scores.f1,
-            f"baseline_{metric}": baseline.accuracy,
-            f"delta_{metric}": scores.accuracy - baseline.accuracy,
-            "train_seconds": result.seconds,
-            "train_queries": result.n_queries,
-            "train_queries_per_second": result.queries_per_second,
-            "effective_batch_size": result.effective_batch_size,
-            "eval_seconds": eval_seconds,
-        })
-        mlflow.set_tags({"precision": result.precision, "device": result.device})
-        mlflow.log_text(scores.to_json(), "mteb_scores.json")
-        if cfg.train.keep_model:
-            mlflow.set_tag("model_dir", str(result.model_dir))
-        else:
-            shutil.rmtree(result.model_dir, ignore_errors=True)
-        log.info("%s = %.4f (baseline %.4f, delta %+.4f); trained %d queries in %.0f s (%.2f queries/s)",
-                 metric, scores.accuracy, baseline.accuracy, scores.accuracy - baseline.accuracy,
-                 result.n_queries, result.seconds, result.queries_per_second)
-        return scores.accuracy
+    result = train(job.cfg, records_dir, model_path, n_records, job.out_dir, settings.as_dict())
+    tracking.log_series(names.TRAIN_LOSS, result.losses)
+    return result
+
+
+def score_tuned(job: Job, splits: Splits, trained: TrainResult, base_encoder, settings: EncodeSettings,
+                device: str) -> tuple[dict[str, EvalResult], float]:
+    """The fine-tuned model's scores, encoded exactly as the baseline was (checked, not assumed)."""
+    from embft.evaluate import build_encoder, describe_encoder, evaluate
+
+    start_time = time.perf_counter()
+    tuned = build_encoder(str(trained.model_dir), settings, device)
+    if describe_encoder(tuned) != describe_encoder(base_encoder()):
+        raise RuntimeError(f"the two sides of the comparison encode differently: baseline "
+                           f"{describe_encoder(base_encoder())} vs tuned {describe_encoder(tuned)}")
+    scores = evaluate(tuned, splits, job.cfg.eval, job.cfg.data.name)
+    return scores, time.perf_counter() - start_time
+
+
+def log_results(job: Job, result: JobResult) -> None:
+    import mlflow
+
+    mlflow.log_metrics(result.metrics(job.metric))
+    mlflow.set_tags({names.PRECISION: result.train.precision, names.DEVICE: result.train.device})
+    mlflow.log_text(json.dumps({s: r.scores for s, r in result.scores.items()}, indent=2, default=float),
+                    names.SCORES_ARTIFACT)
+
+
+def clean_up(job: Job, trained: TrainResult) -> None:
+    import mlflow
+
+    if job.cfg.train.keep_model:
+        mlflow.set_tag(names.MODEL_DIR, str(trained.model_dir))
+    else:
+        shutil.rmtree(trained.model_dir, ignore_errors=True)
+
+
+def summarize(job: Job, run_id: str, result: JobResult) -> None:
+    """One paragraph: scores, delta, time, and where to look at the run."""
+    m = result.metrics(job.metric)
+    val = names.validation(job.metric)
+    uri = job.cfg.tracking.uri
+    ui = "http://127.0.0.1:5000" if uri.startswith("sqlite:") else uri.rstrip("/")  # `make mlflow-ui` serves it
+    log.info(
+        "Done. %s = %.4f on %d test rows (baseline %.4f, delta %+.4f); %s = %.4f on %d validation rows "
+        "(baseline %.4f, delta %+.4f, the objective%s). Trained %d queries in %.0f s (%.2f queries/s). "
+        "Compare runs%s: %s/#/experiments/%s/runs  This run: %s/#/experiments/%s/runs/%s",
+        job.metric, m[job.metric], result.scores["test"].n_test, m[names.baseline(job.metric)],
+        m[names.delta(job.metric)], val, m[val], result.scores["validation"].n_test, m[names.baseline(val)],
+        m[names.delta(val)], "" if job.objective == val else " is the test score: eval.objective=test",
+        result.train.n_queries, result.train.seconds, result.train.queries_per_second,
+        " (make mlflow-ui)" if uri.startswith("sqlite:") else "", ui, job.experiment_id, ui, job.experiment_id, run_id,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- job
+
+
+def run_job(cfg: Config) -> float:
+    """Run one experiment job and return its objective (val_accuracy_cosine by default)."""
+    import mlflow
+
+    from embft.embedder import resolve_model_path
+    from embft.evaluate import build_encoder, encode_settings
+    from embft.precision import pick_device
+    from embft.runner import check_parallel
+
+    job = start(cfg)
+    done = finished_run(job)
+    if done is not None:
+        return skip(job, done)
+    tracking.close_stale_runs(job.experiment_id, job.config_hash)
+    run_name, tags = run_tags(job)
+    with tracking.job_run(job.experiment_id, run_name, tags) as run:
+        tracking.log_params(job.params)
+        mlflow.log_text(OmegaConf.to_yaml(to_container(cfg)), names.CONFIG_ARTIFACT)
+        check_parallel(cfg.train, cfg.variant)  # in the run, so a sweep counts it; before minutes of baseline
+        splits = load_data(job)
+        model_path = resolve_model_path(cfg.model)
+        settings, device = encode_settings(cfg.model, cfg.eval), pick_device(cfg.train.device)
+        base_encoder = functools.cache(lambda: build_encoder(model_path, settings, device))
+        baseline = score_baseline(job, splits, base_encoder, settings)
+        records_dir, n_records = build_records(job, splits, base_encoder, settings)
+        trained = fine_tune(job, records_dir, n_records, model_path, settings)
+        scores, eval_seconds = score_tuned(job, splits, trained, base_encoder, settings, device)
+        result = JobResult(baseline, scores, trained, eval_seconds)
+        log_results(job, result)
+        clean_up(job, trained)
+    summarize(job, run.info.run_id, result)
+    return result.metrics(job.metric)[job.objective]
 
 
 class SweepSummary(Callback):
@@ -171,18 +322,22 @@ class SweepSummary(Callback):
             raise SystemExit(1) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep = names.sweep_id(sweep_dir)
         try:
             experiment_id = tracking.setup(config.tracking)
-            sweep = f"{Path(config.hydra.sweep.dir).parent.name}/{Path(config.hydra.sweep.dir).name}"
-            runs = tracking.find_runs(experiment_id, {tracking.SWEEP: sweep}, ("FINISHED", "FAILED", "KILLED", "RUNNING"))
+            runs = tracking.find_runs(experiment_id, {names.SWEEP: sweep}, ("FINISHED", "FAILED", "KILLED", "RUNNING"))
         except Exception as err:  # a summary must never mask the sweep's own outcome
             log.warning("No sweep summary: %s", err)
             return
         counts: dict[str, int] = {}
         for run in runs:
             counts[run.info.status] = counts.get(run.info.status, 0) + 1
+        skipped = len(list(sweep_dir.glob(f"**/{SKIPPED_MARKER}")))
+        if skipped:
+            counts["skipped (already FINISHED)"] = skipped
         log.info("Sweep %s: %s", sweep, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs logged")
-        self._tag_best_trial(Path(config.hydra.sweep.dir) / "optimization_results.yaml", experiment_id)
+        self._tag_best_trial(sweep_dir / "optimization_results.yaml", experiment_id)
         failed = counts.get("FAILED", 0) + counts.get("KILLED", 0)
         if failed:
             log.error("%d job(s) of sweep %s failed; their MLflow runs hold the error (tag `error`, error.txt). "
@@ -200,19 +355,18 @@ class SweepSummary(Callback):
         import mlflow
 
         client = mlflow.MlflowClient()
-        study = {"optuna.study_name": str(results.study_name)}
-        for run in tracking.find_runs(experiment_id, study):
-            best = run.data.tags.get("optuna.trial_number") == str(results.best_trial_number)
-            client.set_tag(run.info.run_id, "optuna.best_trial", str(best).lower())
+        for run in tracking.find_runs(experiment_id, {names.OPTUNA_STUDY: str(results.study_name)}):
+            best = run.data.tags.get(names.OPTUNA_TRIAL) == str(results.best_trial_number)
+            client.set_tag(run.info.run_id, names.OPTUNA_BEST, str(best).lower())
             if best:
-                log.info("Best trial %s (%s=%s): MLflow run %s", results.best_trial_number,
-                         "value", results.best_value, run.info.run_id)
+                log.info("Best trial %s (value %s): MLflow run %s", results.best_trial_number, results.best_value,
+                         run.info.run_id)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
-        return run_job(cfg)
+        return run_job(cfg)  # type: ignore[arg-type]  (a DictConfig typed by the Config schema)
     except Exception as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # The run is FAILED in MLflow with its traceback; the sweep goes on and SweepSummary

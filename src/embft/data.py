@@ -30,20 +30,30 @@ RECORD_TYPE = "symmetric_class"
 NO_IN_BATCH_NEG_SUFFIX = "no_in_batch_neg"
 
 
+def frame_fingerprint(frame: pd.DataFrame) -> str:
+    return hashlib.sha256(pd.util.hash_pandas_object(frame[["text", "label"]], index=False).values.tobytes()).hexdigest()[:16]
+
+
 @dataclass
 class Splits:
-    """Validated splits with columns `text` (str) and `label` (int id)."""
+    """Validated splits with columns `text` (str) and `label` (int id).
+
+    `train` feeds the training records, mined negatives and the kNN support set; `validation` is
+    disjoint from it (no shared text) and scores every choice; `test` is for the final figure.
+    """
 
     train: pd.DataFrame
     test: pd.DataFrame
     label_names: list[str]
     source: str
+    validation: pd.DataFrame = field(default_factory=lambda: pd.DataFrame({"text": [], "label": []}))
     notes: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        """Content hash of both splits: the cache key of everything derived from them."""
+        """Content hash of the splits: the cache key of everything derived from them."""
         digest = hashlib.sha256()
-        for frame in (self.train, self.test):
+        frames = (self.train, self.test) if self.validation.empty else (self.train, self.test, self.validation)
+        for frame in frames:
             digest.update(pd.util.hash_pandas_object(frame[["text", "label"]], index=False).values.tobytes())
         digest.update(json.dumps(self.label_names).encode())
         return digest.hexdigest()[:16]
@@ -104,42 +114,81 @@ def _clean(frame: pd.DataFrame, where: str, text_col: str, label_col: str, max_e
     return frame, n_empty
 
 
-def _label_ids(train: pd.DataFrame, test: pd.DataFrame, where: str) -> tuple[pd.DataFrame, pd.DataFrame, Optional[dict]]:
-    """Integer labels stay; any other labels are mapped to ids in sorted order."""
-    both = pd.concat([train["label"], test["label"]])
+def _label_ids(frames: dict[str, pd.DataFrame], where: str) -> tuple[dict[str, pd.DataFrame], Optional[dict]]:
+    """Integer labels stay; any other labels are mapped to ids in sorted order (one mapping for all splits)."""
+    both = pd.concat([f["label"] for f in frames.values()])
     if pd.api.types.is_integer_dtype(both) or (
         pd.api.types.is_float_dtype(both) and (both == both.round()).all()
     ):
-        return train.assign(label=train["label"].astype(int)), test.assign(label=test["label"].astype(int)), None
+        return {k: f.assign(label=f["label"].astype(int)) for k, f in frames.items()}, None
     mapping = {str(name): i for i, name in enumerate(sorted(both.astype(str).unique()))}
     log.info("%s: string labels mapped to ids %s", where, mapping)
-    encode = lambda s: s.astype(str).map(mapping).astype(int)  # noqa: E731
-    return train.assign(label=encode(train["label"])), test.assign(label=encode(test["label"])), mapping
+    return {k: f.assign(label=f["label"].astype(str).map(mapping).astype(int)) for k, f in frames.items()}, mapping
+
+
+def hold_out_validation(train: pd.DataFrame, size: float, seed: int, where: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train without the held-out rows, validation): class-stratified, seeded, deterministic.
+
+    `size` < 1 is a fraction of the train rows, else a number of rows.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n_classes = train["label"].nunique()
+    n_val = int(round(size * len(train))) if size < 1 else int(size)
+    if n_val < n_classes or n_val > len(train) - n_classes:
+        raise EmbftError(
+            f"data.validation={size:g} holds out {n_val} of {len(train)} rows of {where}, but the {n_classes} classes "
+            f"need at least one validation and one training row each; choose a size between {n_classes} and "
+            f"{len(train) - n_classes} rows (or a fraction)."
+        )
+    rest, val = train_test_split(train, test_size=n_val, random_state=seed, stratify=train["label"])
+    return rest.sort_index().reset_index(drop=True), val.sort_index().reset_index(drop=True)
+
+
+def _check_positives(train: pd.DataFrame, where: str) -> None:
+    counts = train["label"].value_counts()
+    lonely = counts[counts < 2].index.tolist()
+    if lonely:
+        raise EmbftError(
+            f"{where}: class(es) {lonely} have a single example, so no positive can be drawn; "
+            f"add examples, lower data.validation or drop the class."
+        )
 
 
 def load_splits(cfg: Any) -> Splits:
-    """Read train and test from `cfg.local_dir` when set, else from the Hub; validate both."""
+    """Read train, test (and validation) from `cfg.local_dir` when set, else from the Hub; validate them.
+
+    Without `cfg.validation_split`, `cfg.validation` rows are held out of train (stratified, seeded).
+    """
+    names = {"train": cfg.train_split, "test": cfg.test_split}
+    if cfg.validation_split:
+        names["validation"] = cfg.validation_split
     if cfg.local_dir:
         folder = Path(cfg.local_dir).expanduser().resolve()
         if not folder.is_dir():
             raise EmbftError(f"data.local_dir={cfg.local_dir!r}: no such folder ({folder}).")
-        (train_raw, train_src), (test_raw, test_src) = (_read_local(folder, s) for s in (cfg.train_split, cfg.test_split))
+        read = {role: _read_local(folder, split) for role, split in names.items()}
+        raw = {role: frame for role, (frame, _) in read.items()}
+        src = {role: where for role, (_, where) in read.items()}
         source = f"local:{folder}"
     else:
         if not cfg.hub_path:
             raise EmbftError(f"data={cfg.name}: set data.local_dir (or data.hub_path for a Hub dataset).")
-        train_raw, test_raw = (_read_hub(cfg.hub_path, cfg.hub_revision, s) for s in (cfg.train_split, cfg.test_split))
-        train_src, test_src = (f"{cfg.hub_path}[{s}]" for s in (cfg.train_split, cfg.test_split))
+        raw = {role: _read_hub(cfg.hub_path, cfg.hub_revision, split) for role, split in names.items()}
+        src = {role: f"{cfg.hub_path}[{split}]" for role, split in names.items()}
         source = f"hub:{cfg.hub_path}@{cfg.hub_revision}"
 
-    train, train_empty = _clean(train_raw, train_src, cfg.text_column, cfg.label_column, cfg.max_empty_fraction)
-    test, test_empty = _clean(test_raw, test_src, cfg.text_column, cfg.label_column, cfg.max_empty_fraction)
-    train, test, mapping = _label_ids(train, test, train_src)
-    notes: dict[str, Any] = {"train_empty_dropped": train_empty, "test_empty_dropped": test_empty}
+    cleaned, empty = {}, {}
+    for role, frame in raw.items():
+        cleaned[role], empty[role] = _clean(frame, src[role], cfg.text_column, cfg.label_column, cfg.max_empty_fraction)
+    frames, mapping = _label_ids(cleaned, src["train"])
+    train, test = frames["train"], frames["test"]
+    train_src, test_src = src["train"], src["test"]
+    notes: dict[str, Any] = {f"{role}_empty_dropped": n for role, n in empty.items()}
     if mapping:
         notes["label_mapping"] = mapping
-    if train_empty or test_empty:
-        log.warning("Dropped rows with empty text: %d in train, %d in test", train_empty, test_empty)
+    if any(empty.values()):
+        log.warning("Dropped rows with empty text: %s", ", ".join(f"{n} in {role}" for role, n in empty.items()))
 
     overlap = train["text"].isin(set(test["text"]))
     if overlap.any():
@@ -150,26 +199,38 @@ def load_splits(cfg: Any) -> Splits:
     counts = train["label"].value_counts()
     if len(counts) < 2:
         raise EmbftError(f"{train_src}: only one class ({counts.index.tolist()}); classification needs at least two.")
-    lonely = counts[counts < 2].index.tolist()
-    if lonely:
-        raise EmbftError(
-            f"{train_src}: class(es) {lonely} have a single example, so no positive can be drawn; "
-            f"add examples or drop the class."
-        )
+    _check_positives(train, train_src)
     unseen = sorted(set(test["label"]) - set(train["label"]))
     if unseen:
         raise EmbftError(f"{test_src}: labels {unseen} never occur in train; kNN cannot predict them.")
 
-    n_labels = int(max(train["label"].max(), test["label"].max())) + 1
+    if "validation" in frames:
+        validation = frames["validation"]
+        notes["validation_source"] = src["validation"]
+    else:
+        train, validation = hold_out_validation(train, cfg.validation, cfg.seed, train_src)
+        notes["validation_source"] = f"held out of {train_src}: data.validation={cfg.validation:g}, seed {cfg.seed}"
+    # A validation text must never reach training records, mined negatives or the kNN support set.
+    leaked = train["text"].isin(set(validation["text"]))
+    if leaked.any():
+        log.info("Removed %d train rows whose text also occurs in validation", int(leaked.sum()))
+        train = train[~leaked].reset_index(drop=True)
+    notes["train_validation_overlap_removed"] = int(leaked.sum())
+    notes.update(validation_rows=len(validation), validation_fingerprint=frame_fingerprint(validation),
+                 train_rows=len(train), test_rows=len(test))
+
+    _check_positives(train, f"{train_src} (after holding out the validation rows)")
+
+    n_labels = int(max(train["label"].max(), test["label"].max(), validation["label"].max())) + 1
     if cfg.label_names:
         if len(cfg.label_names) < n_labels:
             raise EmbftError(f"data.label_names has {len(cfg.label_names)} names but labels go up to {n_labels - 1}.")
-        names = list(cfg.label_names)
+        names_ = list(cfg.label_names)
     elif mapping:
-        names = list(mapping)
+        names_ = list(mapping)
     else:
-        names = [str(i) for i in range(n_labels)]
-    return Splits(train=train, test=test, label_names=names, source=source, notes=notes)
+        names_ = [str(i) for i in range(n_labels)]
+    return Splits(train=train, test=test, validation=validation, label_names=names_, source=source, notes=notes)
 
 
 def build_records(

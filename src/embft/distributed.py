@@ -1,11 +1,11 @@
 """One job's fine-tuning in several processes (train.nproc_per_node > 1) under torchrun.
 
 The job's own process prepares the data, then `launch` writes the runner's arguments (see
-`embft.train.runner_spec`) to a JSON spec and runs the real torchrun:
+`embft.runner.runner_spec`) to a JSON spec and runs the real torchrun:
 
     python -m torch.distributed.run --standalone --nproc_per_node N -m embft.distributed spec.json
 
-Every worker runs `embft.train.run_runner`, the same code as a one-process job; Hugging Face's
+Every worker runs `embft.runner.run_runner`, the same code as a one-process job; Hugging Face's
 TrainingArguments reads RANK/WORLD_SIZE from the environment and wraps the model in DDP (NCCL on
 CUDA, gloo on CPU). Only rank 0 saves the bare weights; the job's process converts them into a
 SentenceTransformer folder, evaluates and tracks, exactly as after a one-process run.
@@ -32,10 +32,13 @@ import sys
 import tempfile
 import time
 from collections import deque
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Mapping, Optional
 
+from embft.console import quiet_libraries
 from embft.errors import EmbftError
+from embft.runner import RunnerOutcome, RunnerSpec, run_runner
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +82,18 @@ def distributed_training_args(device: str) -> dict:
     return {"ddp_backend": ddp_backend(device), "disable_tqdm": True}
 
 
-def launch(spec: dict, nproc: int, device: str, work_parent: Path) -> dict:
-    """Run `spec` in `nproc` torchrun workers; return rank 0's {"seconds", "losses"} or raise EmbftError."""
+def launch(spec: RunnerSpec, nproc: int, device: str, work_parent: Path) -> RunnerOutcome:
+    """Run `spec` in `nproc` torchrun workers; return rank 0's outcome or raise EmbftError."""
     work = Path(tempfile.mkdtemp(prefix=".torchrun.", dir=work_parent))
     try:
-        spec = {
-            **spec,
-            "training_args": {**spec["training_args"], **distributed_training_args(device)},
-            "result_file": str(work / "result.json"),
-            "error_dir": str(work / "errors"),
-        }
+        spec = replace(
+            spec,
+            training_args={**spec.training_args, **distributed_training_args(device)},
+            result_file=str(work / "result.json"),
+            error_dir=str(work / "errors"),
+        )
         spec_path = work / "spec.json"
-        spec_path.write_text(json.dumps(spec, indent=1))
+        spec_path.write_text(json.dumps(spec.to_dict(), indent=1))
         cmd = torchrun_command(spec_path, nproc, work / "logs")
         if device == "cuda":
             import torch
@@ -103,14 +106,15 @@ def launch(spec: dict, nproc: int, device: str, work_parent: Path) -> dict:
         returncode, tail = _run_logged(cmd, env)
         wall = time.perf_counter() - start
         if returncode != 0:
-            raise EmbftError(failure_message(Path(spec["error_dir"]), returncode, nproc, tail))
-        result_file = Path(spec["result_file"])
-        if not result_file.is_file() or not any(Path(spec["training_args"]["output_dir"]).iterdir()):
+            raise EmbftError(failure_message(Path(spec.error_dir), returncode, nproc, tail))
+        result_file = Path(spec.result_file)
+        if not result_file.is_file() or not any(Path(spec.training_args["output_dir"]).iterdir()):
             raise EmbftError(f"train.nproc_per_node={nproc}: torchrun exited 0 but rank 0 saved no model; "
                              "see the workers' output above in the job's log.")
         result = json.loads(result_file.read_text())
-        log.info("torchrun: %d processes finished in %.0f s (%.0f s training on rank 0)", nproc, wall, result["seconds"])
-        return result
+        outcome = RunnerOutcome(seconds=result["seconds"], losses=[(int(s), float(v)) for s, v in result["losses"]])
+        log.info("torchrun: %d processes finished in %.0f s (%.0f s training on rank 0)", nproc, wall, outcome.seconds)
+        return outcome
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -152,25 +156,23 @@ def failure_message(error_dir: Path, returncode: int, nproc: int, tail: list[str
 
 
 def _worker(spec_path: str) -> None:
-    from embft.train import quiet_libraries, run_runner
-
-    spec = json.loads(Path(spec_path).read_text())
+    spec = RunnerSpec(**json.loads(Path(spec_path).read_text()))
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     quiet_libraries()
     try:
-        result = run_runner(spec)
+        outcome = run_runner(spec)
     except BaseException as err:
-        error_dir = Path(spec["error_dir"])
+        error_dir = Path(spec.error_dir)
         error_dir.mkdir(parents=True, exist_ok=True)
         text = str(err).strip()
         message = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
         (error_dir / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "error": message}))
         raise
     if rank == 0:
-        tmp = Path(spec["result_file"] + ".tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, spec["result_file"])
+        tmp = Path(spec.result_file + ".tmp")
+        tmp.write_text(json.dumps(asdict(outcome)))
+        os.replace(tmp, spec.result_file)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -179,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        raise SystemExit("usage: torchrun ... -m embft.distributed SPEC.json (written by embft.train)")
+        raise SystemExit("usage: torchrun ... -m embft.distributed SPEC.json (written by embft.distributed.launch)")
     record(_worker)(args[0])  # record: torchrun's failure summary then shows the traceback
 
 

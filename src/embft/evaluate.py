@@ -1,4 +1,8 @@
-"""Evaluation: an MTEB classification task over the job's splits, scored by a sklearn kNN."""
+"""Evaluation: an MTEB classification task over the job's splits, scored by a sklearn kNN.
+
+One `EncodeSettings` builds the encoder of both sides of a comparison (the untrained baseline and
+the fine-tuned model), so a delta never mixes two ways of encoding.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -14,9 +19,54 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from embft.config import EvalConfig
 from embft.data import Splits
+from embft.names import score_metric
 
 log = logging.getLogger(__name__)
+
+SPLITS = ("validation", "test")
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How texts are encoded for evaluation; identical for the baseline and the tuned model."""
+
+    pooling: str
+    normalize: bool
+    max_seq_length: int
+    batch_size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def encode_settings(model_cfg: Any, eval_cfg: EvalConfig) -> EncodeSettings:
+    return EncodeSettings(
+        pooling=str(model_cfg.pooling),
+        normalize=bool(model_cfg.normalize),
+        max_seq_length=int(eval_cfg.max_seq_length),
+        batch_size=int(eval_cfg.batch_size),
+    )
+
+
+def build_encoder(path: str, settings: EncodeSettings, device: Optional[str] = None):
+    """The SentenceTransformer that evaluates the model in `path` (a bare HF or a saved ST folder)."""
+    from embft.embedder import sentence_transformer
+
+    return sentence_transformer(path, settings.pooling, settings.normalize, settings.max_seq_length, device)
+
+
+def describe_encoder(model: Any) -> dict[str, Any]:
+    """What decides how a SentenceTransformer encodes: compared between the two sides of a job."""
+    pooling = next((m for m in model if type(m).__name__ == "Pooling"), None)
+    return {
+        "max_seq_length": model.max_seq_length,
+        "pooling": pooling.get_config_dict() if pooling is not None else None,
+        "normalize": any(type(m).__name__ == "Normalize" for m in model),
+        "dtype": str(next(model.parameters()).dtype),
+        "device": str(model.device),
+    }
 
 
 @dataclass
@@ -24,37 +74,35 @@ class EvalResult:
     accuracy: float
     accuracy_std: float
     f1: float
-    n_test: int
-    scores: dict[str, Any]  # MTEB's scores for the test split, per experiment included
+    n_test: int  # rows scored (of the split the result is for)
+    scores: dict[str, Any]  # MTEB's scores for the split, per experiment included
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=float)
 
     @classmethod
-    def from_json(cls, text: str) -> "EvalResult":
-        return cls(**json.loads(text))
+    def from_dict(cls, data: dict) -> "EvalResult":
+        return cls(**data)
 
 
 def metric_name(eval_cfg: Any) -> str:
     """`accuracy_cosine` for the study's kNN; the name says which classifier produced it."""
-    return f"accuracy_{eval_cfg.metric}" if eval_cfg.method == "knn" else f"accuracy_{eval_cfg.method}"
+    return score_metric(str(eval_cfg.method), str(eval_cfg.metric))
 
 
-def _evaluator_model(eval_cfg: Any):
+def _evaluator_model(eval_cfg: EvalConfig):
     # MTEB 2.x dropped method="kNN-pytorch": a task's evaluator_model is any sklearn classifier.
     if eval_cfg.method == "knn":
         from sklearn.neighbors import KNeighborsClassifier
 
-        return KNeighborsClassifier(n_neighbors=eval_cfg.k, metric=eval_cfg.metric, algorithm="brute")
-    if eval_cfg.method == "logreg":
-        from sklearn.linear_model import LogisticRegression
+        return KNeighborsClassifier(n_neighbors=eval_cfg.k, metric=str(eval_cfg.metric), algorithm="brute")
+    from sklearn.linear_model import LogisticRegression
 
-        return LogisticRegression(max_iter=100)
-    raise ValueError(f"eval.method={eval_cfg.method!r}: choose knn or logreg")
+    return LogisticRegression(max_iter=100)
 
 
 def cap_test(test: pd.DataFrame, max_rows: Optional[int], seed: int) -> pd.DataFrame:
-    """A class-stratified sample of at most `max_rows` test rows (all rows when None)."""
+    """A class-stratified sample of at most `max_rows` rows (all rows when None)."""
     if max_rows is None or len(test) <= max_rows:
         return test
     frac = max_rows / len(test)
@@ -62,18 +110,25 @@ def cap_test(test: pd.DataFrame, max_rows: Optional[int], seed: int) -> pd.DataF
     return sample.sort_index().reset_index(drop=True)
 
 
-def make_task(splits: Splits, eval_cfg: Any, dataset_name: str):
-    """An AbsTaskClassification whose data is already in memory (no Hub access)."""
+def eval_rows(splits: Splits, split: str, eval_cfg: EvalConfig) -> pd.DataFrame:
+    """The rows of `split` that are scored (capped by eval.max_test_rows / eval.max_validation_rows)."""
+    if split == "test":
+        return cap_test(splits.test, eval_cfg.max_test_rows, eval_cfg.seed)
+    return cap_test(splits.validation, eval_cfg.max_validation_rows, eval_cfg.seed)
+
+
+def make_task(splits: Splits, eval_cfg: EvalConfig, dataset_name: str, which: Sequence[str] = SPLITS):
+    """An AbsTaskClassification whose data is already in memory (no Hub access).
+
+    The kNN's support set is sampled from `splits.train` only; `which` are the scored splits.
+    """
     import datasets
     from mteb.abstasks.classification import AbsTaskClassification
     from mteb.abstasks.task_metadata import TaskMetadata
 
-    test = cap_test(splits.test, eval_cfg.max_test_rows, eval_cfg.seed)
+    frames = {"train": splits.train, **{split: eval_rows(splits, split, eval_cfg) for split in which}}
     dataset = datasets.DatasetDict(
-        {
-            "train": datasets.Dataset.from_pandas(splits.train[["text", "label"]], preserve_index=False),
-            "test": datasets.Dataset.from_pandas(test[["text", "label"]], preserve_index=False),
-        }
+        {name: datasets.Dataset.from_pandas(f[["text", "label"]], preserve_index=False) for name, f in frames.items()}
     )
 
     class EmbftClassification(AbsTaskClassification):
@@ -85,7 +140,7 @@ def make_task(splits: Splits, eval_cfg: Any, dataset_name: str):
             type="Classification",
             category="t2c",
             modalities=["text"],
-            eval_splits=["test"],
+            eval_splits=list(which),
             eval_langs=["eng-Latn"],
             main_score="accuracy",
             date=None,
@@ -110,13 +165,16 @@ def make_task(splits: Splits, eval_cfg: Any, dataset_name: str):
     return task
 
 
-def evaluate(model: Any, splits: Splits, eval_cfg: Any, dataset_name: str) -> EvalResult:
-    """Run the MTEB task on a SentenceTransformer (MTEB's result cache off)."""
+def evaluate(
+    model: Any, splits: Splits, eval_cfg: EvalConfig, dataset_name: str, which: Sequence[str] = SPLITS
+) -> dict[str, EvalResult]:
+    """Run the MTEB task on a SentenceTransformer (MTEB's result cache off); a result per split."""
     import mteb
 
-    task = make_task(splits, eval_cfg, dataset_name)
-    n_test = len(task.dataset["test"])
-    log.info("Evaluating on %d test texts (%s, %d experiments)", n_test, metric_name(eval_cfg), eval_cfg.n_experiments)
+    task = make_task(splits, eval_cfg, dataset_name, which)
+    sizes = {split: len(task.dataset[split]) for split in which}
+    log.info("Evaluating on %s (%s, %d experiments)", ", ".join(f"{n} {s}" for s, n in sizes.items()),
+             metric_name(eval_cfg), eval_cfg.n_experiments)
     result = mteb.evaluate(
         model,
         task,
@@ -125,40 +183,48 @@ def evaluate(model: Any, splits: Splits, eval_cfg: Any, dataset_name: str) -> Ev
         encode_kwargs={"batch_size": eval_cfg.batch_size},
         show_progress_bar=True,
     )
-    scores = result.task_results[0].scores["test"][0]
-    per_experiment = [float(s["accuracy"]) for s in scores["scores_per_experiment"]]
-    return EvalResult(
-        accuracy=float(scores["accuracy"]),
-        accuracy_std=float(np.std(per_experiment)),
-        f1=float(scores["f1"]),
-        n_test=n_test,
-        scores=json.loads(json.dumps(scores, default=float)),
-    )
+    out = {}
+    for split in which:
+        scores = result.task_results[0].scores[split][0]
+        per_experiment = [float(s["accuracy"]) for s in scores["scores_per_experiment"]]
+        out[split] = EvalResult(
+            accuracy=float(scores["accuracy"]),
+            accuracy_std=float(np.std(per_experiment)),
+            f1=float(scores["f1"]),
+            n_test=sizes[split],
+            scores=json.loads(json.dumps(scores, default=float)),
+        )
+    return out
 
 
-def baseline_key(model_id: dict[str, Any], splits: Splits, eval_cfg: Any) -> str:
-    """Identifies an untrained model's score: model, data content and eval settings."""
+def baseline_key(model_id: dict[str, Any], splits: Splits, eval_cfg: Any, settings: EncodeSettings) -> str:
+    """Identifies an untrained model's score: model, data content, eval and encode settings."""
     from omegaconf import OmegaConf
 
-    settings = OmegaConf.to_container(eval_cfg, resolve=True) if not isinstance(eval_cfg, dict) else eval_cfg
-    payload = json.dumps({"model": model_id, "data": splits.fingerprint(), "eval": settings}, sort_keys=True)
+    cfg = OmegaConf.to_container(eval_cfg, resolve=True, enum_to_str=True) if not isinstance(eval_cfg, dict) else eval_cfg
+    payload = json.dumps(
+        {"model": model_id, "data": splits.fingerprint(), "eval": cfg, "encode": settings.as_dict()}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def cached_baseline(cache_dir: Path, key: str, compute) -> tuple[EvalResult, bool]:
-    """The cached baseline for `key`, else `compute()` stored atomically; returns (result, hit)."""
+def cached_baseline(
+    cache_dir: Path, key: str, compute: Callable[[], dict[str, EvalResult]]
+) -> tuple[dict[str, EvalResult], bool]:
+    """The cached baseline (a result per split) for `key`, else `compute()` stored atomically; (results, hit)."""
     path = cache_dir / "baseline" / f"{key}.json"
     if path.is_file():
         try:
-            result = EvalResult.from_json(path.read_text())
-            log.info("Baseline: cache hit %s (accuracy %.4f)", path.name, result.accuracy)
-            return result, True
-        except (ValueError, TypeError) as err:  # a corrupt cache file is rebuilt, never trusted
+            results = {split: EvalResult.from_dict(r) for split, r in json.loads(path.read_text()).items()}
+            log.info("Baseline: cache hit %s (%s)", path.name,
+                     ", ".join(f"{s} {r.accuracy:.4f}" for s, r in results.items()))
+            return results, True
+        except (ValueError, TypeError, AttributeError) as err:  # a corrupt cache file is rebuilt, never trusted
             log.warning("Baseline cache %s is unreadable (%s); recomputing", path, err)
-    result = compute()
+    results = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.")
     with os.fdopen(fd, "w") as fh:
-        fh.write(result.to_json())
+        fh.write(json.dumps({split: asdict(r) for split, r in results.items()}, indent=2, default=float))
     os.replace(tmp, path)
-    return result, False
+    return results, False

@@ -17,7 +17,8 @@ from embft.errors import EmbftError
 
 log = logging.getLogger(__name__)
 
-ROLE, SWEEP, CONFIG_HASH, BASELINE_KEY = "embft.role", "embft.sweep", "embft.config_hash", "embft.baseline_key"
+from embft.names import BASELINE_KEY, CONFIG_HASH, ERROR, ERROR_ARTIFACT, GIT_COMMIT, ROLE, ROLE_BASELINE, SCORES_ARTIFACT
+from embft.names import SWEEP as SWEEP  # noqa: PLC0414  (re-exported for callers of find_runs)
 # Keys that locate things rather than choose them: they stay out of the config hash.
 LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug")
 # Keys added after studies were logged: at these defaults they leave a job's hash as it was, so
@@ -146,15 +147,15 @@ def job_run(experiment_id: str, run_name: str, tags: dict[str, str]) -> Iterator
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={**tags, **_versions()})
     commit = git_commit()
     if commit:
-        mlflow.set_tag("git_commit", commit)
+        mlflow.set_tag(GIT_COMMIT, commit)
     try:
         yield run
     except KeyboardInterrupt:
         mlflow.end_run(status="KILLED")
         raise
     except BaseException as err:
-        mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
-        mlflow.log_text(traceback.format_exc(), "error.txt")
+        mlflow.set_tag(ERROR, f"{type(err).__name__}: {err}"[:5000])
+        mlflow.log_text(traceback.format_exc(), ERROR_ARTIFACT)
         mlflow.end_run(status="FAILED")
         raise
     else:
@@ -181,7 +182,8 @@ def log_series(name: str, points: list[tuple[int, float]]) -> None:
         mlflow.MlflowClient().log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
-def ensure_baseline_run(experiment_id: str, key: str, result: Any, metric: str, params: dict[str, Any]) -> None:
+def ensure_baseline_run(experiment_id: str, key: str, metrics: dict[str, float], scores: dict[str, Any],
+                        params: dict[str, Any]) -> None:
     """One FINISHED baseline run per (experiment, baseline key), so fine-tuned runs show a delta.
 
     Logged with the client, not the fluent API, so that it never nests in the job's own run.
@@ -189,20 +191,19 @@ def ensure_baseline_run(experiment_id: str, key: str, result: Any, metric: str, 
     import mlflow
     from mlflow.entities import Metric, Param
 
-    if find_runs(experiment_id, {ROLE: "baseline", BASELINE_KEY: key}):
+    if find_runs(experiment_id, {ROLE: ROLE_BASELINE, BASELINE_KEY: key}):
         return
     client = mlflow.MlflowClient()
-    tags = {ROLE: "baseline", BASELINE_KEY: key, "mlflow.runName": f"baseline-{params.get('model.name', 'model')}"}
+    tags = {ROLE: ROLE_BASELINE, BASELINE_KEY: key, "mlflow.runName": f"baseline-{params.get('model.name', 'model')}"}
     run = client.create_run(experiment_id, tags={**tags, **_versions()})
     try:
         now = int(time.time() * 1000)
-        values = {metric: result.accuracy, f"{metric}_std": result.accuracy_std, "f1": result.f1}
         client.log_batch(
             run.info.run_id,
-            metrics=[Metric(k, v, now, 0) for k, v in values.items()],
+            metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
             params=[Param(k, str(v)[:6000]) for k, v in params.items()],
         )
-        client.log_text(run.info.run_id, json.dumps(result.scores, indent=2), "mteb_scores.json")
+        client.log_text(run.info.run_id, json.dumps(scores, indent=2), SCORES_ARTIFACT)
     except BaseException:
         client.set_terminated(run.info.run_id, status="FAILED")
         raise

@@ -1,4 +1,4 @@
-"""embft.batched: the groupwise loss equals FlagEmbedding's no-in-batch-negatives loss; runner and precision wiring."""
+"""embft.groupwise and embft.precision: the groupwise loss equals FlagEmbedding's no-in-batch-negatives loss; runner and precision wiring."""
 
 import json
 import os
@@ -8,14 +8,10 @@ import torch
 import torch.nn.functional as F
 from FlagEmbedding.finetune.embedder.encoder_only.base.modeling import BiEncoderOnlyEmbedderModel
 
-import embft.batched as batched
-from embft.batched import (
-    GroupwiseEmbedderModel,
-    GroupwiseEmbedderRunner,
-    groupwise_scores,
-    pick_precision,
-    precision_training_kwargs,
-)
+import embft.groupwise as batched
+import embft.precision as precision
+from embft.groupwise import GroupwiseEmbedderModel, GroupwiseEmbedderRunner, groupwise_scores
+from embft.precision import pick_precision, precision_training_kwargs
 
 RTOL = 1e-10
 
@@ -88,9 +84,9 @@ def test_teacher_branch_is_the_stock_one():
 
 
 def test_pick_precision(monkeypatch):
-    monkeypatch.setattr(batched, "_cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
     assert pick_precision("auto", "cpu") == "bf16"
-    monkeypatch.setattr(batched, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "fma"})
     assert pick_precision("auto", "cpu") == "fp32"
     assert pick_precision("auto", torch.device("cpu")) == "fp32"
     assert pick_precision("fp32", "cpu") == "fp32"

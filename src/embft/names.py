@@ -1,0 +1,69 @@
+"""Every MLflow name embft writes or reads: tags, metric names, the sweep id.
+
+The one place to rename a tag or a metric; tracking, the app and the report import from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Tags
+ROLE = "embft.role"  # "finetune" | "baseline"
+SWEEP = "embft.sweep"  # the multirun folder "<name>/<timestamp>", shared by the jobs of one sweep
+CONFIG_HASH = "embft.config_hash"  # hash of the settings that decide a result (resume/skip)
+BASELINE_KEY = "embft.baseline_key"  # model + data + eval settings of the untrained model's score
+RECORDS_DIR = "records_dir"
+MODEL_DIR = "model_dir"
+PRECISION, DEVICE = "precision", "device"
+ERROR = "error"
+GIT_COMMIT = "git_commit"
+OPTUNA_STUDY = "optuna.study_name"
+OPTUNA_TRIAL = "optuna.trial_number"
+OPTUNA_BEST = "optuna.best_trial"
+
+ROLE_FINETUNE, ROLE_BASELINE = "finetune", "baseline"
+
+# Artifacts
+CONFIG_ARTIFACT = "config.yaml"
+DATA_NOTES_ARTIFACT = "data_notes.json"
+SCORES_ARTIFACT = "mteb_scores.json"
+ERROR_ARTIFACT = "error.txt"
+
+# Metrics that do not depend on the evaluation method
+TRAIN_LOSS = "train_loss"
+TRAIN_SECONDS = "train_seconds"
+TRAIN_QUERIES = "train_queries"
+TRAIN_QPS = "train_queries_per_second"
+EFFECTIVE_BATCH_SIZE = "effective_batch_size"
+EVAL_SECONDS = "eval_seconds"
+F1 = "f1"
+
+VALIDATION_PREFIX = "val_"
+
+
+def score_metric(method: str, metric: str = "cosine") -> str:
+    """`accuracy_cosine` for the study's kNN (the name says the distance), `accuracy_logreg` otherwise."""
+    return f"accuracy_{metric}" if method == "knn" else f"accuracy_{method}"
+
+
+def validation(metric: str) -> str:
+    """The same score on the validation split: `val_accuracy_cosine`."""
+    return f"{VALIDATION_PREFIX}{metric}"
+
+
+def std(metric: str) -> str:
+    return f"{metric}_std"
+
+
+def baseline(metric: str) -> str:
+    return f"baseline_{metric}"
+
+
+def delta(metric: str) -> str:
+    return f"delta_{metric}"
+
+
+def sweep_id(sweep_dir: str | Path) -> str:
+    """The `embft.sweep` tag of a multirun: its folder's last two parts (`<name>/<timestamp>`)."""
+    path = Path(sweep_dir)
+    return f"{path.parent.name}/{path.name}"
