@@ -138,11 +138,11 @@ def test_cli_writes_report(store, tmp_path, capsys):
     assert png.stat().st_size > 1000
     text = md.read_text()
     assert "used 6 runs, skipped 2: 1 FAILED, 1 RUNNING" in text
-    assert "| 1 | 2e-05 | 3 | 0.6900 | 0.0265 | 0.0100 | +0.0900 |" in text
+    assert "| 1 | 2e-05 | 3 | n/a | 0.6900 | 0.0265 | 0.0100 | +0.0900 |" in text
     assert "![accuracy per configuration](report.png)" in text
     assert SWEEP in text
     out = capsys.readouterr().out
-    assert str(md) in out and str(png) in out and "best learning_rate=2e-05" in out
+    assert str(md) in out and str(png) in out and "best by accuracy_cosine: learning_rate=2e-05" in out
 
 
 def test_select_by_sweep_tag(store, tmp_path):
@@ -170,8 +170,8 @@ def test_single_seed_and_logged_baseline(store, tmp_path):
     assert table.iloc[1]["accuracy_mean"] == pytest.approx(0.58)
     assert report.main(["single", "--tracking-uri", uri, "--out-dir", str(tmp_path)]) == 0
     text = (tmp_path / "single" / "report.md").read_text()
-    assert "| 1 | 1 | 0.6500 | n/a | 0.0100 | +0.0700 | n/a | 2.00 | 50.00 |" in text
-    assert "| **baseline** | (logged) | 0.5800 |" in text
+    assert "| 1 | 1 | n/a | 0.6500 | n/a | 0.0100 | +0.0700 | n/a | 2.00 | 50.00 |" in text
+    assert "| **baseline** | (logged) | n/a | 0.5800 |" in text
 
 
 def test_no_usable_runs(store, tmp_path, capsys):
@@ -209,3 +209,31 @@ def test_pool_studies_with_where(store, tmp_path):
     assert "# Study report: seed_grid + other" in text and "used 3 runs" in text
     with pytest.raises(SystemExit):
         report.main(["seed_grid", "--where", "nokey", "--tracking-uri", uri])
+
+
+def test_ranked_on_validation_with_test_beside_it_and_metric_from_eval_settings(tmp_path):
+    """The configuration that wins on test but loses on validation is not called the best; a logreg
+    study reports accuracy_logreg without being told."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("search", artifact_location=(tmp_path / "a").as_uri())
+    scores = {"1e-05": (0.80, 0.70), "2e-05": (0.70, 0.75)}  # lr: (validation, test)
+    for run_no, (lr, (val, test)) in enumerate(scores.items()):
+        metrics = {**_ft_metrics(test), "val_accuracy_cosine": val, "baseline_val_accuracy_cosine": 0.6}
+        _run(client, exp, role="finetune", params={**_ft_params(lr, 1, run_no), "eval.method": "knn",
+                                                    "eval.metric": "cosine"}, metrics=metrics)
+    _run(client, exp, role="baseline", params={}, metrics={"accuracy_cosine": BASELINE, "val_accuracy_cosine": 0.6})
+    table, info = report.summarize(report.load_runs(client, "search"))
+    assert info["ranked_by"] == "val_accuracy_cosine"
+    assert list(table["train.learning_rate"])[:2] == ["1e-05", "2e-05"]
+    assert table.iloc[0]["accuracy_mean"] == pytest.approx(0.70)
+    assert report.main(["search", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out-dir", str(tmp_path)]) == 0
+    assert "| 1 | 1e-05 | 1 | 0.8000 | 0.7000 |" in (tmp_path / "search" / "report.md").read_text()
+
+    exp2 = client.create_experiment("logreg", artifact_location=(tmp_path / "b").as_uri())
+    _run(client, exp2, role="finetune", params={**_ft_params("1e-05", 1, 9), "eval.method": "logreg",
+                                                 "eval.metric": "cosine"},
+         metrics={"accuracy_logreg": 0.9, "val_accuracy_logreg": 0.85})
+    table, info = report.summarize(report.load_runs(client, "logreg"))
+    assert info["metric"] == "accuracy_logreg" and table.iloc[0]["accuracy_mean"] == pytest.approx(0.9)
+    with pytest.raises(report.EmbftError, match="accuracy_cosine"):
+        report.summarize(report.load_runs(client, "logreg"), "accuracy_cosine")

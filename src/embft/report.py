@@ -3,9 +3,11 @@
 NAME is an MLflow experiment name or an `embft.sweep` tag value; several NAMEs are pooled, and
 `--where KEY=VALUE` keeps only the fine-tune runs with that param (to borrow identical runs from
 another study, e.g. `embft report pairing seed_grid --where variant.name=same_nib`). Usable runs are FINISHED
-fine-tune runs with an `accuracy_cosine` metric; they are grouped into configurations by the
-params that vary across them (training seeds excluded), and each configuration gets its mean and
-spread over seeds, compared with the untrained model's baseline.
+fine-tune runs with the report's metric (`--metric`; default from the runs' eval settings, e.g.
+`accuracy_cosine` for kNN/cosine); they are grouped into configurations by the params that vary
+across them (training seeds excluded), and each configuration gets its mean and spread over seeds,
+compared with the untrained model's baseline. Configurations are ranked by the validation score
+(`val_<metric>`) where the runs have it: choices are made on validation, test is reported beside it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -23,21 +24,18 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from embft import names
 from embft.errors import EmbftError
 
-METRIC = "accuracy_cosine"
-ROLE_TAG, SWEEP_TAG, KEY_TAG, HASH_TAG = (
-    "embft.role",
-    "embft.sweep",
-    "embft.baseline_key",
-    "embft.config_hash",
-)
+DEFAULT_METRIC = names.score_metric("knn", "cosine")  # older runs without eval params
+ROLE_TAG, SWEEP_TAG, KEY_TAG, HASH_TAG = names.ROLE, names.SWEEP, names.BASELINE_KEY, names.CONFIG_HASH
 SEED_PARAM = "train.seed"
 NON_SETTING_PREFIXES = ("paths.", "tracking.", "optuna.", "hydra.")
 # Top-level run switches (tracking.LOCATION_KEYS) that never change a result.
 NON_SETTING_KEYS = ("force", "debug", "name")  # `name` labels the study (MLflow experiment)
 TABLE_NUMBERS = [
     "n_seeds",
+    "val_accuracy_mean",
     "accuracy_mean",
     "accuracy_std_seeds",
     "mteb_std_mean",
@@ -151,14 +149,29 @@ def _metric(df: pd.DataFrame, name: str) -> pd.Series:
     return pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(np.nan, df.index)
 
 
-def _usable(df: pd.DataFrame, role: str) -> pd.Series:
-    return (df["role"] == role) & (df["status"] == "FINISHED") & _metric(df, METRIC).notna()
+def _usable(df: pd.DataFrame, role: str, metric: str) -> pd.Series:
+    return (df["role"] == role) & (df["status"] == "FINISHED") & _metric(df, metric).notna()
 
 
-def _skip_reason(row: pd.Series) -> str:
+def _skip_reason(row: pd.Series, metric: str) -> str:
     if row["status"] != "FINISHED":
         return str(row["status"])
-    return f"FINISHED without {METRIC}" if row["role"] in ("finetune", "baseline") else "untagged"
+    return f"FINISHED without {metric}" if row["role"] in ("finetune", "baseline") else "untagged"
+
+
+def default_metric(df: pd.DataFrame) -> str:
+    """The score named by the fine-tune runs' eval settings (`accuracy_cosine`, `accuracy_logreg`, ...)."""
+    tuned = df[df["role"] == names.ROLE_FINETUNE]
+    if "params.eval.method" not in tuned or tuned["params.eval.method"].isna().all():
+        return DEFAULT_METRIC
+    found = {
+        names.score_metric(m, d if isinstance(d, str) else "cosine")
+        for m, d in zip(tuned["params.eval.method"], tuned.get("params.eval.metric", pd.Series(index=tuned.index)))
+        if isinstance(m, str)
+    }
+    if len(found) > 1:
+        raise EmbftError(f"the runs use several evaluations ({', '.join(sorted(found))}); choose one with --metric")
+    return found.pop()
 
 
 def _is_setting(key: str) -> bool:
@@ -215,29 +228,32 @@ def _std(values: pd.Series) -> float:
     return float(values.std(ddof=1)) if values.notna().sum() >= 2 else math.nan
 
 
-def _baselines(df: pd.DataFrame, used: pd.DataFrame, settings: list[str]):
+def _baselines(df: pd.DataFrame, used: pd.DataFrame, settings: list[str], metric: str):
     """Baseline table rows per `embft.baseline_key` of the used runs, and accuracy by key.
 
     Uses the baseline runs with that key when there are any, else the `baseline_accuracy_cosine`
     metric the fine-tune runs logged. Returns (rows, {key: accuracy}, {"runs"/"metric"}).
     """
-    base_runs = df[_usable(df, "baseline")]
-    logged = _metric(used, f"baseline_{METRIC}")
+    base_runs = df[_usable(df, "baseline", metric)]
+    logged = _metric(used, names.baseline(metric))
+    logged_val = _metric(used, names.baseline(names.validation(metric)))
     found = []
     for key, group in used.groupby("_key", sort=True):
         runs = base_runs[base_runs["baseline_key"] == key]
         if len(runs):
-            accs, mteb_std, source = _metric(runs, METRIC), _metric(runs, f"{METRIC}_std"), "runs"
+            accs, mteb_std, source = _metric(runs, metric), _metric(runs, names.std(metric)), "runs"
+            val = _metric(runs, names.validation(metric))
         else:
             accs, mteb_std, source = logged[group.index].dropna(), pd.Series([math.nan]), "metric"
+            val = logged_val[group.index]
         if accs.empty:
             continue
         # Settings shared by all fine-tune runs of this key (e.g. model.name) name the baseline.
         common = {k: group[k].iloc[0] for k in settings if group[k].nunique() == 1}
-        found.append((key, common, accs, mteb_std, source))
+        found.append((key, common, accs, mteb_std, source, val))
 
     rows, by_key = [], {}
-    for key, common, accs, mteb_std, source in found:
+    for key, common, accs, mteb_std, source, val in found:
         label = "baseline"
         if len(found) > 1:
             label += f" ({config_label(common) if common else key})"
@@ -247,8 +263,9 @@ def _baselines(df: pd.DataFrame, used: pd.DataFrame, settings: list[str]):
                 "configuration": label,
                 **{k: common.get(k, "") for k in settings},
                 "n_seeds": len(accs) if source == "runs" else 0,  # 0: logged metric, no run
+                **{c: math.nan for c in TABLE_NUMBERS[1:]},
+                "val_accuracy_mean": val.mean(),
                 "accuracy_mean": by_key[key],
-                **{c: math.nan for c in TABLE_NUMBERS[2:]},
                 "mteb_std_mean": mteb_std.mean(),
             }
         )
@@ -267,25 +284,28 @@ def _fixed_settings(used: pd.DataFrame, settings: list[str]) -> dict[str, str]:
     return fixed
 
 
-def summarize(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Table of configurations (plus baseline rows) and an info dict for the report.
 
-    Table columns: `configuration` (label), one column per varying setting, then TABLE_NUMBERS;
-    rows sorted by accuracy_mean, best first. Raises EmbftError when no run is usable.
+    Table columns: `configuration` (label), one column per varying setting, then TABLE_NUMBERS
+    (`accuracy_*` are `metric`, `val_accuracy_mean` its validation score); rows sorted by the
+    validation score where the runs have one, else by the test score, best first.
+    Raises EmbftError when no run is usable.
     """
     if df.empty:
         raise EmbftError("no runs found")
+    metric = metric or default_metric(df)
     selected = df[df["selected"]] if "selected" in df else df
-    used_mask = _usable(selected, "finetune")
+    used_mask = _usable(selected, "finetune", metric)
     # Baseline runs are reported as the baseline, not as used or skipped study runs.
-    skipped = selected[~used_mask & ~_usable(selected, "baseline")]
+    skipped = selected[~used_mask & ~_usable(selected, "baseline", metric)]
     skipped_by = (
-        skipped.apply(_skip_reason, axis=1).value_counts().to_dict() if len(skipped) else {}
+        skipped.apply(_skip_reason, axis=1, metric=metric).value_counts().to_dict() if len(skipped) else {}
     )
     if not used_mask.any():
         counts = ", ".join(f"{n} {s}" for s, n in skipped_by.items()) or "none"
         raise EmbftError(
-            f"no usable runs: need FINISHED role=finetune runs with {METRIC} (skipped: {counts})"
+            f"no usable runs: need FINISHED role=finetune runs with {metric} (skipped: {counts})"
         )
 
     used = selected[used_mask].copy()
@@ -294,9 +314,10 @@ def summarize(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
     for key in settings:
         used[key] = used[f"params.{key}"].fillna("(unset)").astype(str)
     used["_key"] = used["baseline_key"].fillna("(none)")
-    base_rows, base_acc, sources = _baselines(df, used, settings)
-    acc = _metric(used, METRIC)
-    delta = _metric(used, f"delta_{METRIC}")
+    base_rows, base_acc, sources = _baselines(df, used, settings, metric)
+    acc = _metric(used, metric)
+    val_acc = _metric(used, names.validation(metric))
+    delta = _metric(used, names.delta(metric))
     delta = delta.where(delta.notna(), acc - used["_key"].map(base_acc))
 
     rows, accuracies = [], {}
@@ -311,9 +332,10 @@ def summarize(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
                 "configuration": label,
                 **dict(zip(settings, values)),
                 "n_seeds": len(group),
+                "val_accuracy_mean": val_acc[ix].mean(),
                 "accuracy_mean": acc[ix].mean(),
                 "accuracy_std_seeds": _std(acc[ix]),
-                "mteb_std_mean": _metric(group, f"{METRIC}_std").mean(),
+                "mteb_std_mean": _metric(group, names.std(metric)).mean(),
                 "delta_mean": delta[ix].mean(),
                 "delta_ci95_low": low,
                 "delta_ci95_high": high,
@@ -324,11 +346,15 @@ def summarize(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
         accuracies[label] = acc[ix].tolist()
 
     table = pd.DataFrame(rows + base_rows, columns=["configuration", *settings, *TABLE_NUMBERS])
-    table = table.sort_values("accuracy_mean", ascending=False, kind="stable")
+    has_val = bool(val_acc.notna().any())
+    rank_by = ["val_accuracy_mean", "accuracy_mean"] if has_val else ["accuracy_mean"]
+    table = table.sort_values(rank_by, ascending=False, kind="stable", na_position="last")
     table = table.reset_index(drop=True).astype({"n_seeds": int})
     seeds = [len(v) for v in accuracies.values()]
     start = pd.to_numeric(selected["start_time"], errors="coerce").dropna()
     info = {
+        "metric": metric,
+        "ranked_by": names.validation(metric) if has_val else metric,
         "experiments": sorted(set(selected["experiment"].dropna())),
         "sweeps": sorted(set(selected["sweep"].dropna())),
         "n_used": len(used),
@@ -382,7 +408,8 @@ def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
         "rank",
         *settings,
         "n seeds",
-        "accuracy mean",
+        "validation mean",
+        "test accuracy mean",
         "accuracy std (seeds)",
         "MTEB std (mean)",
         "delta vs baseline",
@@ -390,7 +417,7 @@ def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
         "train min",
         "train q/s",
     ]
-    align = ["---"] * (1 + len(settings)) + ["---:"] * 8
+    align = ["---"] * (1 + len(settings)) + ["---:"] * 9
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     rank = 0
     for _, r in table.iterrows():
@@ -407,6 +434,7 @@ def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
             f"**{r['configuration']}**" if baseline else str(rank),
             *(str(r[k]) for k in settings),
             str(r["n_seeds"]) if not baseline or r["n_seeds"] else "(logged)",
+            _fmt(r["val_accuracy_mean"], 4),
             _fmt(r["accuracy_mean"], 4),
             "" if baseline else _fmt(r["accuracy_std_seeds"], 4),
             _fmt(r["mteb_std_mean"], 4),
@@ -429,28 +457,31 @@ def write_markdown(
     fixed = ", ".join(f"`{k}={v}`" for k, v in fixed_items if not _PATH_VALUE.match(str(v)))
     baseline_note = {
         "runs": "the baseline runs (untrained model) with the same `embft.baseline_key`",
-        "metric": "the `baseline_accuracy_cosine` metric logged by the fine-tune runs",
+        "metric": f"the `{names.baseline(info['metric'])}` metric logged by the fine-tune runs",
     }
     source = " / ".join(baseline_note.get(s, s) for s in info["baseline_source"].split(" and "))
+    metric = info["metric"]
     text = f"""# Study report: {name}
 
 - Experiment(s): {", ".join(info["experiments"])}
 - Sweep(s): {", ".join(info["sweeps"]) or "none tagged"}
 - Runs started: {when}
 - Generated: {now}
-- Runs: {used_sentence(info)}; usable = FINISHED fine-tune runs with `{METRIC}`.
+- Runs: {used_sentence(info)}; usable = FINISHED fine-tune runs with `{metric}`.
+- Ranked by: `{info["ranked_by"]}` (choices are made on validation; the test score is reported beside it)
 - Varying settings: {", ".join(f"`{s}`" for s in info["settings"]) or "none (one configuration)"}
 - Fixed settings: {fixed or "none"}
 
 {format_table(table, info["settings"], info["baselines"])}
 
-Notes: accuracy is MTEB kNN classification (`{METRIC}`). "accuracy std (seeds)" is the
+Notes: accuracy is MTEB classification (`{metric}` on the test split, "validation mean" is
+`{names.validation(metric)}` on the rows held out of train). "accuracy std (seeds)" is the
 sample standard deviation over training seeds; "MTEB std (mean)" is the mean over runs of the
 spread across MTEB's evaluation experiments. "delta vs baseline" is the mean over seeds of each
 run's accuracy minus the baseline, taken from {source}. "delta 95% CI" is a t interval over
 training seeds, mean ± t(0.975, n-1) · sd / sqrt(n); with a single seed there is no interval
 ("n/a"). A baseline row's "n seeds" counts its baseline runs ("(logged)": no baseline run was
-found, so the `baseline_{METRIC}` metric of the fine-tune runs is used).
+found, so the `{names.baseline(metric)}` metric of the fine-tune runs is used).
 
 ![accuracy per configuration]({image})
 """
@@ -507,7 +538,7 @@ def plot(table: pd.DataFrame, info: dict[str, Any], name: str, path: Path) -> Pa
     if rotate:
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     ax.set_xlim(-0.6, len(configs) - 0.4)
-    ax.set_ylabel("accuracy_cosine (kNN, k=3, cosine)")
+    ax.set_ylabel(f"{info['metric']} (test)")
     ax.set_title(f"{name}: accuracy per configuration ({seeds_text(info)})")
     ax.grid(axis="y", alpha=0.3)
     # Outside the axes so it never hides seed points.
@@ -522,15 +553,10 @@ def plot(table: pd.DataFrame, info: dict[str, Any], name: str, path: Path) -> Pa
 
 
 def _default_tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    try:
-        from embft.tracking import default_tracking_uri
+    # The project's store, as conf/tracking/mlflow.yaml: MLFLOW_TRACKING_URI is not read (see there).
+    from embft.tracking import default_tracking_uri
 
-        return default_tracking_uri()
-    except ImportError:
-        return f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+    return default_tracking_uri()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,7 +571,11 @@ def main(argv: list[str] | None = None) -> int:
         help="keep only fine-tune runs with this param value (repeatable)",
     )
     parser.add_argument(
-        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or the project store"
+        "--tracking-uri", default=None, help="default: the project store (mlruns/mlflow.db)"
+    )
+    parser.add_argument(
+        "--metric", default=None,
+        help="score to report, e.g. accuracy_cosine or accuracy_logreg (default: from the runs' eval settings)",
     )
     parser.add_argument(
         "--out-dir", type=Path, default=Path("experiments"), help="default: ./experiments"
@@ -576,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"no experiment named {title!r} and no runs tagged "
                 f"{SWEEP_TAG}={title!r} in {uri}" + (f" matching {where}" if where else "")
             )
-        table, info = summarize(df)
+        table, info = summarize(df, args.metric)
     except EmbftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -590,9 +620,10 @@ def main(argv: list[str] | None = None) -> int:
     print(png)
     n_configs = len(table) - len(info["baselines"])
     delta = "" if math.isnan(best["delta_mean"]) else f" (delta {best['delta_mean']:+.4f})"
+    val = "" if math.isnan(best["val_accuracy_mean"]) else f"validation {best['val_accuracy_mean']:.4f}, "
     print(
-        f"{title}: {used_sentence(info)}; {n_configs} configuration(s); "
-        f"best {best['configuration']}: accuracy {best['accuracy_mean']:.4f}{delta}"
+        f"{title}: {used_sentence(info)}; {n_configs} configuration(s); best by {info['ranked_by']}: "
+        f"{best['configuration']}: {val}test {best['accuracy_mean']:.4f}{delta}"
     )
     return 0
 
