@@ -43,7 +43,11 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"
 
+# MLflow 3.17 opens an experiment in its GenAI overview: the runs table is #/experiments/<id>/runs.
 mlflow-ui:
+	@[ -f mlruns/mlflow.db ] && $(BIN)/python -c "import mlflow; \
+	[print(f'{e.name}: http://127.0.0.1:5000/#/experiments/{e.experiment_id}/runs') \
+	 for e in mlflow.MlflowClient('sqlite:///$(CURDIR)/mlruns/mlflow.db').search_experiments()]" || true
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 # An MLflow tracking server on PostgreSQL, artifacts proxied into .e2e/mlartifacts; it keeps

@@ -81,3 +81,9 @@ def test_sweep_records_a_failing_job_and_goes_on(root, ag_news_dir):
     assert "train_group_size" in by_status["FAILED"].data.tags["error"]
     assert len({r.data.tags["embft.sweep"] for r in finetune}) == 1
     assert all(r.info.status != "RUNNING" for r in runs(root, "smoke_sweep"))
+
+    # Rerunning the sweep skips the finished job, and the summary says so instead of ignoring it.
+    again = embft(root, *args)
+    output = again.stdout + again.stderr
+    assert again.returncode != 0 and "Skipping" in output
+    assert "1 FAILED, 1 skipped (already FINISHED)" in output
