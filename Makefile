@@ -16,7 +16,7 @@ export E2E_PG_PORT E2E_MLFLOW_PORT
 SERVICES := VENV=$(VENV) scripts/e2e_services.sh
 E2E_ENV := EMBFT_MLFLOW_URI=http://127.0.0.1:$(E2E_MLFLOW_PORT) EMBFT_PG_URI=postgresql://embft@127.0.0.1:$(E2E_PG_PORT)
 
-.PHONY: install run grid search test test-fast mlflow-ui mlflow-server services-up services-down e2e clean
+.PHONY: install run grid search test test-fast lint format mlflow-ui mlflow-server services-up services-down e2e clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"
+
+# ruff: the formatter and the linter (pyproject.toml [tool.ruff]); CI runs `make lint`.
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # MLflow 3.17 opens an experiment in its GenAI overview: the runs table is #/experiments/<id>/runs.
 mlflow-ui:
