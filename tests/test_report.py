@@ -101,15 +101,15 @@ def test_summarize_table(store):
     assert len(df[df["selected"]]) == 8 and len(df[~df["selected"]]) == 1  # + baseline
     table, info = report.summarize(df)
 
-    assert info["settings"] == ["train.learning_rate"]
+    assert info.settings == ["train.learning_rate"]
     assert list(table.columns) == ["configuration", "train.learning_rate", *report.TABLE_NUMBERS]
     assert list(table["configuration"]) == [
         "learning_rate=2e-05", "learning_rate=1e-05", "baseline"
     ]
-    assert (info["n_used"], info["n_skipped"]) == (6, 2)
-    assert info["skipped_by_status"] == {"FAILED": 1, "RUNNING": 1}
+    assert (info.n_used, info.n_skipped) == (6, 2)
+    assert info.skipped_by_status == {"FAILED": 1, "RUNNING": 1}
     assert report.used_sentence(info).startswith("used 6 runs, skipped 2: 1 FAILED, 1 RUNNING")
-    assert info["baseline_source"] == "runs" and info["baselines"] == {"baseline": BASELINE}
+    assert info.baseline_source == "runs" and info.baselines == {"baseline": BASELINE}
 
     best = table.iloc[0]
     accs = np.array([0.70, 0.66, 0.71])
@@ -149,7 +149,7 @@ def test_select_by_sweep_tag(store, tmp_path):
     uri, client = store
     df = report.load_runs(client, SWEEP)
     table, info = report.summarize(df)
-    assert info["n_used"] == 6 and info["experiments"] == ["seed_grid"]
+    assert info.n_used == 6 and info.experiments == ["seed_grid"]
     assert "3e-05" not in set(table["train.learning_rate"])
     rc = report.main([SWEEP, "--tracking-uri", uri, "--out-dir", str(tmp_path)])
     assert rc == 0
@@ -162,7 +162,7 @@ def test_select_by_sweep_tag(store, tmp_path):
 def test_single_seed_and_logged_baseline(store, tmp_path):
     uri, client = store
     table, info = report.summarize(report.load_runs(client, "single"))
-    assert info["settings"] == [] and info["baseline_source"] == "metric"
+    assert info.settings == [] and info.baseline_source == "metric"
     assert list(table["configuration"]) == ["all runs", "baseline"]
     row = table.iloc[0]
     assert row["n_seeds"] == 1 and math.isnan(row["accuracy_std_seeds"])
@@ -201,7 +201,7 @@ def test_pool_studies_with_where(store, tmp_path):
     df = report.load_runs(client, ["other", "seed_grid"])
     table, info = report.summarize(df)
     assert list(table["train.learning_rate"])[:3] == ["3e-05", "2e-05", "1e-05"]  # + baseline row
-    assert info["experiments"] == ["other", "seed_grid"]
+    assert info.experiments == ["other", "seed_grid"]
     rc = report.main(["seed_grid", "other", "--where", "train.learning_rate=2e-05",
                       "--tracking-uri", uri, "--out-dir", str(tmp_path)])
     assert rc == 0
@@ -223,7 +223,7 @@ def test_ranked_on_validation_with_test_beside_it_and_metric_from_eval_settings(
                                                     "eval.metric": "cosine"}, metrics=metrics)
     _run(client, exp, role="baseline", params={}, metrics={"accuracy_cosine": BASELINE, "val_accuracy_cosine": 0.6})
     table, info = report.summarize(report.load_runs(client, "search"))
-    assert info["ranked_by"] == "val_accuracy_cosine"
+    assert info.ranked_by == "val_accuracy_cosine"
     assert list(table["train.learning_rate"])[:2] == ["1e-05", "2e-05"]
     assert table.iloc[0]["accuracy_mean"] == pytest.approx(0.70)
     assert report.main(["search", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out-dir", str(tmp_path)]) == 0
@@ -234,6 +234,6 @@ def test_ranked_on_validation_with_test_beside_it_and_metric_from_eval_settings(
                                                  "eval.metric": "cosine"},
          metrics={"accuracy_logreg": 0.9, "val_accuracy_logreg": 0.85})
     table, info = report.summarize(report.load_runs(client, "logreg"))
-    assert info["metric"] == "accuracy_logreg" and table.iloc[0]["accuracy_mean"] == pytest.approx(0.9)
+    assert info.metric == "accuracy_logreg" and table.iloc[0]["accuracy_mean"] == pytest.approx(0.9)
     with pytest.raises(report.EmbftError, match="accuracy_cosine"):
         report.summarize(report.load_runs(client, "logreg"), "accuracy_cosine")

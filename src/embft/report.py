@@ -17,6 +17,7 @@ import datetime as dt
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,29 @@ def load_runs(client, name: str | list[str], where: dict[str, str] | None = None
 
 
 # ------------------------------------------------------------------------------------ summarizing
+
+
+@dataclass
+class StudyInfo:
+    """What a report says about a study besides its table."""
+
+    metric: str  # the test score reported, e.g. accuracy_cosine
+    ranked_by: str  # val_<metric> where the runs have it, else <metric>
+    experiments: list[str]
+    sweeps: list[str]
+    n_used: int
+    n_skipped: int
+    skipped_by_status: dict[str, int]
+    settings: list[str]  # the varying params: the configuration axes
+    fixed_settings: dict[str, str]
+    n_seeds_min: int
+    n_seeds_max: int
+    accuracies: dict[str, list[float]]  # per configuration label, one test score per seed
+    n_baseline_runs: int
+    baselines: dict[str, float]  # baseline row label -> test score
+    baseline_source: str
+    first_start: str | None
+    last_start: str | None
 
 
 def _metric(df: pd.DataFrame, name: str) -> pd.Series:
@@ -284,7 +308,7 @@ def _fixed_settings(used: pd.DataFrame, settings: list[str]) -> dict[str, str]:
     return fixed
 
 
-def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame, StudyInfo]:
     """Table of configurations (plus baseline rows) and an info dict for the report.
 
     Table columns: `configuration` (label), one column per varying setting, then TABLE_NUMBERS
@@ -352,25 +376,25 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
     table = table.reset_index(drop=True).astype({"n_seeds": int})
     seeds = [len(v) for v in accuracies.values()]
     start = pd.to_numeric(selected["start_time"], errors="coerce").dropna()
-    info = {
-        "metric": metric,
-        "ranked_by": names.validation(metric) if has_val else metric,
-        "experiments": sorted(set(selected["experiment"].dropna())),
-        "sweeps": sorted(set(selected["sweep"].dropna())),
-        "n_used": len(used),
-        "n_skipped": len(skipped),
-        "skipped_by_status": skipped_by,
-        "settings": settings,
-        "fixed_settings": _fixed_settings(used, settings),
-        "n_seeds_min": min(seeds),
-        "n_seeds_max": max(seeds),
-        "accuracies": accuracies,
-        "n_baseline_runs": int(sum(r["n_seeds"] for r in base_rows)),
-        "baselines": {r["configuration"]: r["accuracy_mean"] for r in base_rows},
-        "baseline_source": " and ".join(sorted(sources)) or "none",
-        "first_start": _ms_to_str(start.min()) if len(start) else None,
-        "last_start": _ms_to_str(start.max()) if len(start) else None,
-    }
+    info = StudyInfo(
+        metric=metric,
+        ranked_by=names.validation(metric) if has_val else metric,
+        experiments=sorted(set(selected["experiment"].dropna())),
+        sweeps=sorted(set(selected["sweep"].dropna())),
+        n_used=len(used),
+        n_skipped=len(skipped),
+        skipped_by_status=skipped_by,
+        settings=settings,
+        fixed_settings=_fixed_settings(used, settings),
+        n_seeds_min=min(seeds),
+        n_seeds_max=max(seeds),
+        accuracies=accuracies,
+        n_baseline_runs=int(sum(r["n_seeds"] for r in base_rows)),
+        baselines={r["configuration"]: r["accuracy_mean"] for r in base_rows},
+        baseline_source=" and ".join(sorted(sources)) or "none",
+        first_start=_ms_to_str(start.min()) if len(start) else None,
+        last_start=_ms_to_str(start.max()) if len(start) else None,
+    )
     return table, info
 
 
@@ -378,18 +402,18 @@ def _ms_to_str(ms: float) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def used_sentence(info: dict[str, Any]) -> str:
+def used_sentence(info: StudyInfo) -> str:
     """'used 6 runs, skipped 2: 1 FAILED, 1 RUNNING'."""
-    text = f"used {info['n_used']} runs, skipped {info['n_skipped']}"
-    if info["skipped_by_status"]:
-        text += ": " + ", ".join(f"{n} {s}" for s, n in sorted(info["skipped_by_status"].items()))
-    if info.get("n_baseline_runs"):
-        text += f" (plus {info['n_baseline_runs']} baseline run(s))"
+    text = f"used {info.n_used} runs, skipped {info.n_skipped}"
+    if info.skipped_by_status:
+        text += ": " + ", ".join(f"{n} {s}" for s, n in sorted(info.skipped_by_status.items()))
+    if info.n_baseline_runs:
+        text += f" (plus {info.n_baseline_runs} baseline run(s))"
     return text
 
 
-def seeds_text(info: dict[str, Any]) -> str:
-    lo, hi = info["n_seeds_min"], info["n_seeds_max"]
+def seeds_text(info: StudyInfo) -> str:
+    lo, hi = info.n_seeds_min, info.n_seeds_max
     return f"n seeds = {lo}" if lo == hi else f"n seeds = {lo}-{hi}"
 
 
@@ -448,31 +472,31 @@ def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
 
 
 def write_markdown(
-    table: pd.DataFrame, info: dict[str, Any], name: str, path: Path, image: str = "report.png"
+    table: pd.DataFrame, info: StudyInfo, name: str, path: Path, image: str = "report.png"
 ) -> Path:
     """Write the report: what/when, used/skipped runs, table, interval note, plot link."""
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    when = f"{info['first_start']} to {info['last_start']}" if info["first_start"] else "unknown"
-    fixed_items = info["fixed_settings"].items()
+    when = f"{info.first_start} to {info.last_start}" if info.first_start else "unknown"
+    fixed_items = info.fixed_settings.items()
     fixed = ", ".join(f"`{k}={v}`" for k, v in fixed_items if not _PATH_VALUE.match(str(v)))
     baseline_note = {
         "runs": "the baseline runs (untrained model) with the same `embft.baseline_key`",
-        "metric": f"the `{names.baseline(info['metric'])}` metric logged by the fine-tune runs",
+        "metric": f"the `{names.baseline(info.metric)}` metric logged by the fine-tune runs",
     }
-    source = " / ".join(baseline_note.get(s, s) for s in info["baseline_source"].split(" and "))
-    metric = info["metric"]
+    source = " / ".join(baseline_note.get(s, s) for s in info.baseline_source.split(" and "))
+    metric = info.metric
     text = f"""# Study report: {name}
 
-- Experiment(s): {", ".join(info["experiments"])}
-- Sweep(s): {", ".join(info["sweeps"]) or "none tagged"}
+- Experiment(s): {", ".join(info.experiments)}
+- Sweep(s): {", ".join(info.sweeps) or "none tagged"}
 - Runs started: {when}
 - Generated: {now}
 - Runs: {used_sentence(info)}; usable = FINISHED fine-tune runs with `{metric}`.
-- Ranked by: `{info["ranked_by"]}` (choices are made on validation; the test score is reported beside it)
-- Varying settings: {", ".join(f"`{s}`" for s in info["settings"]) or "none (one configuration)"}
+- Ranked by: `{info.ranked_by}` (choices are made on validation; the test score is reported beside it)
+- Varying settings: {", ".join(f"`{s}`" for s in info.settings) or "none (one configuration)"}
 - Fixed settings: {fixed or "none"}
 
-{format_table(table, info["settings"], info["baselines"])}
+{format_table(table, info.settings, info.baselines)}
 
 Notes: accuracy is MTEB classification (`{metric}` on the test split, "validation mean" is
 `{names.validation(metric)}` on the rows held out of train). "accuracy std (seeds)" is the
@@ -489,16 +513,16 @@ found, so the `{names.baseline(metric)}` metric of the fine-tune runs is used).
     return path
 
 
-def plot(table: pd.DataFrame, info: dict[str, Any], name: str, path: Path) -> Path:
+def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
     """Accuracy per configuration: mean ± std over seeds, seed points, dashed baseline line(s)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = table[~table["configuration"].isin(list(info["baselines"]))].reset_index(drop=True)
+    configs = table[~table["configuration"].isin(list(info.baselines))].reset_index(drop=True)
     labels = [
-        config_label({k: r[k] for k in info["settings"]}, sep="\n") for _, r in configs.iterrows()
+        config_label({k: r[k] for k in info.settings}, sep="\n") for _, r in configs.iterrows()
     ]
     longest = max((len(line) for lab in labels for line in lab.split("\n")), default=0)
     # Widen the figure so labels fit side by side (~0.09 in per character at this font size,
@@ -522,7 +546,7 @@ def plot(table: pd.DataFrame, info: dict[str, Any], name: str, path: Path) -> Pa
     )
     rng = np.random.default_rng(0)  # fixed jitter so reruns give the same picture
     for i, row in configs.iterrows():
-        pts = info["accuracies"][row["configuration"]]
+        pts = info.accuracies[row["configuration"]]
         ax.scatter(
             i + rng.uniform(-0.12, 0.12, len(pts)),
             pts,
@@ -532,13 +556,13 @@ def plot(table: pd.DataFrame, info: dict[str, Any], name: str, path: Path) -> Pa
             zorder=2,
             label="individual seeds" if i == 0 else None,
         )
-    for j, (label, value) in enumerate(info["baselines"].items()):
+    for j, (label, value) in enumerate(info.baselines.items()):
         ax.axhline(value, linestyle="--", color=f"C{(j + 1) % 10}", label=f"{label} ({value:.4f})")
     ax.set_xticks(x, labels)
     if rotate:
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     ax.set_xlim(-0.6, len(configs) - 0.4)
-    ax.set_ylabel(f"{info['metric']} (test)")
+    ax.set_ylabel(f"{info.metric} (test)")
     ax.set_title(f"{name}: accuracy per configuration ({seeds_text(info)})")
     ax.grid(axis="y", alpha=0.3)
     # Outside the axes so it never hides seed points.
@@ -615,14 +639,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = write_markdown(table, info, title, out / "report.md")
     png = plot(table, info, title, out / "report.png")
-    best = table[~table["configuration"].isin(list(info["baselines"]))].iloc[0]
+    best = table[~table["configuration"].isin(list(info.baselines))].iloc[0]
     print(md)
     print(png)
-    n_configs = len(table) - len(info["baselines"])
+    n_configs = len(table) - len(info.baselines)
     delta = "" if math.isnan(best["delta_mean"]) else f" (delta {best['delta_mean']:+.4f})"
     val = "" if math.isnan(best["val_accuracy_mean"]) else f"validation {best['val_accuracy_mean']:.4f}, "
     print(
-        f"{title}: {used_sentence(info)}; {n_configs} configuration(s); best by {info['ranked_by']}: "
+        f"{title}: {used_sentence(info)}; {n_configs} configuration(s); best by {info.ranked_by}: "
         f"{best['configuration']}: {val}test {best['accuracy_mean']:.4f}{delta}"
     )
     return 0
