@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from embft.config import DataConfig
 from embft.errors import EmbftError
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def _check_positives(train: pd.DataFrame, where: str) -> None:
         )
 
 
-def load_splits(cfg: Any) -> Splits:
+def load_splits(cfg: DataConfig) -> Splits:
     """Read train, test (and validation) from `cfg.local_dir` when set, else from the Hub; validate them.
 
     Without `cfg.validation_split`, `cfg.validation` rows are held out of train (stratified, seeded).

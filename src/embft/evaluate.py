@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from embft.config import EvalConfig
+from embft.config import EvalConfig, ModelConfig
 from embft.data import Splits
 from embft.names import score_metric
 
@@ -41,7 +41,7 @@ class EncodeSettings:
         return asdict(self)
 
 
-def encode_settings(model_cfg: Any, eval_cfg: EvalConfig) -> EncodeSettings:
+def encode_settings(model_cfg: ModelConfig, eval_cfg: EvalConfig) -> EncodeSettings:
     return EncodeSettings(
         pooling=str(model_cfg.pooling),
         normalize=bool(model_cfg.normalize),
@@ -85,7 +85,7 @@ class EvalResult:
         return cls(**data)
 
 
-def metric_name(eval_cfg: Any) -> str:
+def metric_name(eval_cfg: EvalConfig) -> str:
     """`accuracy_cosine` for the study's kNN; the name says which classifier produced it."""
     return score_metric(str(eval_cfg.method), str(eval_cfg.metric))
 
@@ -197,7 +197,7 @@ def evaluate(
     return out
 
 
-def baseline_key(model_id: dict[str, Any], splits: Splits, eval_cfg: Any, settings: EncodeSettings) -> str:
+def baseline_key(model_id: dict[str, Any], splits: Splits, eval_cfg: EvalConfig, settings: EncodeSettings) -> str:
     """Identifies an untrained model's score: model, data content, eval and encode settings."""
     from omegaconf import OmegaConf
 

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from embft.config import TrackingConfig
 from embft.errors import EmbftError
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def config_hash(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def setup(tracking_cfg: Any) -> str:
+def setup(tracking_cfg: TrackingConfig) -> str:
     """Point MLflow at the store and return the experiment id (created with its artifact root)."""
     import mlflow
     from mlflow.exceptions import MlflowException
