@@ -82,7 +82,9 @@ def run_job(cfg: DictConfig) -> float:
 
     import mlflow
 
-    with tracking.job_run(experiment_id, run_name, tags):
+    with tracking.job_run(experiment_id, run_name, tags, note_dir=out_dir) as run:
+        if run is None:  # issue 16: a live run elsewhere has this config (job_run logged where); skip
+            return float("nan")
         tracking.log_params(params)
         mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         check_parallel(cfg.train, cfg.variant)  # in the run, so a sweep counts it; before minutes of baseline
@@ -181,6 +183,9 @@ class SweepSummary(Callback):
         counts: dict[str, int] = {}
         for run in runs:
             counts[run.info.status] = counts.get(run.info.status, 0) + 1
+        elsewhere = tracking.count_running_elsewhere(Path(config.hydra.sweep.dir))  # issue 16: skipped, not failed
+        if elsewhere:
+            counts["running elsewhere"] = elsewhere
         log.info("Sweep %s: %s", sweep, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs logged")
         self._tag_best_trial(Path(config.hydra.sweep.dir) / "optimization_results.yaml", experiment_id)
         failed = counts.get("FAILED", 0) + counts.get("KILLED", 0)
