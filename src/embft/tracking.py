@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -69,7 +69,6 @@ def config_hash(resolved: dict) -> str:
 def setup(tracking_cfg: Any) -> str:
     """Point MLflow at the store and return the experiment id (created with its artifact root)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     uri = tracking_cfg.uri
     if uri.startswith("sqlite:///"):
@@ -81,6 +80,21 @@ def setup(tracking_cfg: Any) -> str:
     elif uri.startswith(("http://", "https://")):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
+    lock = nullcontext()
+    if uri.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        # Jobs started together on a new SQLite store would both run MLflow's schema migrations
+        # (alembic: "expected to match one row ... 0 found"); the first creates it, the others wait.
+        lock = FileLock(str(db.parent / f".{db.name}.init.lock"))
+    with lock:
+        return _experiment(tracking_cfg, uri)
+
+
+def _experiment(tracking_cfg: Any, uri: str) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     name = tracking_cfg.experiment_name
     try:
         experiment = mlflow.get_experiment_by_name(name)
