@@ -93,6 +93,7 @@ def half_written_save(self, path, *args, **kwargs):
     raise OSError("disk full while saving")
 
 
+@pytest.mark.slow  # no real training, but a model load and an MTEB baseline: ~15 s each
 @pytest.mark.parametrize("where", ["training", "saving"])
 def test_failure_mid_training_leaves_no_model_folder(compose, tmp_path, tiny_bert, monkeypatch, where):
     """Training or the model's save dies half-way: the run is FAILED with error.txt, and neither a
