@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -91,11 +92,20 @@ def test_ctrl_c_marks_the_run_killed_and_force_reruns_a_finished_job(root, tiny_
         seen.append(line)
         if "Fine-tuning" in line:
             break
+    reader = threading.Thread(target=lambda: seen.extend(job.stdout), daemon=True)
+    reader.start()
     time.sleep(1)
-    job.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
-    code, output = finish(job)
-    output = "".join(seen) + output
-    assert code != 0, output[-3000:]
+    code = None
+    for _ in range(5):  # Ctrl-C, again if Python swallowed it ("Exception ignored in" a weakref callback)
+        job.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        try:
+            code = job.wait(timeout=20)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    reader.join(timeout=30)
+    output = "".join(seen)
+    assert code != 0 and "KeyboardInterrupt" in output, output[-3000:]
     statuses = sorted(r.info.status for r in tuned(root) if r.data.params["train.max_train_queries"] == "48")
     assert statuses == ["KILLED"], output[-3000:]
     leftovers = list((root / "outputs" / NAME).rglob("model")) + list((root / "outputs" / NAME).rglob(".*.*"))
