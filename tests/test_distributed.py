@@ -238,3 +238,53 @@ def test_two_process_smoke_job_through_the_app(tmp_path, ag_news_dir):
     assert pooling.get("pooling_mode", "mean" if pooling.get("pooling_mode_mean_tokens") else None) == "mean"  # MiniLM
     embeddings = SentenceTransformer(str(model_dir), device="cpu").encode(["stocks fell", "the match ended 2-1"])
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
+
+
+FAILING_RANK_WORKER = '''
+import os, sys
+if os.environ.get("RANK") == "1":  # only this rank breaks, at its second step; rank 0 stays healthy
+    import transformers
+
+    steps = []
+    step = transformers.Trainer.training_step
+
+    def failing_step(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            raise RuntimeError("rank 1 lost its disk")
+        return step(self, *args, **kwargs)
+
+    transformers.Trainer.training_step = failing_step
+from embft.distributed import main
+main()
+'''
+
+
+@pytest.mark.slow
+def test_one_failing_rank_fails_the_job_naming_it_while_the_others_are_healthy(compose, tmp_path, tiny_bert, monkeypatch):
+    """Rank 1 dies mid-training while rank 0 waits in a collective: torchrun takes rank 0 down,
+    the job fails within seconds with rank 1's error (not rank 0's broken collective), no model."""
+    helper = tmp_path / "helper"
+    helper.mkdir()
+    (helper / "failing_rank_worker.py").write_text(FAILING_RANK_WORKER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(helper), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    real_command = distributed.torchrun_command
+    monkeypatch.setattr(distributed, "torchrun_command", lambda spec_path, nproc, log_dir: [
+        *real_command(spec_path, nproc, log_dir)[:-3], "-m", "failing_rank_worker", str(spec_path)])
+    cfg, records = tiny_job(compose, tiny_bert, tmp_path, "same_nib", 2, 2)
+    start = time.perf_counter()
+    with pytest.raises(EmbftError, match=r"nproc_per_node=2: training failed on rank 1: RuntimeError: rank 1 lost its disk"):
+        train(cfg, records, str(tiny_bert), 16, tmp_path / "job")
+    assert time.perf_counter() - start < 300, "rank 0 must not hang in its collective"
+    assert not list((tmp_path / "job").iterdir()), "no model and no scratch folders may be left behind"
+
+
+@pytest.mark.slow
+def test_no_same_nib_trains_exactly_like_no_same(compose, tmp_path, tiny_bert):
+    """FlagEmbedding 1.4.2 reads the no_in_batch_neg suffix only in same-dataset mode, so the
+    study's no_same and no_same_nib rows are one training (README, Config groups)."""
+    losses = {}
+    for variant in ("no_same", "no_same_nib"):
+        cfg, records = tiny_job(compose, tiny_bert, tmp_path / variant, variant, 4, 1)
+        losses[variant] = train(cfg, records, str(tiny_bert), 16, tmp_path / variant / "job").losses
+    assert len(losses["no_same"]) == 4 and losses["no_same_nib"] == losses["no_same"]

@@ -42,11 +42,80 @@ def test_bad_input_fails_cleanly(compose, tmp_path, case, monkeypatch):
     with pytest.raises(EmbftError, match=message):
         run_job(cfg)
     assert mlflow.active_run() is None
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name(f"bad_{name}").experiment_id])
-    assert runs and all(r.info.status == "FAILED" for r in runs if r.data.tags.get("embft.role") == "finetune")
+    assert_one_failed_run(tmp_path, f"bad_{name}", message)
+    assert not leftovers(tmp_path / "out"), "nothing may be left in the job's folder"
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Everything in a job's output folder, hidden temporary folders (.flagembedding.*, .model.*) included."""
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def assert_one_failed_run(root: Path, experiment: str, message: str):
+    """The job's one fine-tune run is FAILED, with the error as tag `error` and artifact `error.txt`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    tuned = [r for r in runs if r.data.tags.get("embft.role") == "finetune"]
+    assert [r.info.status for r in tuned] == ["FAILED"]
     assert not any(r.info.status == "RUNNING" for r in runs)
-    assert not list((tmp_path / "out").glob("model*")), "no model folder may be left behind"
+    import re
+
+    assert re.search(message, tuned[0].data.tags["error"])
+    error_txt = Path(client.download_artifacts(tuned[0].info.run_id, "error.txt", str(root / "downloaded")))
+    text = error_txt.read_text()
+    assert text.startswith("Traceback") and re.search(message, text), text[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    from conftest import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_errors"))
+
+
+def fake_training(spec, callbacks=()):
+    """Stands in for FlagEmbedding: 'trains' by copying the start model where the runner saves."""
+    import shutil
+
+    from embft.runner import RunnerOutcome
+
+    shutil.copytree(spec.model_args["model_name_or_path"], spec.training_args["output_dir"], dirs_exist_ok=True)
+    return RunnerOutcome(seconds=1.0, losses=[(1, 1.0)])
+
+
+def half_written_training(spec, callbacks=()):
+    (Path(spec.training_args["output_dir"]) / "model.safetensors").write_bytes(b"half")
+    raise RuntimeError("disk full while training")
+
+
+def half_written_save(self, path, *args, **kwargs):
+    (Path(path) / "config.json").write_text("{")
+    raise OSError("disk full while saving")
+
+
+@pytest.mark.slow  # no real training, but a model load and an MTEB baseline: ~15 s each
+@pytest.mark.parametrize("where", ["training", "saving"])
+def test_failure_mid_training_leaves_no_model_folder(compose, tmp_path, tiny_bert, monkeypatch, where):
+    """Training or the model's save dies half-way: the run is FAILED with error.txt, and neither a
+    `model` folder nor a temporary one is left in the job's folder."""
+    import embft.train
+    from sentence_transformers import SentenceTransformer
+
+    if where == "training":
+        monkeypatch.setattr(embft.train, "run_runner", half_written_training)
+    else:
+        monkeypatch.setattr(embft.train, "run_runner", fake_training)
+        monkeypatch.setattr(SentenceTransformer, "save", half_written_save)
+    good = write(tmp_path / "good", synthetic(), synthetic(seed=1))
+    cfg = compose(["experiment=smoke", "name=mid_training", f"data.local_dir={good}", f"model.name_or_path={tiny_bert}",
+                   "model.package=null", "train.keep_model=true"])
+    with pytest.raises((RuntimeError, OSError), match=f"disk full while {where}"):
+        run_job(cfg)
+    assert_one_failed_run(tmp_path, "mid_training", f"disk full while {where}")
+    assert (tmp_path / "out").is_dir(), "training started in the job's folder"
+    assert not leftovers(tmp_path / "out"), f"left behind: {leftovers(tmp_path / 'out')}"
 
 
 def test_unwritable_tracking_location(compose, tmp_path):
@@ -54,10 +123,10 @@ def test_unwritable_tracking_location(compose, tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root): permissions are not enforced")
-        cfg = compose([f"tracking.uri=sqlite:///{locked}/sub/mlflow.db"])
-        with pytest.raises(EmbftError, match="choose a writable location"):
+        # root (as CI runs) writes through permissions; nobody, root included, can create folders in /proc.
+        target = locked if not os.access(locked, os.W_OK) else Path("/proc/embft-unwritable")
+        cfg = compose([f"tracking.uri=sqlite:///{target}/sub/mlflow.db"])
+        with pytest.raises(EmbftError, match=f"cannot write to {target}/sub .*choose a writable location"):
             run_job(cfg)
     finally:
         locked.chmod(0o700)
@@ -79,6 +148,16 @@ def test_command_line_prints_one_line_and_exits_non_zero(tmp_path):
     assert done.returncode == 1
     assert "no such folder" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-m", "embft", f"data.local_dir={tmp_path}/missing", "debug=true"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in output and "EmbftError" in output and "no such folder" in output
 
 
 def test_unknown_config_key_is_hydras_error(tmp_path):

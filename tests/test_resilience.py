@@ -30,9 +30,19 @@ def test_killed_job_is_finished_by_rerunning_the_same_command(tmp_path, ag_news_
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     assert [r.info.status for r in finetune_runs(tmp_path, "killed")] == ["RUNNING"]
+    # Killed mid-training: no folder under a final name; only hidden temporary ones may remain.
+    job_dirs = list((tmp_path / "outputs" / "killed").iterdir())
+    assert len(job_dirs) == 1
+    entries = {p.name for p in job_dirs[0].iterdir()}
+    assert "model" not in entries and not any(name.startswith(".model.") for name in entries), entries
+    assert all(name.startswith((".flagembedding.", ".torchrun.", ".hydra")) or not (job_dirs[0] / name).is_dir()
+               for name in entries), entries
 
     again = embft(tmp_path, *args)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "as KILLED" in again.stdout + again.stderr and "process" in again.stdout + again.stderr
+    rerun_dir = next(d for d in (tmp_path / "outputs" / "killed").iterdir() if d not in job_dirs)
+    assert not [p.name for p in rerun_dir.iterdir() if p.name.startswith((".flagembedding.", ".model.", ".torchrun."))]
     statuses = sorted(r.info.status for r in finetune_runs(tmp_path, "killed"))
     assert statuses == ["FINISHED", "KILLED"]
     third = embft(tmp_path, *args)

@@ -292,7 +292,9 @@ def run_job(cfg: Config) -> float:
         return skip(job, done)
     tracking.close_stale_runs(job.experiment_id, job.config_hash)
     run_name, tags = run_tags(job)
-    with tracking.job_run(job.experiment_id, run_name, tags) as run:
+    with tracking.job_run(job.experiment_id, run_name, tags, note_dir=job.out_dir) as run:
+        if run is None:  # a live run elsewhere has this config (job_run said where): skip it
+            return float("nan")
         tracking.log_params(job.params)
         mlflow.log_text(OmegaConf.to_yaml(to_container(cfg)), names.CONFIG_ARTIFACT)
         check_parallel(cfg.train, cfg.variant)  # in the run, so a sweep counts it; before minutes of baseline
@@ -336,6 +338,9 @@ class SweepSummary(Callback):
         skipped = len(list(sweep_dir.glob(f"**/{SKIPPED_MARKER}")))
         if skipped:
             counts["skipped (already FINISHED)"] = skipped
+        elsewhere = tracking.count_running_elsewhere(sweep_dir)  # skipped too: a live twin runs the config
+        if elsewhere:
+            counts["running elsewhere"] = elsewhere
         log.info("Sweep %s: %s", sweep, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs logged")
         self._tag_best_trial(sweep_dir / "optimization_results.yaml", experiment_id)
         failed = counts.get("FAILED", 0) + counts.get("KILLED", 0)

@@ -22,6 +22,10 @@ OPTUNA_TRIAL = "optuna.trial_number"
 OPTUNA_BEST = "optuna.best_trial"
 
 ROLE_FINETUNE, ROLE_BASELINE = "finetune", "baseline"
+# Liveness: where a job runs and its heartbeat (epoch seconds), refreshed while it is alive.
+HEARTBEAT, HOST, PID, PID_NS = "embft.heartbeat", "embft.host", "embft.pid", "embft.pid_ns"
+CLAIM = "embft.claim"  # "pending" while a new run checks for a live twin, "won" once it goes ahead
+BACKED_OFF = "embft.backed_off_to"  # on a deleted claim: the live run that had the config
 
 # Artifacts
 CONFIG_ARTIFACT = "config.yaml"

@@ -5,26 +5,52 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import subprocess
+import tempfile
+import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from embft.config import TrackingConfig
 from embft.errors import EmbftError
+from embft.names import (
+    BACKED_OFF,
+    BASELINE_KEY,
+    CLAIM,
+    CONFIG_HASH,
+    ERROR,
+    ERROR_ARTIFACT,
+    GIT_COMMIT,
+    HEARTBEAT,
+    HOST,
+    PID,
+    PID_NS,
+    ROLE,
+    ROLE_BASELINE,
+    SCORES_ARTIFACT,
+)
 
 log = logging.getLogger(__name__)
 
-from embft.names import BASELINE_KEY, CONFIG_HASH, ERROR, ERROR_ARTIFACT, GIT_COMMIT, ROLE, ROLE_BASELINE, SCORES_ARTIFACT
-from embft.names import SWEEP as SWEEP  # noqa: PLC0414  (re-exported for callers of find_runs)
 # Keys that locate things rather than choose them: they stay out of the config hash.
 LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug")
 # Keys added after studies were logged: at these defaults they leave a job's hash as it was, so
 # rerunning an older study's command still skips its finished jobs.
 HASH_NEUTRAL = {("train", "nproc_per_node"): 1, ("train", "negatives_cross_device"): False}
+
+# Liveness (who is running a config right now). A job's run carries where it runs and a heartbeat
+# (epoch seconds) that a thread refreshes; a RUNNING run is dead, and may be closed as KILLED, only
+# when its heartbeat is older than STALE_AFTER_S or its process is gone from this very machine.
+HEARTBEAT_INTERVAL_S = 30.0
+STALE_AFTER_S = 4 * HEARTBEAT_INTERVAL_S  # missed beats tolerated: a loaded store or a busy GIL delays one
+CLAIM_SETTLE_S = 1.0  # wait between claiming and checking, longer than a store write takes to show
+RUNNING_ELSEWHERE_FILE = "running_elsewhere.json"  # in a skipped job's output folder, for the sweep summary
 
 
 def default_tracking_uri() -> str:
@@ -56,21 +82,32 @@ def config_hash(resolved: dict) -> str:
 def setup(tracking_cfg: TrackingConfig) -> str:
     """Point MLflow at the store and return the experiment id (created with its artifact root)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     uri = tracking_cfg.uri
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///") :])
         try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-            probe = db.parent / ".embft-write-probe"
-            probe.touch()
-            probe.unlink()
+            probe_writable(db.parent)
         except OSError as err:
             raise EmbftError(f"tracking.uri={uri}: cannot write to {db.parent} ({err}); choose a writable location.") from err
     elif uri.startswith(("http://", "https://")):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
+    lock = nullcontext()
+    if uri.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        # Jobs started together on a new SQLite store would both run MLflow's schema migrations
+        # (alembic: "expected to match one row ... 0 found"); the first creates it, the others wait.
+        lock = FileLock(str(db.parent / f".{db.name}.init.lock"))
+    with lock:
+        return _experiment(tracking_cfg, uri)
+
+
+def _experiment(tracking_cfg: Any, uri: str) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     name = tracking_cfg.experiment_name
     try:
         experiment = mlflow.get_experiment_by_name(name)
@@ -84,6 +121,14 @@ def setup(tracking_cfg: TrackingConfig) -> str:
         if "already exists" in str(err):  # another worker created it first
             return mlflow.get_experiment_by_name(name).experiment_id
         raise EmbftError(f"tracking.uri={uri}: MLflow refused the store ({err}).") from err
+
+
+def probe_writable(folder: Path) -> None:
+    """Create `folder` and a file in it, or raise OSError. A unique name: jobs started together probe
+    the same folder at the same moment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".embft-write-probe."):
+        pass
 
 
 def _check_server(uri: str, timeout: float = 10.0) -> None:
@@ -130,36 +175,178 @@ def find_runs(experiment_id: str, tags: dict[str, str], statuses: tuple[str, ...
     return [r for r in runs if r.info.status in statuses]
 
 
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # containers on one host share its name, not their pids
+    except OSError:
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """Where this job runs, and a first heartbeat."""
+    return {HOST: socket.gethostname(), PID: str(os.getpid()), PID_NS: _pid_namespace(), HEARTBEAT: f"{time.time():.0f}"}
+
+
+def heartbeat_age(run: Any, now: Optional[float] = None) -> float:
+    """Seconds since the run's last heartbeat (its start time for runs logged before heartbeats)."""
+    tags = run.data.tags
+    try:
+        beat = float(tags[HEARTBEAT])
+    except (KeyError, ValueError):
+        beat = (run.info.start_time or 0) / 1000
+    return (time.time() if now is None else now) - beat
+
+
+def is_alive(run: Any, now: Optional[float] = None) -> tuple[bool, str]:
+    """(alive, why) for a RUNNING run: a fresh heartbeat, unless its process is gone from this machine."""
+    tags = run.data.tags
+    age = heartbeat_age(run, now)
+    same_machine = tags.get(HOST) == socket.gethostname() and tags.get(PID_NS, "") == _pid_namespace()
+    if same_machine and tags.get(PID, "").isdigit():
+        try:
+            os.kill(int(tags[PID]), 0)
+        except ProcessLookupError:
+            return False, f"its process {tags[PID]} on this machine is gone"
+        except PermissionError:  # exists, another user's
+            pass
+    if age > STALE_AFTER_S:
+        return False, f"no heartbeat for {age:.0f} s"
+    return True, f"heartbeat {max(age, 0):.0f} s ago"
+
+
 def close_stale_runs(experiment_id: str, hash_: str) -> None:
-    """Runs of this config left RUNNING by a killed process are marked KILLED, never reused."""
+    """Runs of this config left RUNNING by a dead process are marked KILLED, never reused; a live
+    run (fresh heartbeat) is left alone, whoever runs it."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
+    now = time.time()
     for run in find_runs(experiment_id, {CONFIG_HASH: hash_}, statuses=("RUNNING",)):
-        log.warning("Marking run %s (left RUNNING by an interrupted job) as KILLED", run.info.run_id)
-        client.set_terminated(run.info.run_id, status="KILLED")
+        alive, why = is_alive(run, now)
+        if not alive:
+            log.warning("Marking run %s (left RUNNING by an interrupted job: %s) as KILLED", run.info.run_id, why)
+            client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def live_twin(experiment_id: str, hash_: str, own: Any) -> Optional[Any]:
+    """The live run of this config that goes ahead of `own` (a just-created RUNNING run), or None.
+
+    Every contender decides from the same list by the same rule, so exactly one goes ahead: a run
+    that already won its claim beats any other; else the earliest (start time, run id)."""
+    now = time.time()
+    key = (own.info.start_time, own.info.run_id)
+    rivals = [r for r in find_runs(experiment_id, {CONFIG_HASH: hash_}, statuses=("RUNNING",))
+              if r.info.run_id != own.info.run_id and is_alive(r, now)[0]]
+    won = [r for r in rivals if r.data.tags.get(CLAIM) == "won"]
+    earlier = sorted((r for r in rivals if (r.info.start_time, r.info.run_id) < key),
+                     key=lambda r: (r.info.start_time, r.info.run_id))
+    return (won or earlier or [None])[0]
+
+
+class Heartbeat:
+    """Refreshes the run's heartbeat tag every `interval` seconds from a daemon thread."""
+
+    def __init__(self, run_id: str, interval: float = HEARTBEAT_INTERVAL_S):
+        from mlflow.tracking import MlflowClient
+
+        self.run_id, self.interval = run_id, interval
+        self._client = MlflowClient()  # the store setup() chose; works in a thread (no fluent state)
+        self._stop = threading.Event()
+        self._last_ok = time.time()
+        self._thread = threading.Thread(target=self._loop, name=f"embft-heartbeat-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._client.set_tag(self.run_id, HEARTBEAT, f"{time.time():.0f}")
+                self._last_ok = time.time()
+            except Exception as err:  # a busy store: try again next beat, warn before others give up on us
+                if time.time() - self._last_ok > STALE_AFTER_S / 2:
+                    log.warning("Heartbeat of run %s not written for %.0f s (%s); another job may take it for dead "
+                                "after %.0f s", self.run_id, time.time() - self._last_ok, err, STALE_AFTER_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def count_running_elsewhere(sweep_dir: Path) -> int:
+    """Jobs of a sweep that skipped because their config was running elsewhere."""
+    return sum(1 for _ in Path(sweep_dir).rglob(RUNNING_ELSEWHERE_FILE)) if Path(sweep_dir).is_dir() else 0
+
+
+def _back_off(run: Any, twin: Any, note_dir: Optional[Path]) -> None:
+    """Withdraw this job's claim: end and delete its run (no trace in searches, the UI or reports)."""
+    import mlflow
+
+    tags = twin.data.tags
+    where = f"{tags.get(HOST, '?')} pid {tags.get(PID, '?')}"
+    age = heartbeat_age(twin)
+    log.warning("Skipping: this config (%s=%s) is running elsewhere as run %s (%s, heartbeat %.0f s ago); its result "
+                "will be logged there. Run the command again after it ends: it then skips, or retrains if that job "
+                "died (no heartbeat for %.0f s).", CONFIG_HASH, tags.get(CONFIG_HASH), twin.info.run_id, where,
+                max(age, 0), STALE_AFTER_S)
+    mlflow.set_tag(BACKED_OFF, twin.info.run_id)
+    mlflow.end_run(status="KILLED")
+    mlflow.MlflowClient().delete_run(run.info.run_id)
+    if note_dir is not None:
+        note_dir.mkdir(parents=True, exist_ok=True)
+        (note_dir / RUNNING_ELSEWHERE_FILE).write_text(json.dumps(
+            {"run_id": twin.info.run_id, "host": tags.get(HOST), "pid": tags.get(PID)}))
 
 
 @contextmanager
-def job_run(experiment_id: str, run_name: str, tags: dict[str, str]) -> Iterator[Any]:
-    """An MLflow run that ends FINISHED, or FAILED with the traceback as an artifact, or KILLED."""
+def job_run(experiment_id: str, run_name: str, tags: dict[str, str], note_dir: Optional[Path] = None,
+            heartbeat_s: float = HEARTBEAT_INTERVAL_S, settle_s: float = CLAIM_SETTLE_S) -> Iterator[Any]:
+    """An MLflow run that ends FINISHED, or FAILED with the traceback as an artifact, or KILLED;
+    its heartbeat is kept fresh while it runs.
+
+    Yields None instead when a live run of the same config (tag CONFIG_HASH) goes ahead of it: the
+    job then does nothing (its claim is deleted, `note_dir` gets RUNNING_ELSEWHERE_FILE). The claim
+    is a run, so this works with any MLflow store, a server included, without a lock service:
+    create the run, wait `settle_s`, and look for a live twin (`live_twin`). Skip rather than wait:
+    on a shared store the twin's result lands in the same experiment, and a worker of a sweep is
+    better used on its next job than blocked for the twin's whole training.
+    """
     import mlflow
 
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={**tags, **_versions()})
-    commit = git_commit()
-    if commit:
-        mlflow.set_tag(GIT_COMMIT, commit)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                           tags={**tags, **_versions(), **process_tags(), CLAIM: "pending"})
+    beat = Heartbeat(run.info.run_id, heartbeat_s)
+    try:
+        hash_ = tags.get(CONFIG_HASH)
+        if hash_:
+            time.sleep(settle_s)
+            twin = live_twin(experiment_id, hash_, run)
+            if twin is not None:
+                beat.stop()
+                _back_off(run, twin, note_dir)
+                yield None
+                return
+        mlflow.set_tag(CLAIM, "won")
+        commit = git_commit()
+        if commit:
+            mlflow.set_tag(GIT_COMMIT, commit)
+    except BaseException as err:
+        beat.stop()
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     try:
         yield run
     except KeyboardInterrupt:
+        beat.stop()
         mlflow.end_run(status="KILLED")
         raise
     except BaseException as err:
+        beat.stop()
         mlflow.set_tag(ERROR, f"{type(err).__name__}: {err}"[:5000])
         mlflow.log_text(traceback.format_exc(), ERROR_ARTIFACT)
         mlflow.end_run(status="FAILED")
         raise
     else:
+        beat.stop()
         mlflow.end_run(status="FINISHED")
 
 
