@@ -150,6 +150,9 @@ def run_job(cfg: DictConfig) -> float:
         })
         mlflow.set_tags({"precision": result.precision, "device": result.device})
         mlflow.log_text(scores.to_json(), "mteb_scores.json")
+        from embft.serving import log_job_models  # issue 13: the model into the run, before its folder goes
+
+        log_job_models(result.model_dir, splits, cfg)
         if cfg.train.keep_model:
             mlflow.set_tag("model_dir", str(result.model_dir))
         else:
@@ -183,6 +186,13 @@ class SweepSummary(Callback):
             counts[run.info.status] = counts.get(run.info.status, 0) + 1
         log.info("Sweep %s: %s", sweep, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs logged")
         self._tag_best_trial(Path(config.hydra.sweep.dir) / "optimization_results.yaml", experiment_id)
+        from embft.registry import register_sweep_best  # issue 13: best classifier -> NAME@champion
+
+        try:
+            register_sweep_best(config, experiment_id, sweep)
+        except EmbftError as err:
+            log.error("%s", err)
+            raise SystemExit(1) from None
         failed = counts.get("FAILED", 0) + counts.get("KILLED", 0)
         if failed:
             log.error("%d job(s) of sweep %s failed; their MLflow runs hold the error (tag `error`, error.txt). "

@@ -107,6 +107,16 @@ class TrackingConfig:
     # null: the store decides (a tracking server's proxied `mlflow-artifacts:` store).
     artifact_root: Optional[str] = "${paths.root_dir}/mlruns/artifacts"
     experiment_name: str = "${name}"
+    # issue 13 (models in MLflow, see embft.serving / embft.registry).
+    # none | best | all. best: a job logs its embedder + kNN classifier when it leads its sweep
+    # or study so far, so a single run gets its model (what a user expects from a run) and a
+    # sweep ends with its best model logged without paying for every trial's ~90 MB copy.
+    log_model: str = "best"
+    # Registry name for the sweep's best classifier (alias `champion`); null: do not register.
+    registered_model_name: Optional[str] = "${name}"
+    # The classifier's support set: this many train rows per class (seeded by eval.seed), or
+    # null for the whole train split (120k AG News texts: many minutes to embed on a CPU).
+    support_per_class: Optional[int] = 256
 
 
 @dataclass
