@@ -134,6 +134,7 @@ def test_log_model_best_logs_only_a_leader_and_none_logs_nothing(tiny_st: Path, 
         serving.log_job_models(tiny_st, _Splits(train), _cfg("some"))
 
 
+@pytest.mark.slow  # five logged models and a fresh process
 def test_registry_champion_moves_only_to_a_better_study(tiny_st: Path, frames, store, tmp_path: Path) -> None:
     import mlflow
 

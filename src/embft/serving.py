@@ -28,7 +28,6 @@ from embft.errors import EmbftError
 log = logging.getLogger(__name__)
 
 CLASSIFIER_URI = "embft.classifier_uri"  # run tag: the classifier's models:/m-... URI
-MODEL_LOGGED = "embft.model_logged"
 LOG_MODEL_CHOICES = ("none", "best", "all")
 INPUT_EXAMPLE = pd.DataFrame({"text": ["Stocks rallied after the central bank held rates steady."]})
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -77,6 +76,7 @@ def log_models(model_dir: Path, train: pd.DataFrame, label_names: Sequence[str],
     from mlflow.models import infer_signature
     from sentence_transformers import SentenceTransformer
 
+    # On the CPU, where a served model usually runs: the support set's vectors are those it computes.
     embedder = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
     example = INPUT_EXAMPLE["text"].tolist()
     mlflow.sentence_transformers.log_model(
@@ -105,8 +105,7 @@ def log_models(model_dir: Path, train: pd.DataFrame, label_names: Sequence[str],
             pip_requirements=_pins("mlflow", "sentence-transformers", "transformers", "torch", "scikit-learn",
                                    "pandas", "numpy"),
         )
-    mlflow.set_tags({CLASSIFIER_URI: info.model_uri, MODEL_LOGGED: "true",
-                     "embft.support_rows": str(len(support))})
+    mlflow.set_tags({CLASSIFIER_URI: info.model_uri, "embft.support_rows": str(len(support))})
     log.info("Logged the embedder and the kNN classifier (%d support rows): %s", len(support), info.model_uri)
     return info.model_uri
 
