@@ -1,8 +1,8 @@
 # make run: install into .venv and run the default job on the local AG News copy.
 # make test: the whole suite (slow end-to-end tests included), as CI runs it.
-# make e2e: start PostgreSQL + an MLflow server (scripts/e2e_services.sh), run the e2e tests
-# (-m e2e: tracking server over HTTP, Optuna workers on PostgreSQL, the UI in headless Chromium),
-# stop them again.
+# make e2e: start PostgreSQL + an MLflow server (scripts/e2e_services.sh; password auth on both),
+# run the e2e tests (-m e2e: authenticated tracking server over HTTP, the registry and model
+# serving, Optuna workers on PostgreSQL, the UI in headless Chromium), stop them again.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +14,9 @@ E2E_PG_PORT ?= 5433
 E2E_MLFLOW_PORT ?= 5055
 export E2E_PG_PORT E2E_MLFLOW_PORT
 SERVICES := VENV=$(VENV) scripts/e2e_services.sh
-E2E_ENV := EMBFT_MLFLOW_URI=http://127.0.0.1:$(E2E_MLFLOW_PORT) EMBFT_PG_URI=postgresql://embft@127.0.0.1:$(E2E_PG_PORT)
+# The clients' settings (URIs, MLflow user and password, PGPASSFILE) come from the script, which
+# keeps the generated credentials in .e2e/ (never in the repository or on a command line).
+E2E_ENV = eval "$$($(SERVICES) env)"
 
 .PHONY: install run grid search test test-fast lint format mlflow-ui mlflow-server services-up services-down e2e clean
 
@@ -59,11 +61,13 @@ mlflow-ui:
 	 for e in mlflow.MlflowClient('sqlite:///$(CURDIR)/mlruns/mlflow.db').search_experiments()]" || true
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
-# An MLflow tracking server on PostgreSQL, artifacts proxied into .e2e/mlartifacts; it keeps
-# running (make services-down stops it). Log to it with `python -m embft tracking=server ...`.
+# An MLflow tracking server (basic-auth app) on PostgreSQL (scram passwords), artifacts proxied
+# into .e2e/mlartifacts; it keeps running (make services-down stops it). Admin credentials:
+# E2E_MLFLOW_USER / E2E_MLFLOW_PASSWORD from the environment, else generated into .e2e/secrets.env.
+# Then: eval "$$(scripts/e2e_services.sh env)"; python -m embft tracking=server ...
 mlflow-server: services-up
-	@echo "MLflow server: http://127.0.0.1:$(E2E_MLFLOW_PORT)  (python -m embft tracking=server ...)"
-	@echo "Optuna storage: hydra.sweeper.storage=postgresql://embft@127.0.0.1:$(E2E_PG_PORT)/optuna"
+	@echo "MLflow server: http://127.0.0.1:$(E2E_MLFLOW_PORT)  (eval \"\$$(scripts/e2e_services.sh env)\"; python -m embft tracking=server ...)"
+	@echo "Optuna storage: hydra.sweeper.storage=postgresql://embft@127.0.0.1:$(E2E_PG_PORT)/optuna (password: PGPASSFILE=.e2e/pgpass)"
 
 services-up: $(BIN)/python
 	$(SERVICES) start
@@ -74,7 +78,7 @@ services-down:
 # The services are stopped whatever happens (test failure, Ctrl-C); the exit status is pytest's.
 e2e: install
 	@trap '$(SERVICES) stop' EXIT; trap 'exit 130' INT TERM; \
-	$(SERVICES) start && $(E2E_ENV) $(BIN)/python -m pytest -q -m e2e
+	$(SERVICES) start && $(E2E_ENV) && $(BIN)/python -m pytest -q -m e2e
 
 clean:
 	rm -rf outputs multirun .cache

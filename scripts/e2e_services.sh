@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# Throwaway services for `make e2e` and `make mlflow-server`: a PostgreSQL cluster of its own
-# under .e2e/pg (databases `mlflow` and `optuna`, 127.0.0.1 only, no Unix socket) and an MLflow
-# tracking server on it that proxies artifacts into .e2e/mlartifacts.
+# Services for `make e2e` and `make mlflow-server`: a PostgreSQL cluster of its own under .e2e/pg
+# (databases `mlflow`, `mlflow_auth` and `optuna`, 127.0.0.1 only, no Unix socket, scram-sha-256
+# passwords) and an MLflow tracking server on it with MLflow's `basic-auth` app, proxying
+# artifacts into .e2e/mlartifacts.
 #
 #   scripts/e2e_services.sh start|stop|status|env|clean
+#
+# `env` prints what a client needs: EMBFT_MLFLOW_URI, MLFLOW_TRACKING_USERNAME/PASSWORD,
+# EMBFT_PG_URI (no password in it) and PGPASSFILE (.e2e/pgpass, read by libpq).
+#
+# Secrets never go into the repository: E2E_MLFLOW_USER (admin), E2E_MLFLOW_PASSWORD,
+# E2E_PG_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY are taken from the environment, or else
+# generated at the first start, and kept in .e2e/secrets.env (mode 600, git-ignored) together with
+# the basic-auth ini (.e2e/basic_auth.ini) and .e2e/pgpass. The MLflow admin and the database
+# password are set when the stores are created: to change them, `clean` and start again.
 #
 # Settings (environment): E2E_DIR (.e2e), E2E_PG_PORT (5433: beside a system cluster on 5432),
 # E2E_MLFLOW_PORT (5055), E2E_MLFLOW_WORKERS (2), PG_BIN (PostgreSQL's bin folder; found in
@@ -19,11 +29,14 @@ MLFLOW_PORT=${E2E_MLFLOW_PORT:-5055}
 MLFLOW_WORKERS=${E2E_MLFLOW_WORKERS:-2}
 VENV=${VENV:-$ROOT/.venv}
 HOST=127.0.0.1
-PG_USER=embft          # the cluster's superuser; trust auth is fine for a loopback-only throwaway
+PG_USER=embft          # the cluster's superuser, password-authenticated (scram-sha-256)
 PG_OS_USER=postgres    # who runs the server when this script runs as root
 MLFLOW_PID=$E2E_DIR/mlflow.pid
 MLFLOW_LOG=$E2E_DIR/mlflow.log
 ARTIFACTS=$E2E_DIR/mlartifacts
+SECRETS=$E2E_DIR/secrets.env
+AUTH_INI=$E2E_DIR/basic_auth.ini
+PGPASS=$E2E_DIR/pgpass
 
 MLFLOW_URI=http://$HOST:$MLFLOW_PORT
 PG_URI=postgresql://$PG_USER@$HOST:$PG_PORT
@@ -41,6 +54,41 @@ pg_bin() {
 }
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
+
+random_secret() { "$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))'; }
+
+# Credentials: the environment's, else those of an earlier start (.e2e/secrets.env), else new
+# random ones; written back so that `env`, later starts and the clients agree.
+load_secrets() {
+    local env_user=${E2E_MLFLOW_USER:-} env_pw=${E2E_MLFLOW_PASSWORD:-} env_pg=${E2E_PG_PASSWORD:-}
+    local env_key=${MLFLOW_FLASK_SERVER_SECRET_KEY:-}
+    mkdir -p "$E2E_DIR"
+    # shellcheck disable=SC1090
+    if [ -f "$SECRETS" ]; then . "$SECRETS"; fi
+    E2E_MLFLOW_USER=${env_user:-${E2E_MLFLOW_USER:-admin}}
+    E2E_MLFLOW_PASSWORD=${env_pw:-${E2E_MLFLOW_PASSWORD:-$(random_secret)}}
+    E2E_PG_PASSWORD=${env_pg:-${E2E_PG_PASSWORD:-$(random_secret)}}
+    MLFLOW_FLASK_SERVER_SECRET_KEY=${env_key:-${MLFLOW_FLASK_SERVER_SECRET_KEY:-$(random_secret)}}
+    (
+        umask 077
+        printf '%s\n' "# scripts/e2e_services.sh: credentials of the local services (not for the repository)" \
+            "E2E_MLFLOW_USER='$E2E_MLFLOW_USER'" "E2E_MLFLOW_PASSWORD='$E2E_MLFLOW_PASSWORD'" \
+            "E2E_PG_PASSWORD='$E2E_PG_PASSWORD'" "MLFLOW_FLASK_SERVER_SECRET_KEY='$MLFLOW_FLASK_SERVER_SECRET_KEY'" >"$SECRETS"
+        # libpq's password file: host:port:database:user:password
+        echo "$HOST:$PG_PORT:*:$PG_USER:$E2E_PG_PASSWORD" >"$PGPASS"
+        # MLflow's basic-auth app, its users in PostgreSQL too. An authenticated user may read
+        # everything (READ); only who created an experiment or model (or the admin) may change it.
+        cat >"$AUTH_INI" <<EOF
+[mlflow]
+default_permission = READ
+database_uri = postgresql+psycopg2://$PG_USER@$HOST:$PG_PORT/mlflow_auth
+admin_username = $E2E_MLFLOW_USER
+admin_password = $E2E_MLFLOW_PASSWORD
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+EOF
+    )
+    export PGPASSFILE=$PGPASS
+}
 
 # Run a PostgreSQL server command as its owner (from a folder it can enter: initdb and postgres
 # complain about an unreadable cwd).
@@ -88,8 +136,14 @@ start_pg() {
     dir=$(pg_dir)
     if [ ! -f "$dir/data/PG_VERSION" ]; then
         say "creating a PostgreSQL cluster in $dir/data"
-        as_pg "$bin/initdb" -D "$dir/data" -U "$PG_USER" --auth=trust --no-locale -E UTF8 >"$dir/initdb.log" 2>&1 \
-            || { cat "$dir/initdb.log" >&2; die "initdb failed"; }
+        # The superuser's password from a file that only its owner reads, removed right after.
+        local pwfile=$dir/initdb.pw
+        (umask 077; echo "$E2E_PG_PASSWORD" >"$pwfile")
+        if is_root; then chown "$PG_OS_USER:" "$pwfile"; fi
+        as_pg "$bin/initdb" -D "$dir/data" -U "$PG_USER" --pwfile="$pwfile" --auth=scram-sha-256 \
+            --no-locale -E UTF8 >"$dir/initdb.log" 2>&1 \
+            || { rm -f "$pwfile"; cat "$dir/initdb.log" >&2; die "initdb failed"; }
+        rm -f "$pwfile"
         # Loopback TCP only (no Unix socket: its default folder belongs to the system cluster);
         # durability off: the data is throwaway and the tests run faster without fsync.
         as_pg tee -a "$dir/data/postgresql.conf" >/dev/null <<EOF
@@ -99,8 +153,13 @@ listen_addresses = '$HOST'
 unix_socket_directories = ''
 fsync = off
 synchronous_commit = off
+password_encryption = scram-sha-256
 full_page_writes = off
 EOF
+    fi
+    # A cluster from before passwords (trust) would let anyone on the machine in.
+    if as_pg grep -qE '^[^#]*[[:space:]]trust([[:space:]]|$)' "$dir/data/pg_hba.conf"; then
+        die "the cluster in $dir/data allows trust logins; remove it with \`$0 clean\` and start again"
     fi
     if pg_running "$dir"; then
         say "PostgreSQL already running ($PG_URI)"
@@ -110,7 +169,7 @@ EOF
         say "PostgreSQL up on $HOST:$PG_PORT (log $dir/postgres.log)"
     fi
     local db
-    for db in mlflow optuna; do
+    for db in mlflow mlflow_auth optuna; do
         if [ -z "$(psql_ -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; then
             psql_ -d postgres -c "CREATE DATABASE $db" >/dev/null
         fi
@@ -141,11 +200,13 @@ start_mlflow() {
     fi
     mlflow_pid >/dev/null && die "MLflow server (pid $(cat "$MLFLOW_PID")) runs but does not answer; see $MLFLOW_LOG, or stop it"
     mkdir -p "$ARTIFACTS"
+    # basic-auth: every request but /health needs a user (HTTP basic auth; the admin from the ini).
     # setsid: the server and its workers form one process group, which stop() ends together.
     # The pid file is written by the group leader itself (exec keeps the pid).
     # +psycopg2: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed.
     setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$MLFLOW_PID" \
-        "$VENV/bin/mlflow" server \
+        env MLFLOW_AUTH_CONFIG_PATH="$AUTH_INI" MLFLOW_FLASK_SERVER_SECRET_KEY="$MLFLOW_FLASK_SERVER_SECRET_KEY" \
+        PGPASSFILE="$PGPASS" "$VENV/bin/mlflow" server --app-name basic-auth \
         --backend-store-uri "postgresql+psycopg2://$PG_USER@$HOST:$PG_PORT/mlflow" \
         --artifacts-destination "$ARTIFACTS" \
         --host "$HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" \
@@ -191,14 +252,19 @@ stop_pg() {
 
 print_env() {
     echo "export EMBFT_MLFLOW_URI=$MLFLOW_URI"
+    echo "export MLFLOW_TRACKING_USERNAME='$E2E_MLFLOW_USER'"
+    echo "export MLFLOW_TRACKING_PASSWORD='$E2E_MLFLOW_PASSWORD'"
     echo "export EMBFT_PG_URI=$PG_URI"
+    echo "export PGPASSFILE=$PGPASS"
 }
 
 case "${1:-}" in
     start)
+        load_secrets
         start_pg
         start_mlflow
-        say "Optuna storage: hydra.sweeper.storage=$PG_URI/optuna"
+        say "Optuna storage: hydra.sweeper.storage=$PG_URI/optuna (password from PGPASSFILE=$PGPASS)"
+        say "clients: eval \"\$($0 env)\"  (MLflow user $E2E_MLFLOW_USER; passwords in $SECRETS)"
         ;;
     stop)
         stop_mlflow
@@ -215,6 +281,8 @@ case "${1:-}" in
         exit $up
         ;;
     env)
+        [ -f "$SECRETS" ] || die "no $SECRETS yet: run \`$0 start\` first"
+        load_secrets
         print_env
         ;;
     clean)  # stop, then delete the cluster, the artifacts and the logs

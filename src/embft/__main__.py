@@ -1,4 +1,5 @@
-"""`python -m embft [overrides]` runs the Hydra app; `python -m embft report NAME` writes a report."""
+"""`python -m embft [overrides]` runs the Hydra app; `python -m embft report NAME` writes a report;
+`python -m embft predict MODEL_URI INPUT [--out FILE]` classifies a file with a logged classifier."""
 
 import sys
 
@@ -8,6 +9,10 @@ def main() -> None:
         from embft.report import main as report_main
 
         raise SystemExit(report_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "predict":
+        from embft.serving import predict_main
+
+        raise SystemExit(predict_main(sys.argv[2:]))
     from embft.app import main as app_main
 
     app_main()

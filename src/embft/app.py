@@ -247,6 +247,13 @@ def log_results(job: Job, result: JobResult) -> None:
                     names.SCORES_ARTIFACT)
 
 
+def log_models(job: Job, splits: Splits, trained: TrainResult) -> None:
+    """The embedder and a kNN classifier into the run (tracking.log_model), before the folder goes."""
+    from embft.serving import log_job_models
+
+    log_job_models(trained.model_dir, splits, job.cfg)
+
+
 def clean_up(job: Job, trained: TrainResult) -> None:
     import mlflow
 
@@ -308,6 +315,7 @@ def run_job(cfg: Config) -> float:
         scores, eval_seconds = score_tuned(job, splits, trained, base_encoder, settings, device)
         result = JobResult(baseline, scores, trained, eval_seconds)
         log_results(job, result)
+        log_models(job, splits, trained)
         clean_up(job, trained)
     summarize(job, run.info.run_id, result)
     return result.metrics(job.metric)[job.objective]
@@ -343,6 +351,13 @@ class SweepSummary(Callback):
             counts["running elsewhere"] = elsewhere
         log.info("Sweep %s: %s", sweep, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs logged")
         self._tag_best_trial(sweep_dir / "optimization_results.yaml", experiment_id)
+        from embft.registry import register_sweep_best
+
+        try:  # the best run's classifier becomes NAME@champion
+            register_sweep_best(config, experiment_id, sweep)
+        except EmbftError as err:
+            log.error("%s", err)
+            raise SystemExit(1) from None
         failed = counts.get("FAILED", 0) + counts.get("KILLED", 0)
         if failed:
             log.error("%d job(s) of sweep %s failed; their MLflow runs hold the error (tag `error`, error.txt). "

@@ -61,6 +61,14 @@ class Distance(StrEnum):
     manhattan = "manhattan"
 
 
+class LogModel(StrEnum):
+    """Which jobs log their model into their run (tracking.log_model)."""
+
+    none = "none"
+    best = "best"  # a job whose objective ties or beats every finished run of its sweep/study
+    all = "all"
+
+
 class Objective(StrEnum):
     """Which split's score a job returns to a sweeper (and a search optimizes)."""
 
@@ -171,6 +179,16 @@ class TrackingConfig:
     # null: the store decides (a tracking server's proxied `mlflow-artifacts:` store).
     artifact_root: Optional[str] = "${paths.root_dir}/mlruns/artifacts"
     experiment_name: str = "${name}"
+    # Models in MLflow (embft.serving, embft.registry).
+    # none | best | all. best: a job logs its embedder + kNN classifier when it leads its sweep
+    # or study so far, so a single run gets its model (what a user expects from a run) and a
+    # sweep ends with its best model logged without paying for every trial's ~90 MB copy.
+    log_model: LogModel = LogModel.best
+    # Registry name for the sweep's best classifier (alias `champion`); null: do not register.
+    registered_model_name: Optional[str] = "${name}"
+    # The classifier's support set: this many train rows per class (seeded by eval.seed), or
+    # null for the whole train split (120k AG News texts: many minutes to embed on a CPU).
+    support_per_class: Optional[int] = 256
 
 
 @dataclass
@@ -260,6 +278,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("data.validation", lambda v: 0 < v < 1 or (v >= 1 and float(v).is_integer()),
      "a fraction in (0, 1) or a whole number of rows >= 1"),
     ("data.max_empty_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("tracking.support_per_class", _at_least(1), ">= 1, or null for the whole train split"),
 ]
 
 

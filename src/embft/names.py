@@ -21,11 +21,19 @@ OPTUNA_STUDY = "optuna.study_name"
 OPTUNA_TRIAL = "optuna.trial_number"
 OPTUNA_BEST = "optuna.best_trial"
 
+CLASSIFIER_URI = "embft.classifier_uri"  # the logged kNN classifier's models:/m-... URI
+SUPPORT_ROWS = "embft.support_rows"  # texts in the classifier's kNN support set
+
 ROLE_FINETUNE, ROLE_BASELINE = "finetune", "baseline"
 # Liveness: where a job runs and its heartbeat (epoch seconds), refreshed while it is alive.
 HEARTBEAT, HOST, PID, PID_NS = "embft.heartbeat", "embft.host", "embft.pid", "embft.pid_ns"
 CLAIM = "embft.claim"  # "pending" while a new run checks for a live twin, "won" once it goes ahead
 BACKED_OFF = "embft.backed_off_to"  # on a deleted claim: the live run that had the config
+
+# Model Registry: the alias of a study's best model, and its version's tags
+CHAMPION = "champion"
+VERSION_STUDY, VERSION_TRIAL = "embft.study", "embft.trial"
+VERSION_METRIC, VERSION_SCORE, VERSION_RUN = "embft.metric", "embft.score", "embft.run_id"
 
 # Artifacts
 CONFIG_ARTIFACT = "config.yaml"

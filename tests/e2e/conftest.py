@@ -1,8 +1,11 @@
 """Fixtures of the e2e tests: live services that `make e2e` (scripts/e2e_services.sh) starts.
 
-The services are found through EMBFT_MLFLOW_URI and EMBFT_PG_URI (defaults: the script's ports).
-A service that does not answer fails the test with what to run: these tests exist to exercise
-the services, so a missing one is an error, not a reason to skip.
+The services are found through EMBFT_MLFLOW_URI and EMBFT_PG_URI (defaults: the script's ports);
+their credentials through MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (MLflow's
+basic-auth app) and PGPASSFILE (PostgreSQL's scram passwords), all of which
+`scripts/e2e_services.sh env` prints. A service that does not answer fails the test with what
+to run: these tests exist to exercise the services, so a missing one is an error, not a reason
+to skip.
 """
 
 from __future__ import annotations
@@ -19,11 +22,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E_DIR = ROOT / ".e2e"
-START_HINT = "start them with `make services-up` (scripts/e2e_services.sh start), or run `make e2e`"
+START_HINT = ("start them with `make services-up` (scripts/e2e_services.sh start) and "
+              "`eval \"$(scripts/e2e_services.sh env)\"`, or run `make e2e`")
+
+
+@dataclass
+class Credentials:
+    user: str
+    password: str
 
 
 @pytest.fixture(scope="session")
-def mlflow_uri() -> str:
+def mlflow_credentials() -> Credentials:
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not (user and password):
+        pytest.fail(f"MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD are not set; {START_HINT}.", pytrace=False)
+    return Credentials(user, password)
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(mlflow_credentials: Credentials) -> str:
     uri = os.environ.get("EMBFT_MLFLOW_URI", "http://127.0.0.1:5055").rstrip("/")
     try:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -35,7 +53,8 @@ def mlflow_uri() -> str:
 
 @pytest.fixture(scope="session")
 def pg_uri() -> str:
-    """Server URI without a database, e.g. postgresql://embft@127.0.0.1:5433 (libpq syntax)."""
+    """Server URI without a database, e.g. postgresql://embft@127.0.0.1:5433 (libpq syntax); the
+    password comes from PGPASSFILE."""
     import psycopg2
 
     uri = os.environ.get("EMBFT_PG_URI", "postgresql://embft@127.0.0.1:5433").rstrip("/")

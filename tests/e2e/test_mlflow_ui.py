@@ -1,5 +1,8 @@
 """The MLflow UI, in Debian's headless Chromium, lists the smoke sweep's runs and accuracy_cosine.
 
+The server runs MLflow's basic-auth app: the browser sends the e2e user's Authorization header
+on every request (Chrome DevTools' Network.setExtraHTTPHeaders), as a logged-in user's would.
+
 Selenium drives /usr/bin/chromium through /usr/bin/chromedriver (apt packages chromium,
 chromium-driver); Selenium Manager, which would download a browser or a driver, is never used.
 """
@@ -20,7 +23,9 @@ METRIC_COL = "metrics.`accuracy_cosine`"  # ag-grid column id of a metric in MLf
 
 
 @pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_credentials):
+    import base64
+
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.selenium_manager import SeleniumManager
@@ -41,6 +46,9 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(120)
+    token = base64.b64encode(f"{mlflow_credentials.user}:{mlflow_credentials.password}".encode()).decode()
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
     try:
         yield driver
     finally:

@@ -1,4 +1,5 @@
-"""Two search workers, started with the same command, share one Optuna study on PostgreSQL."""
+"""Two search workers share one Optuna study on the password-protected PostgreSQL: one finds the
+password in PGPASSFILE (libpq's password file), the other in the storage URL."""
 
 import os
 import subprocess
@@ -22,14 +23,17 @@ def test_two_workers_share_one_postgres_study(pg_uri: str, tmp_path: Path) -> No
 
     n_trials, study_name = 8, f"e2e_{uuid.uuid4().hex[:8]}"
     storage = f"{pg_uri}/optuna"  # a bare postgresql:// URL, as a user would write it
-    cmd = [sys.executable, str(APP), "-m", f"hydra.sweeper.storage={storage}",
-           f"hydra.sweeper.study_name={study_name}", f"hydra.sweeper.n_trials={n_trials}",
-           "hydra.sweep.dir=sweep", "sleep_s=0.5"]
+    password = Path(os.environ["PGPASSFILE"]).read_text().strip().split(":")[-1]
+    with_password = make_url(storage).set(password=password).render_as_string(hide_password=False)
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    no_pgpass = {k: v for k, v in env.items() if k != "PGPASSFILE"}
     workers = []
-    for i in range(2):  # two folders, as two machines would have
+    for i, (url, worker_env) in enumerate([(storage, env), (with_password, no_pgpass)]):  # as two machines
+        cmd = [sys.executable, str(APP), "-m", f"hydra.sweeper.storage={url}",
+               f"hydra.sweeper.study_name={study_name}", f"hydra.sweeper.n_trials={n_trials}",
+               "hydra.sweep.dir=sweep", "sleep_s=0.5"]
         (tmp_path / f"w{i}").mkdir()
-        workers.append(subprocess.Popen(cmd, cwd=tmp_path / f"w{i}", env=env, stdout=subprocess.DEVNULL,
+        workers.append(subprocess.Popen(cmd, cwd=tmp_path / f"w{i}", env=worker_env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True))
     for worker in workers:
         _, err = worker.communicate(timeout=300)

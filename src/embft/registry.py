@@ -1,0 +1,106 @@
+"""The Model Registry: a sweep's or a search's best classifier under a name, alias `champion`.
+
+At the end of a sweep (SweepSummary.on_multirun_end) the best fine-tuned run of the sweep (of the
+Optuna study, for a search: all its workers) by the objective is registered as a new version of
+`tracking.registered_model_name`, tagged with its study, trial and score. The alias `champion`
+moves to it only when it beats the current champion on the same metric; older versions stay.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from embft import names, tracking
+from embft.errors import EmbftError
+
+log = logging.getLogger(__name__)
+
+ALIAS = names.CHAMPION
+STUDY, TRIAL, METRIC, SCORE, RUN = (names.VERSION_STUDY, names.VERSION_TRIAL, names.VERSION_METRIC,
+                                  names.VERSION_SCORE, names.VERSION_RUN)
+CLASSIFIER_URI = names.CLASSIFIER_URI
+
+
+def objective_metric(config: Any) -> str:
+    """The metric the job returns to a sweeper: `val_accuracy_cosine` under eval.objective=validation."""
+    from omegaconf import OmegaConf
+
+    from embft.evaluate import metric_name
+
+    metric = metric_name(config.eval)
+    objective = OmegaConf.select(config, "eval.objective", default="test")
+    return names.validation(metric) if str(objective) == "validation" else metric
+
+
+def best_run(experiment_id: str, group: dict[str, str], metric: str) -> Optional[Any]:
+    runs = [r for r in tracking.find_runs(experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE}) if metric in r.data.metrics]
+    return max(runs, key=lambda r: r.data.metrics[metric], default=None)
+
+
+def register_best(experiment_id: str, group: dict[str, str], study: str, name: str, metric: str) -> Optional[Any]:
+    """Register the group's best run's classifier under `name`; move `champion` if it is better.
+
+    Returns the ModelVersion, or None when the best run has no logged classifier."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    best = best_run(experiment_id, group, metric)
+    if best is None:
+        log.warning("Registry: no finished run of %s has %s; nothing registered", study, metric)
+        return None
+    uri = best.data.tags.get(CLASSIFIER_URI)
+    if not uri:
+        log.warning("Registry: the best run %s of %s logged no classifier (tracking.log_model=none?); "
+                    "nothing registered", best.info.run_id, study)
+        return None
+    score = best.data.metrics[metric]
+    tags = {STUDY: study, TRIAL: best.data.tags.get(names.OPTUNA_TRIAL) or best.info.run_name,
+            METRIC: metric, SCORE: repr(score), RUN: best.info.run_id}
+    # Several search workers end the same study: the first registers, the others find its version.
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{best.info.run_id}'")
+    if existing:
+        version = max(existing, key=lambda v: int(v.version))
+    else:
+        version = mlflow.register_model(uri, name, tags=tags)
+        log.info("Registered %s version %s: run %s, %s=%.4f (%s)", name, version.version, best.info.run_id,
+                 metric, score, study)
+    try:
+        champion = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:
+        champion = None
+    if champion is not None and champion.version == version.version:
+        return version
+    if champion is None or _beats(score, metric, champion):
+        client.set_registered_model_alias(name, ALIAS, version.version)
+        log.info("%s@%s -> version %s (%s=%.4f)", name, ALIAS, version.version, metric, score)
+    else:
+        log.info("%s@%s stays at version %s (%s=%s); version %s scores %.4f", name, ALIAS, champion.version,
+                 champion.tags.get(METRIC), champion.tags.get(SCORE), version.version, score)
+    return version
+
+
+def _beats(score: float, metric: str, champion: Any) -> bool:
+    if champion.tags.get(METRIC) != metric or SCORE not in champion.tags:
+        # Another objective (e.g. test accuracy before the validation split): not comparable.
+        log.warning("Registry: the champion (version %s) was chosen by %s, not %s; the newer study takes the alias",
+                    champion.version, champion.tags.get(METRIC), metric)
+        return True
+    return score > float(champion.tags[SCORE])
+
+
+def register_sweep_best(config: Any, experiment_id: str, sweep: str, metric: Optional[str] = None) -> Optional[Any]:
+    """The hook for SweepSummary.on_multirun_end: register the sweep's (or study's) best run."""
+    from mlflow.exceptions import MlflowException
+    from omegaconf import OmegaConf
+
+    name = config.tracking.registered_model_name
+    if config.tracking.log_model == "none" or not name:
+        return None
+    study = OmegaConf.select(config, "hydra.sweeper.study_name", default=None)
+    group = {names.OPTUNA_STUDY: str(study)} if study else {names.SWEEP: sweep}
+    try:
+        return register_best(experiment_id, group, str(study or sweep), name, metric or objective_metric(config))
+    except MlflowException as err:
+        raise EmbftError(f"Registry: registering the best run of {study or sweep} as {name} failed: {err}") from err

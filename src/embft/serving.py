@@ -1,0 +1,241 @@
+"""Models in MLflow: log a job's fine-tuned embedder and its kNN classifier; `embft predict`.
+
+Per job (when `tracking.log_model` asks for it), two logged models in the job's run:
+- `embedder`: the fine-tuned SentenceTransformer, MLflow's sentence_transformers flavor;
+- `classifier`: a pyfunc (embft/knn_classifier.py, logged as code) = that embedder + the job's
+  kNN (eval.k, eval.metric) over a support set embedded from the train split + the label names.
+Over a tracking server both upload through its artifact proxy (`mlflow-artifacts:`), so a
+worker needs no disk shared with the server. The run gets tag `embft.classifier_uri`, which the
+registry (embft.registry) registers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from embft import names, tracking
+from embft.errors import EmbftError
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_URI = names.CLASSIFIER_URI
+LOG_MODEL_CHOICES = ("none", "best", "all")
+INPUT_EXAMPLE = pd.DataFrame({"text": ["Stocks rallied after the central bank held rates steady."]})
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def _pins(*packages: str) -> list[str]:
+    """Explicit pip requirements (exact installed versions): MLflow's inference would load the
+    model in a subprocess to find them, slowly, and may guess wrong for a local build (torch+cpu)."""
+    pins = []
+    for package in packages:
+        version = metadata.version(package).split("+")[0]
+        pins.append(f"{package}=={version}")
+    return pins
+
+
+def support_set(train: pd.DataFrame, per_class: Optional[int], seed: int) -> pd.DataFrame:
+    """The classifier's support rows: all of `train` (per_class None) or up to `per_class` rows
+    of each label, sampled with `seed`; order kept so the same arguments give the same rows."""
+    if per_class is None:
+        return train[["text", "label"]].reset_index(drop=True)
+    if per_class < 1:
+        raise EmbftError(f"tracking.support_per_class={per_class}: use a positive number, or null for the whole train split.")
+    shuffled = train.sample(frac=1.0, random_state=seed)
+    return shuffled.groupby("label").head(per_class).sort_index()[["text", "label"]].reset_index(drop=True)
+
+
+def embed(model: Any, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    return model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True)
+
+
+def classifier_signature(label_names: Sequence[str]):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from embft.knn_classifier import score_column
+
+    outputs = [ColSpec("long", "label"), ColSpec("string", "label_name")]
+    outputs += [ColSpec("double", score_column(n)) for n in label_names]
+    return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
+
+
+def log_models(model_dir: Path, train: pd.DataFrame, label_names: Sequence[str], *, k: int, metric: str,
+               support_per_class: Optional[int], seed: int, batch_size: int = 64) -> str:
+    """Log `embedder` and `classifier` into the active run; return the classifier's model URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+    from sentence_transformers import SentenceTransformer
+
+    # On the CPU, where a served model usually runs: the support set's vectors are those it computes.
+    embedder = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+    example = INPUT_EXAMPLE["text"].tolist()
+    mlflow.sentence_transformers.log_model(
+        embedder,
+        name="embedder",
+        signature=infer_signature(example, embed(embedder, example, batch_size)),
+        input_example=example,
+        pip_requirements=_pins("sentence-transformers", "transformers", "torch"),
+    )
+    support = support_set(train, support_per_class, seed)
+    missing = sorted(set(range(len(label_names))) - set(support["label"]))
+    if missing:
+        log.warning("The classifier's support set has no rows of label(s) %s: it never predicts them", missing)
+    with tempfile.TemporaryDirectory() as tmp:
+        support_file = Path(tmp) / "support.npz"
+        np.savez(support_file, embeddings=embed(embedder, support["text"], batch_size),
+                 labels=support["label"].to_numpy(dtype=np.int64))
+        info = mlflow.pyfunc.log_model(
+            name="classifier",
+            python_model=str(Path(__file__).with_name("knn_classifier.py")),
+            artifacts={"embedder": str(model_dir), "support": str(support_file)},
+            model_config={"k": int(k), "metric": str(metric), "label_names": list(label_names),
+                          "batch_size": int(batch_size)},
+            signature=classifier_signature(label_names),
+            input_example=INPUT_EXAMPLE,
+            pip_requirements=_pins("mlflow", "sentence-transformers", "transformers", "torch", "scikit-learn",
+                                   "pandas", "numpy"),
+        )
+    mlflow.set_tags({CLASSIFIER_URI: info.model_uri, names.SUPPORT_ROWS: str(len(support))})
+    log.info("Logged the embedder and the kNN classifier (%d support rows): %s", len(support), info.model_uri)
+    return info.model_uri
+
+
+def _group_tags(run: Any) -> dict[str, str]:
+    """The runs this one competes with for `best`: its Optuna study (all workers), else its sweep."""
+    tags = run.data.tags
+    if tags.get(names.OPTUNA_STUDY):
+        return {names.OPTUNA_STUDY: tags[names.OPTUNA_STUDY]}
+    if tags.get(names.SWEEP):
+        return {names.SWEEP: tags[names.SWEEP]}
+    return {}
+
+
+def is_best_so_far(metric: str) -> bool:
+    """For log_model=best: does the active run beat (or tie) every FINISHED run of its study or
+    sweep on `metric`? The final best always does when it runs, so it always gets its model; an
+    earlier leader logs too (a few extra models), which spares keeping every job's folder (on
+    every worker's disk) until the sweep ends."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(mlflow.active_run().info.run_id)
+    if metric not in run.data.metrics:
+        log.warning("tracking.log_model=best: this run has no %s yet; logging its model anyway", metric)
+        return True
+    group = _group_tags(run)
+    if not group:
+        return True  # a single job is the best of its own
+    others = [r for r in tracking.find_runs(run.info.experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
+              if r.info.run_id != run.info.run_id and metric in r.data.metrics]
+    value = run.data.metrics[metric]
+    return all(value >= r.data.metrics[metric] for r in others)
+
+
+def log_job_models(model_dir: Path, splits: Any, cfg: Any) -> Optional[str]:
+    """Called inside the job's run after its metrics are logged, before the model folder is removed.
+
+    Returns the classifier's URI, or None when `tracking.log_model` says not to log."""
+    from embft.registry import objective_metric
+
+    mode = cfg.tracking.log_model
+    if mode not in LOG_MODEL_CHOICES:
+        raise EmbftError(f"tracking.log_model={mode}: choose one of {', '.join(LOG_MODEL_CHOICES)}.")
+    if mode == "none":
+        return None
+    metric = objective_metric(cfg)
+    if mode == "best" and not is_best_so_far(metric):
+        log.info("Not logging the model: its %s trails a finished run of this sweep (tracking.log_model=best)", metric)
+        return None
+    return log_models(Path(model_dir), splits.train, splits.label_names, k=cfg.eval.k, metric=cfg.eval.metric,
+                      support_per_class=cfg.tracking.support_per_class, seed=cfg.eval.seed,
+                      batch_size=cfg.eval.batch_size)
+
+
+# ---- embft predict -----------------------------------------------------------------------
+
+def file_format(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise EmbftError(f"{path}: unknown file type {path.suffix!r}; use .csv, .jsonl or .parquet.")
+    return fmt
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    fmt = file_format(path)
+    if not path.is_file():
+        raise EmbftError(f"{path}: no such file.")
+    frame = {"csv": pd.read_csv, "jsonl": lambda p: pd.read_json(p, lines=True), "parquet": pd.read_parquet}[fmt](path)
+    if "text" not in frame.columns:
+        raise EmbftError(f"{path}: needs a `text` column (has {', '.join(map(str, frame.columns)) or 'none'}).")
+    return frame
+
+
+def write_table(frame: pd.DataFrame, fmt: str, out: Optional[Path]) -> None:
+    if fmt == "parquet":
+        if out is None:
+            raise EmbftError("Parquet output needs --out FILE.")
+        frame.to_parquet(out, index=False)
+    elif fmt == "csv":
+        frame.to_csv(out if out else sys.stdout, index=False)
+    else:
+        text = frame.to_json(orient="records", lines=True, force_ascii=False)
+        if out:
+            out.write_text(text)
+        else:
+            sys.stdout.write(text)
+
+
+def predict_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="embft predict",
+        description="Classify the `text` column of a csv/jsonl/parquet file with a logged classifier; "
+                    "writes the input columns plus label, label_name and score_<name> per class.")
+    parser.add_argument("model_uri", help="models:/NAME@champion, models:/m-..., runs:/RUN_ID/classifier, or a folder")
+    parser.add_argument("input", type=Path)
+    parser.add_argument("--out", type=Path, help="output file (format from its suffix); default: stdout, input's format. Input "
+                             "columns named like an output column are kept as <name>_input")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store for models:/ and runs:/ URIs (default: MLFLOW_TRACKING_URI, "
+                             "else the project's sqlite store)")
+    args = parser.parse_args(list(argv))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        frame = read_table(args.input)
+        fmt = file_format(args.out) if args.out else file_format(args.input)
+        model = load_classifier(args.model_uri, args.tracking_uri)
+        labels = model.predict(frame[["text"]].astype({"text": str}))
+        # An input column named like an output one (e.g. a gold `label`) is kept as `<name>_input`.
+        frame = frame.rename(columns={c: f"{c}_input" for c in labels.columns if c in frame.columns})
+        write_table(pd.concat([frame.reset_index(drop=True), labels.reset_index(drop=True)], axis=1), fmt, args.out)
+    except EmbftError as err:
+        print(f"embft predict: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def load_classifier(model_uri: str, tracking_uri: Optional[str] = None):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from embft.tracking import default_tracking_uri
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EmbftError(f"cannot load {model_uri} from {uri}: {first}") from err
+

@@ -1,0 +1,118 @@
+"""The smoke sweep's model through the authenticated server: logged through the artifact proxy,
+registered as NAME@champion, loaded by alias in a fresh process, and served by `mlflow models serve`."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # slow too: `-m "not slow"` must not need the services
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXTS = ["The central bank raised interest rates again as inflation stayed high.",
+         "The striker scored twice as the home side won the cup final.",
+         "A new chip promises faster phones with longer battery life.",
+         "Rebels and government forces agreed to a ceasefire after talks."]
+
+
+def _client_env(mlflow_uri: str) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+@pytest.fixture(scope="module")
+def champion(smoke_sweep, mlflow_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri).get_model_version_by_alias(
+        smoke_sweep.name, "champion")
+
+
+@pytest.fixture(scope="module")
+def in_process_labels(champion, smoke_sweep, mlflow_uri: str) -> list[str]:
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{smoke_sweep.name}@champion")
+    return model.predict(pd.DataFrame({"text": TEXTS}))["label_name"].tolist()
+
+
+def test_sweep_logged_and_registered_its_best_model(smoke_sweep, champion, mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    tuned = client.search_runs([smoke_sweep.experiment_id], "tags.`embft.role` = 'finetune'")[0]
+    assert champion.run_id == tuned.info.run_id
+    assert champion.tags["embft.study"] == tuned.data.tags["embft.sweep"]
+    assert float(champion.tags["embft.score"]) == tuned.data.metrics[champion.tags["embft.metric"]]
+    assert champion.tags["embft.trial"]
+    # Both models went through the server's artifact proxy: no path of the server's disk in them.
+    models = {m.name: m for m in client.search_logged_models([smoke_sweep.experiment_id])}
+    assert {"embedder", "classifier"} <= set(models)
+    assert all(m.artifact_location.startswith("mlflow-artifacts:") for m in models.values())
+    assert tuned.data.tags["embft.classifier_uri"] == f"models:/{models['classifier'].model_id}"
+    assert "Registered" in smoke_sweep.output and "@champion" in smoke_sweep.output
+
+
+def test_champion_loads_by_alias_in_a_fresh_process(smoke_sweep, in_process_labels, mlflow_uri: str,
+                                                    tmp_path: Path) -> None:
+    pd.DataFrame({"text": TEXTS}).to_csv(tmp_path / "in.csv", index=False)
+    done = subprocess.run([sys.executable, "-m", "embft", "predict", f"models:/{smoke_sweep.name}@champion",
+                           str(tmp_path / "in.csv"), "--out", str(tmp_path / "out.csv")],
+                          env=_client_env(mlflow_uri), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert pd.read_csv(tmp_path / "out.csv")["label_name"].tolist() == in_process_labels
+
+    no_auth = {k: v for k, v in _client_env(mlflow_uri).items() if not k.startswith("MLFLOW_TRACKING_PASSWORD")}
+    refused = subprocess.run([sys.executable, "-m", "embft", "predict", f"models:/{smoke_sweep.name}@champion",
+                              str(tmp_path / "in.csv")], env=no_auth, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and "cannot load" in refused.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_on_loopback(smoke_sweep, in_process_labels, mlflow_uri: str,
+                                                 tmp_path: Path) -> None:
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{smoke_sweep.name}@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=_client_env(mlflow_uri), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                opener.open(f"{url}/ping", timeout=5).close()
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 300 s"
+                time.sleep(2)
+        body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}}).encode()
+        request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with opener.open(request, timeout=120) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert [p["label_name"] for p in predictions] == in_process_labels
+        assert {"label", *(f"score_{name}" for name in in_process_labels)} <= set(predictions[0])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
