@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 
@@ -11,6 +12,7 @@ def quiet_libraries() -> None:
     for name in ("FlagEmbedding", "mteb", "sentence_transformers", "datasets", "transformers", "filelock", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("FlagEmbedding.abc.finetune.embedder.AbsRunner").setLevel(logging.ERROR)  # per-rank banner
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per logged model file
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*|.*`max_length` is ignored.*")
     import datasets
