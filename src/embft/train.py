@@ -12,7 +12,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from embft.errors import EmbftError
 
@@ -200,12 +200,13 @@ def runner_spec(cfg: Any, records_dir: Path, model_path: str, bare_dir: Path, pr
     }
 
 
-def run_runner(spec: dict) -> dict:
+def run_runner(spec: dict, callbacks: Sequence[Any] = ()) -> dict:
     """Train with FlagEmbedding's runner and save the bare weights into training_args.output_dir.
 
     The one code path for both cases: called in the job's process, or by every torchrun worker
     (TrainingArguments then picks up RANK/WORLD_SIZE from the environment; only rank 0 saves).
     Returns {"seconds": training time, "losses": [[step, loss], ...]} (the loss averaged over processes).
+    `callbacks` (transformers TrainerCallbacks, e.g. embft.callbacks.LiveTrainingCallback) only in-process.
     """
     from FlagEmbedding.finetune.embedder.encoder_only.base import (
         EncoderOnlyEmbedderDataArguments,
@@ -225,6 +226,12 @@ def run_runner(spec: dict) -> dict:
         data_args=EncoderOnlyEmbedderDataArguments(**spec["data_args"]),
         training_args=training_args,
     )
+    # issue 12: one progress bar instead of a dict per logging step; the job's callbacks.
+    from embft.callbacks import use_progress_bar
+
+    use_progress_bar(runner.trainer)
+    for callback in callbacks:
+        runner.trainer.add_callback(callback)
     start = time.perf_counter()
     runner.run()  # train, then save the bare weights
     seconds = time.perf_counter() - start
@@ -232,7 +239,8 @@ def run_runner(spec: dict) -> dict:
     return {"seconds": seconds, "losses": losses}
 
 
-def train(cfg: Any, records_dir: Path, model_path: str, n_records: int, out_dir: Path) -> TrainResult:
+def train(cfg: Any, records_dir: Path, model_path: str, n_records: int, out_dir: Path,
+          callbacks: Sequence[Any] = ()) -> TrainResult:
     """Fine-tune with FlagEmbedding's EncoderOnlyEmbedderRunner and save to `out_dir/model`.
 
     With train.nproc_per_node > 1 the runner runs in torchrun's workers (embft.distributed); the
@@ -272,8 +280,10 @@ def train(cfg: Any, records_dir: Path, model_path: str, n_records: int, out_dir:
             t.train_group_size, precision, device, t.loss,
         )
         if nproc == 1:
-            outcome = run_runner(spec)
+            outcome = run_runner(spec, callbacks)  # issue 12: callbacks in-process only
         else:
+            if callbacks:  # issue 12: torchrun workers have neither the MLflow run nor the validation data
+                log.warning("train.nproc_per_node=%d: live metrics, evaluation and pruning are off", nproc)
             from embft.distributed import launch
 
             outcome = launch(spec, nproc, device, work_parent=out_dir)
