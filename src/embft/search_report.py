@@ -33,7 +33,9 @@ def _plotters(study: Any) -> dict[str, Callable[[], Any]]:
     }
     searched = {name for t in complete for name in t.distributions}
     if len(complete) >= 2 and searched:  # importances need a fitted model over finished trials
-        plots["param_importances"] = lambda: vis.plot_param_importances(study, **first)
+        # Several objectives: one bar per objective (a `target` would be read as minimized).
+        plots["param_importances"] = lambda: vis.plot_param_importances(study, target_name="importance"
+                                                                        if len(names) > 1 else names[0])
     if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
         plots["intermediate_values"] = lambda: vis.plot_intermediate_values(study)
     if len(study.directions) == 2:
