@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from embft import tracking
+from embft import study_runs, tracking
 from embft.config import register_configs, to_container
 from embft.errors import EmbftError
 
@@ -64,7 +64,7 @@ def run_job(cfg: DictConfig) -> float:
         if done and metric in done[0].data.metrics:
             log.info("Skipping: run %s already FINISHED this config (%s=%s); force=true reruns it",
                      done[0].info.run_id, tracking.CONFIG_HASH, hash_)
-            return float(done[0].data.metrics[metric])
+            return study_runs.objective_values(done[0].data.metrics, cfg.objectives or [{"metric": metric}])  # issue 12
     tracking.close_stale_runs(experiment_id, hash_)
 
     sweep, run_name = _hydra_context()
@@ -79,6 +79,7 @@ def run_job(cfg: DictConfig) -> float:
         tags[tracking.SWEEP] = sweep
     if cfg.optuna.study_name is not None:
         tags.update({"optuna.study_name": cfg.optuna.study_name, "optuna.trial_number": str(cfg.optuna.trial_number)})
+    tags.update(study_runs.job_tags(experiment_id, cfg.optuna.study_name, sweep))  # issue 12: nest under the parent run
 
     import mlflow
 
@@ -157,7 +158,9 @@ def run_job(cfg: DictConfig) -> float:
         log.info("%s = %.4f (baseline %.4f, delta %+.4f); trained %d queries in %.0f s (%.2f queries/s)",
                  metric, scores.accuracy, baseline.accuracy, scores.accuracy - baseline.accuracy,
                  result.n_queries, result.seconds, result.queries_per_second)
-        return scores.accuracy
+        # issue 12: the metrics named in `objectives` (default: this evaluation's metric)
+        logged = mlflow.get_run(mlflow.active_run().info.run_id).data.metrics
+        return study_runs.objective_values(logged, cfg.objectives or [{"metric": metric}])
 
 
 class SweepSummary(Callback):
@@ -165,10 +168,14 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            tracking.setup(config.tracking)
+            experiment_id = tracking.setup(config.tracking)
         except EmbftError as err:
             log.error("%s", err)
             raise SystemExit(1) from None
+        try:  # issue 12: the study's (or sweep's) parent run; the jobs run without it if MLflow refuses
+            study_runs.start_parent_run(experiment_id, config)
+        except Exception as err:
+            log.warning("No parent run: %s", err)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -178,35 +185,20 @@ class SweepSummary(Callback):
         except Exception as err:  # a summary must never mask the sweep's own outcome
             log.warning("No sweep summary: %s", err)
             return
-        counts: dict[str, int] = {}
-        for run in runs:
-            counts[run.info.status] = counts.get(run.info.status, 0) + 1
+        counts = study_runs.count_runs(runs)  # issue 12: PRUNED counted apart, never a failure
         log.info("Sweep %s: %s", sweep, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs logged")
-        self._tag_best_trial(Path(config.hydra.sweep.dir) / "optimization_results.yaml", experiment_id)
+        # issue 12: best / Pareto tags on the trials, results and plots on the parent run, closed FINISHED
+        try:
+            parent = study_runs.find_parent_run(experiment_id, study_runs.parent_key(config))
+            if parent is not None:
+                study_runs.finish_parent_run(experiment_id, parent, config, counts)
+        except Exception as err:
+            log.warning("Parent run not completed: %s", err)
         failed = counts.get("FAILED", 0) + counts.get("KILLED", 0)
         if failed:
             log.error("%d job(s) of sweep %s failed; their MLflow runs hold the error (tag `error`, error.txt). "
                       "Rerunning the same command skips the finished jobs.", failed, sweep)
             raise SystemExit(1)
-
-    @staticmethod
-    def _tag_best_trial(results_file: Path, experiment_id: str) -> None:
-        """Mark the Optuna study's best trial in MLflow (tag optuna.best_trial) after a search."""
-        if not results_file.is_file():
-            return
-        results = OmegaConf.load(results_file)
-        if OmegaConf.select(results, "best_trial_number") is None:
-            return
-        import mlflow
-
-        client = mlflow.MlflowClient()
-        study = {"optuna.study_name": str(results.study_name)}
-        for run in tracking.find_runs(experiment_id, study):
-            best = run.data.tags.get("optuna.trial_number") == str(results.best_trial_number)
-            client.set_tag(run.info.run_id, "optuna.best_trial", str(best).lower())
-            if best:
-                log.info("Best trial %s (%s=%s): MLflow run %s", results.best_trial_number,
-                         "value", results.best_value, run.info.run_id)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -99,6 +99,9 @@ class EvalConfig:
     max_test_rows: Optional[int] = None
     batch_size: int = 64
     seed: int = 42
+    # issue 12: score the live model every N training steps (logged by step, reported to the Optuna
+    # trial for pruning); null: only after training.
+    every_steps: Optional[int] = None
 
 
 @dataclass
@@ -122,6 +125,15 @@ class OptunaTrialConfig:
 
     trial_number: Optional[int] = None
     study_name: Optional[str] = None
+    storage: Optional[str] = None  # issue 12: the study's URL, where the job reports intermediate scores
+
+
+@dataclass
+class ObjectiveConfig:
+    """issue 12: one metric a job returns to a search, and whether the search maximizes it."""
+
+    metric: str = MISSING
+    direction: str = "maximize"  # maximize | minimize
 
 
 @dataclass
@@ -135,6 +147,9 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
+    # issue 12: what a job returns, in order (a search sets hydra.sweeper.direction: ${objectives});
+    # empty: the evaluation's metric alone.
+    objectives: list[ObjectiveConfig] = field(default_factory=list)
     # Rerun a job even if a FINISHED run with the same config hash exists.
     force: bool = False
     # Show full tracebacks for user errors.

@@ -553,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output-name", default=None, help="folder under out-dir (default: name, / -> _)"
     )
+    parser.add_argument(  # issue 12
+        "--storage", default=None,
+        help="Optuna storage URL of a search (default: the study parent run's optuna.storage tag)",
+    )
     args = parser.parse_args(argv)
 
     where = {}
@@ -585,6 +589,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = write_markdown(table, info, title, out / "report.md")
     png = plot(table, info, title, out / "report.png")
+    try:  # issue 12: a search also gets Optuna's plots, in report.md and on its parent run
+        from embft.search_report import add_search_section
+
+        add_search_section(MlflowClient(tracking_uri=uri), args.name, md, storage=args.storage)
+    except EmbftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     best = table[~table["configuration"].isin(list(info["baselines"]))].iloc[0]
     print(md)
     print(png)

@@ -20,6 +20,7 @@ PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "in
 
 def _plotters(study: Any) -> dict[str, Callable[[], Any]]:
     """The plots that apply to this study (each a callable returning matplotlib Axes)."""
+    import optuna
     import optuna.visualization.matplotlib as vis
     from optuna.trial import TrialState
 
@@ -33,9 +34,11 @@ def _plotters(study: Any) -> dict[str, Callable[[], Any]]:
     }
     searched = {name for t in complete for name in t.distributions}
     if len(complete) >= 2 and searched:  # importances need a fitted model over finished trials
-        # Several objectives: one bar per objective (a `target` would be read as minimized).
-        plots["param_importances"] = lambda: vis.plot_param_importances(study, target_name="importance"
-                                                                        if len(names) > 1 else names[0])
+        # Several objectives: a bar per objective with fANOVA, which needs no direction (Optuna's
+        # default, PED-ANOVA, reads every objective as minimized there).
+        evaluator = None if len(names) == 1 else optuna.importance.FanovaImportanceEvaluator(seed=0)
+        plots["param_importances"] = lambda: vis.plot_param_importances(
+            study, evaluator=evaluator, target_name=names[0] if len(names) == 1 else "importance")
     if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
         plots["intermediate_values"] = lambda: vis.plot_intermediate_values(study)
     if len(study.directions) == 2:

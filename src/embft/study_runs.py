@@ -163,7 +163,11 @@ def tag_trials(experiment_id: str, results: Mapping[str, Any]) -> None:
         return
     client = mlflow.MlflowClient()
     for run in tracking.find_runs(experiment_id, {STUDY: str(results["study_name"]), ROLE: "finetune"}):
-        client.set_tag(run.info.run_id, tag, str(run.data.tags.get(TRIAL) in chosen).lower())
+        chosen_run = run.data.tags.get(TRIAL) in chosen
+        client.set_tag(run.info.run_id, tag, str(chosen_run).lower())
+        if chosen_run and tag == BEST:
+            log.info("Best trial %s (value %s): MLflow run %s", results["best_trial_number"],
+                     results.get("best_value"), run.info.run_id)
 
 
 def finish_parent_run(experiment_id: str, run_id: str, config: Any, counts: Mapping[str, int]) -> None:

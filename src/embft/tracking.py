@@ -19,10 +19,12 @@ log = logging.getLogger(__name__)
 
 ROLE, SWEEP, CONFIG_HASH, BASELINE_KEY = "embft.role", "embft.sweep", "embft.config_hash", "embft.baseline_key"
 # Keys that locate things rather than choose them: they stay out of the config hash.
-LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug")
+# (issue 12: `objectives` only says what a job returns to a search.)
+LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug", "objectives")
 # Keys added after studies were logged: at these defaults they leave a job's hash as it was, so
 # rerunning an older study's command still skips its finished jobs.
-HASH_NEUTRAL = {("train", "nproc_per_node"): 1, ("train", "negatives_cross_device"): False}
+HASH_NEUTRAL = {("train", "nproc_per_node"): 1, ("train", "negatives_cross_device"): False,
+                ("eval", "every_steps"): None}  # issue 12
 
 
 def default_tracking_uri() -> str:
