@@ -6,6 +6,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from conftest import make_tiny_bert
@@ -65,6 +66,7 @@ def test_live_metrics_and_view_leave_training_unchanged(compose, tmp_path, tiny_
         view = live_sentence_transformer(model, str(tiny_bert), "cls", True, 16)
         assert view[0].auto_model is model.model  # the Trainer's encoder itself, not a copy
         seen[step] = view.encode(probe, convert_to_numpy=True)
+        torch.randperm(100)  # e.g. sampling validation rows: must not shift training's dropout masks
         return float(step)
 
     callback = LiveTrainingCallback(score, every_steps=2)

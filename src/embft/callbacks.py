@@ -94,8 +94,8 @@ class LiveTrainingCallback(TrainerCallback):
     def _evaluate(self, step: int, model: Any, control: Any) -> None:
         import torch
 
-        # Scoring must not change training: the same weights' mode, and the same random stream
-        # (dropout, shuffling) as a run without live evaluation.
+        # Scoring must not change training: the same random stream (dropout) as a run without live
+        # evaluation, and train mode back (the Trainer sets it each step too; other hooks may not).
         was_training = model.training
         rng = torch.random.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
