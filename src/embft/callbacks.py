@@ -8,7 +8,7 @@ other processes, without the job's MLflow run or its validation data.
 from __future__ import annotations
 
 import logging
-import math
+import time
 from typing import Any, Callable, Optional
 
 from transformers import TrainerCallback
@@ -74,6 +74,7 @@ class LiveTrainingCallback(TrainerCallback):
         self.scores: list[tuple[int, float]] = []
         self.pruned_step: Optional[int] = None
         self.logged_loss = False
+        self.eval_seconds = 0.0  # inside the Trainer's wall time: subtract it for training time alone
 
     @staticmethod
     def _mlflow():
@@ -99,6 +100,7 @@ class LiveTrainingCallback(TrainerCallback):
         was_training = model.training
         rng = torch.random.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        start = time.perf_counter()
         try:
             score = float(self.score_fn(step, model))  # type: ignore[misc]
         finally:
@@ -106,11 +108,12 @@ class LiveTrainingCallback(TrainerCallback):
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
             model.train(was_training)
+            self.eval_seconds += time.perf_counter() - start
         self.scores.append((step, score))
         mlflow = self._mlflow()
         if mlflow is not None:
             mlflow.log_metric(self.metric, score, step=step)
-        if self.reporter is None or math.isnan(score):
+        if self.reporter is None:
             return
         if self.reporter.report(score, step):
             control.should_training_stop = True
