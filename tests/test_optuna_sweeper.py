@@ -144,7 +144,7 @@ def _run(
         env=_app_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # a loaded 2-core machine: imports alone can take a minute
     )
     if check and proc.returncode != 0:
         pytest.fail(f"sweep failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -402,7 +402,7 @@ def test_two_workers_with_a_pruner_end_at_exactly_n_trials(tmp_path: Path) -> No
         workers.append(subprocess.Popen(cmd, cwd=tmp_path / f"w{i}", env=_app_env(),
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for w in workers:
-        _, err = w.communicate(timeout=180)
+        _, err = w.communicate(timeout=300)
         assert w.returncode == 0, err
     study = _study(tmp_path)
     assert len(study.trials) == 9

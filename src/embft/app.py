@@ -52,6 +52,7 @@ def run_job(cfg: DictConfig) -> float:
 
     quiet_libraries()
     resolved = to_container(cfg)
+    study_runs.mask_storage(resolved)  # issue 12: the study URL's password stays out of MLflow
     params = tracking.flatten(resolved)
     hash_ = tracking.config_hash(resolved)
     metric = metric_name(cfg.eval)

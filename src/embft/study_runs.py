@@ -46,6 +46,15 @@ def _metric(objective: Any) -> str:
     return str(objective["metric"] if isinstance(objective, Mapping) else objective.metric)
 
 
+def mask_storage(resolved: dict) -> None:
+    """Hide the password of the job's Optuna storage URL in its resolved config (what MLflow gets)."""
+    node = resolved.get("optuna") or {}
+    if node.get("storage"):
+        from sqlalchemy.engine import make_url
+
+        node["storage"] = make_url(node["storage"]).render_as_string(hide_password=True)
+
+
 # ------------------------------------------------------------------------------------ parent runs
 
 

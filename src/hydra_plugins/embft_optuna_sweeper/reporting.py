@@ -57,7 +57,12 @@ class TrialReporter:
         from optuna.trial import Trial
 
         self.trial_number = int(trial_number)
-        self.study = optuna.load_study(study_name=study_name, storage=storage)
+        rdb = optuna.storages.RDBStorage(
+            storage,
+            # As the sweeper: workers share a SQLite file, so wait on its lock instead of failing.
+            engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None,
+        )
+        self.study = optuna.load_study(study_name=study_name, storage=rdb)
         # Optuna has no public lookup of a live Trial by number: ask/tell code holds the Trial
         # object, which a job in another process (or machine) does not have.
         storage_ = self.study._storage
