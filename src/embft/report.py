@@ -278,7 +278,8 @@ def summarize(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
     selected = df[df["selected"]] if "selected" in df else df
     used_mask = _usable(selected, "finetune")
     # Baseline runs are reported as the baseline, not as used or skipped study runs.
-    skipped = selected[~used_mask & ~_usable(selected, "baseline")]
+    skipped = selected[~used_mask & ~_usable(selected, "baseline")
+                       & ~selected["role"].isin(("study", "sweep"))]  # issue 12: parent runs hold no job
     skipped_by = (
         skipped.apply(_skip_reason, axis=1).value_counts().to_dict() if len(skipped) else {}
     )
