@@ -8,7 +8,6 @@ parent run (embft.study_runs), which AppRuns opens and closes like embft's Sweep
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
