@@ -144,7 +144,7 @@ def _run(
         env=_app_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # a loaded 2-core machine: imports alone can take a minute
     )
     if check and proc.returncode != 0:
         pytest.fail(f"sweep failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -178,7 +178,11 @@ def test_study_persists_and_resumes(tmp_path: Path) -> None:
     assert _results(tmp_path, "s2").n_complete == 3
     # The job saw its trial number and the study name through the `optuna` node.
     job_cfg = OmegaConf.load(tmp_path / "s2" / "0" / ".hydra" / "config.yaml")
-    assert job_cfg.optuna == {"trial_number": 2, "study_name": "my_app"}
+    assert job_cfg.optuna == {
+        "trial_number": 2,
+        "study_name": "my_app",
+        "storage": f"sqlite:///{tmp_path}/optuna.db",  # where the job reports intermediate values
+    }
     assert trials[2].user_attrs["overrides"] == [
         f"x={trials[2].params['x']}",
         f"y={trials[2].params['y']}",
@@ -336,3 +340,181 @@ def test_multi_objective(tmp_path: Path) -> None:
     results = _results(tmp_path, "s")
     assert results.direction == ["maximize", "minimize"]
     assert {t.number for t in study.best_trials} == {t.number for t in results.best_trials}
+
+
+# --------------------------------------------------------------------------- pruning
+
+PRUNE = ["steps=4", "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=2"]
+
+
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [
+        ("median", optuna.pruners.MedianPruner),
+        ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
+        ("hyperband", optuna.pruners.HyperbandPruner),
+        ("none", optuna.pruners.NopPruner),
+    ],
+)
+def test_pruner_config_nodes_build_optuna_pruners(name: str, target: type) -> None:
+    from hydra.utils import instantiate
+
+    from hydra_plugins.embft_optuna_sweeper.config import PRUNERS
+
+    assert isinstance(instantiate(OmegaConf.structured(PRUNERS[name])), target)
+
+
+def _pruned_ok(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The PRUNED trials, after checking each was worse than the median of the trials before it
+    at the step it stopped, and stopped before the end of its curve."""
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    for t in pruned:
+        step = t.last_step
+        assert step is not None and step < 4
+        earlier = [u.intermediate_values[step] for u in study.trials
+                   if u.number < t.number and step in u.intermediate_values]
+        assert t.intermediate_values[step] < sorted(earlier)[len(earlier) // 2]
+    return pruned
+
+
+@pytest.mark.parametrize("prune_by", ["tell", "raise"])
+def test_bad_trials_are_pruned_and_count_towards_n_trials(tmp_path: Path, prune_by: str) -> None:
+    proc = _run(tmp_path, "s", *PRUNE, f"prune_by={prune_by}", "hydra.sweeper.n_trials=8")
+    study = _study(tmp_path)
+    assert len(study.trials) == 8  # pruned trials count
+    pruned = _pruned_ok(study)
+    assert pruned and {t.state for t in study.trials} == {TrialState.COMPLETE, TrialState.PRUNED}
+    results = _results(tmp_path, "s")
+    assert (results.n_complete, results.n_pruned, results.n_failed) == (8 - len(pruned), len(pruned), 0)
+    assert results.pruner._target_ == "optuna.pruners.MedianPruner"
+    assert f"Trial {pruned[0].number} pruned at step" in proc.stdout + proc.stderr
+    # Trials finished in full report every step; the pruner decided from step 1 on.
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert all(sorted(t.intermediate_values) == [1, 2, 3, 4] for t in complete)
+
+
+def test_two_workers_with_a_pruner_end_at_exactly_n_trials(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(APP), "-m", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+           "hydra.sweeper.n_trials=9", "hydra.sweep.dir=sweep", "sleep_s=0.3", *PRUNE]
+    workers = []
+    for i in range(2):
+        (tmp_path / f"w{i}").mkdir()
+        workers.append(subprocess.Popen(cmd, cwd=tmp_path / f"w{i}", env=_app_env(),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for w in workers:
+        _, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err
+    study = _study(tmp_path)
+    assert len(study.trials) == 9
+    assert _pruned_ok(study)
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE, TrialState.PRUNED}
+
+
+def test_pruner_refuses_several_objectives(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "s", "multi_objective=true", "hydra.sweeper.direction=[maximize,minimize]",
+                "hydra/sweeper/pruner=median", check=False)
+    assert proc.returncode != 0 and "single-objective studies only" in proc.stderr
+
+
+# --------------------------------------------------------------------------- MLflow (embft.study_runs)
+
+
+def _mlflow(tmp_path: Path) -> Any:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("sweeper_app")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("embft.role") == "study"]
+    trials = {int(r.data.tags["optuna.trial_number"]): r for r in runs
+              if r.data.tags.get("embft.role") == "finetune"}
+    return client, parents, trials
+
+
+def test_pruned_runs_are_tagged_and_nest_under_one_parent_run_across_resumes(tmp_path: Path) -> None:
+    from embft.search_report import add_search_section
+
+    uri = f"mlflow_uri=sqlite:///{tmp_path}/mlflow.db"
+    first = _run(tmp_path, "s1", *PRUNE, uri, "hydra.sweeper.n_trials=7")
+    _, parents, _ = _mlflow(tmp_path)
+    assert len(parents) == 1
+    parent_id = parents[0].info.run_id
+    second = _run(tmp_path, "s2", *PRUNE, uri, "hydra.sweeper.n_trials=9")  # resume to 9 trials
+
+    client, parents, trials = _mlflow(tmp_path)
+    assert [p.info.run_id for p in parents] == [parent_id]  # found again, not a second parent
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    study = _study(tmp_path)
+    assert sorted(trials) == list(range(9)) == [t.number for t in study.trials]
+    for t in study.trials:
+        run = trials[t.number]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        if t.state == TrialState.PRUNED:
+            assert run.data.tags["optuna.pruned"] == "true"
+            assert run.data.tags["optuna.pruned_step"] == str(t.last_step)
+        else:
+            assert "optuna.pruned" not in run.data.tags
+        # The intermediate scores are logged by step, as in Optuna.
+        history = client.get_metric_history(run.info.run_id, "val_accuracy_cosine")
+        assert {m.step: m.value for m in history} == t.intermediate_values
+    n_pruned = sum(t.state == TrialState.PRUNED for t in study.trials)
+    assert n_pruned >= 1
+    # The sweep summary counts pruned runs apart (second sweep: trials 7 and 8).
+    assert "COUNTS" in first.stdout and "PRUNED" in first.stdout + second.stdout
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["study_n_pruned"] == n_pruned
+    assert parent.data.tags["best_trial_number"] == str(study.best_trial.number)
+    assert parent.data.tags["best.x"] == str(study.best_params["x"])
+    assert trials[study.best_trial.number].data.tags["optuna.best_trial"] == "true"
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    plots = {a.path for a in client.list_artifacts(parent_id, "plots")}
+    assert "optimization_results.yaml" in artifacts
+    assert "plots/search_intermediate_values.png" in plots and "plots/search_optimization_history.png" in plots
+
+    # embft report's search section: every applicable plot, embedded, and logged to the parent.
+    md = tmp_path / "report" / "report.md"
+    md.parent.mkdir()
+    md.write_text("# report\n")
+    written = add_search_section(client, ["sweeper_app"], md)
+    names = {p.name for p in written}
+    assert names == {f"search_{n}.png" for n in ("optimization_history", "param_importances",
+                                                   "parallel_coordinate", "intermediate_values")}
+    text = md.read_text()
+    assert all(f"]({n})" in text for n in names) and "PRUNED" in text
+    assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_multi_objective_names_objectives_and_tags_the_pareto_set(tmp_path: Path) -> None:
+    from embft.search_report import write_plots
+
+    _run(tmp_path, "s", "multi_objective=true", f"mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
+         "hydra.sweeper.direction=[{metric:score,direction:maximize},{metric:abs_x,direction:minimize}]",
+         "hydra.sweeper.n_trials=6")
+    study = _study(tmp_path)
+    assert study.metric_names == ["score", "abs_x"]
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    _, parents, trials = _mlflow(tmp_path)
+    pareto = {t.number for t in study.best_trials}
+    assert 0 < len(pareto) < 6
+    assert {n for n, r in trials.items() if r.data.tags["optuna.pareto"] == "true"} == pareto
+    assert {n for n, r in trials.items() if r.data.tags["optuna.pareto"] == "false"} == set(range(6)) - pareto
+    assert parents[0].data.tags["pareto_trial_numbers"] == ",".join(
+        str(n) for n in sorted(pareto, key=[t.number for t in study.best_trials].index))
+    assert "pareto_front" in write_plots(study, tmp_path / "plots")
+    results = _results(tmp_path, "s")
+    assert list(results.metric_names) == ["score", "abs_x"]
+
+
+def test_objective_values_follow_the_objectives_list() -> None:
+    import math
+
+    from embft.study_runs import objective_values
+
+    one = [{"metric": "val_accuracy_cosine", "direction": "maximize"}]
+    two = [*one, {"metric": "train_seconds", "direction": "minimize"}]
+    metrics = {"val_accuracy_cosine": 0.8, "train_seconds": 120.0, "f1": 0.7}
+    assert objective_values(metrics, one) == 0.8
+    assert objective_values(metrics, two) == [0.8, 120.0]
+    assert math.isnan(objective_values({"f1": 0.7}, one))  # the sweeper fails such a trial

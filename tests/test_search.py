@@ -35,3 +35,19 @@ def test_search_resumes_and_marks_the_best_trial(tmp_path, ag_news_dir):
     sweep_dirs = sorted((tmp_path / "multirun" / "search").iterdir())
     results = yaml.safe_load((sweep_dirs[-1] / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(study.best_value)
+
+    # One parent run for the study, found again by the resumed sweep, holding the best value.
+    parents = [r for r in runs(tmp_path, "search") if r.data.tags.get("embft.role") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in tuned} == {parents[0].info.run_id}
+    assert parents[0].data.metrics["best_value"] == pytest.approx(study.best_value)
+
+    # `embft report` on a search adds the study's plots.
+    from embft.report import main as report
+
+    assert report(["search", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                   "--out-dir", str(tmp_path / "reports")]) == 0
+    md = (tmp_path / "reports" / "search" / "report.md").read_text()
+    assert "## Search: Optuna study `search`" in md
+    for plot in ("optimization_history", "param_importances", "parallel_coordinate"):
+        assert (tmp_path / "reports" / "search" / f"search_{plot}.png").is_file() and f"search_{plot}.png" in md

@@ -8,7 +8,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from embft import names, tracking
+from embft import names, study_runs, tracking
 from embft.config import Config, check_values, register_configs, to_container
 from embft.data import Splits
 from embft.errors import EmbftError
@@ -49,6 +49,14 @@ class Job:
     def objective(self) -> str:
         """The metric a sweeper optimizes: the validation score unless eval.objective=test."""
         return names.validation(self.metric) if self.cfg.eval.objective == "validation" else self.metric
+
+    @property
+    def objectives(self) -> list[str]:
+        """What the job returns, in order: `objectives` (a search's), else the one objective."""
+        return [str(o.metric) for o in self.cfg.objectives] or [self.objective]
+
+    def returned(self, metrics: dict[str, float]) -> float | list[float]:
+        return study_runs.objective_values(metrics, [{"metric": m} for m in self.objectives])
 
 
 @dataclass
@@ -107,6 +115,12 @@ def start(cfg: Config) -> Job:
     check_values(cfg)
     quiet_libraries()
     resolved = to_container(cfg)
+    study_runs.mask_storage(resolved)  # the study URL's password stays out of MLflow
+    test_metric = metric_name(cfg.eval)
+    chosen_on_test = [o.metric for o in cfg.objectives if o.metric == test_metric]
+    if chosen_on_test and cfg.eval.objective == "validation":
+        raise EmbftError(f"objectives lists {test_metric}, the test score: choose on {names.validation(test_metric)} "
+                         "(the test split is for the final figure), or set eval.objective=test to allow it.")
     return Job(
         cfg=cfg,
         params=tracking.flatten(resolved),
@@ -123,15 +137,21 @@ def finished_run(job: Job) -> Optional[Any]:
     if job.cfg.force:
         return None
     done = tracking.find_runs(job.experiment_id, {names.CONFIG_HASH: job.config_hash})
-    return next((run for run in done if job.objective in run.data.metrics), None)
+    usable = (run for run in done if run.data.tags.get(names.OPTUNA_PRUNED) == "true"
+              or all(m in run.data.metrics for m in job.objectives))
+    return next(usable, None)
 
 
-def skip(job: Job, run: Any) -> float:
+def skip(job: Job, run: Any) -> float | list[float] | Any:
     log.info("Skipping: run %s already FINISHED this config (%s=%s); force=true reruns it",
              run.info.run_id, names.CONFIG_HASH, job.config_hash)
     job.out_dir.mkdir(parents=True, exist_ok=True)
     (job.out_dir / SKIPPED_MARKER).write_text(run.info.run_id)
-    return float(run.data.metrics[job.objective])
+    if run.data.tags.get(names.OPTUNA_PRUNED) == "true":
+        import optuna
+
+        return optuna.TrialPruned(f"pruned at step {run.data.tags.get(names.OPTUNA_PRUNED_STEP)}")
+    return job.returned(run.data.metrics)
 
 
 def run_tags(job: Job) -> tuple[str, dict[str, str]]:
@@ -148,6 +168,7 @@ def run_tags(job: Job) -> tuple[str, dict[str, str]]:
         tags[names.SWEEP] = sweep
     if cfg.optuna.study_name is not None:
         tags.update({names.OPTUNA_STUDY: cfg.optuna.study_name, names.OPTUNA_TRIAL: str(cfg.optuna.trial_number)})
+    tags.update(study_runs.job_tags(job.experiment_id, cfg.optuna.study_name, sweep))  # nested under the parent
     return run_name, tags
 
 
@@ -216,12 +237,31 @@ def build_records(job: Job, splits: Splits, base_encoder, settings: EncodeSettin
     return records_dir, sum(1 for _ in (records_dir / "train.jsonl").open())
 
 
-def fine_tune(job: Job, records_dir: Path, n_records: int, model_path: str, settings: EncodeSettings) -> TrainResult:
+def fine_tune(job: Job, splits: Splits, records_dir: Path, n_records: int, model_path: str,
+              settings: EncodeSettings):
+    """Train; with eval.every_steps, score the live model on validation as it trains and report it to the
+    Optuna trial, which may prune it. Returns (TrainResult, LiveTrainingCallback)."""
+    from embft.callbacks import LiveTrainingCallback, live_sentence_transformer
+    from embft.evaluate import evaluate
     from embft.train import train
+    from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
 
-    result = train(job.cfg, records_dir, model_path, n_records, job.out_dir, settings.as_dict())
-    tracking.log_series(names.TRAIN_LOSS, result.losses)
-    return result
+    cfg = job.cfg
+
+    def score(step: int, model: Any) -> float:
+        view = live_sentence_transformer(model, model_path, settings.pooling, settings.normalize, settings.max_seq_length)
+        return evaluate(view, splits, cfg.eval, cfg.data.name, which=("validation",))["validation"].accuracy
+
+    every = cfg.eval.every_steps
+    live = LiveTrainingCallback(score if every else None, every, TrialReporter.from_config(cfg.optuna) if every else None,
+                                metric=names.validation(job.metric))
+    result = train(cfg, records_dir, model_path, n_records, job.out_dir, settings.as_dict(), callbacks=(live,))
+    if live.eval_seconds:  # live scoring ran inside the Trainer's time: training alone is the rest
+        seconds = result.seconds - live.eval_seconds
+        result = replace(result, seconds=seconds, queries_per_second=result.n_queries / seconds)
+    if not live.logged_loss:  # torchrun: the losses come back from rank 0 at the end
+        tracking.log_series(names.TRAIN_LOSS, result.losses)
+    return result, live
 
 
 def score_tuned(job: Job, splits: Splits, trained: TrainResult, base_encoder, settings: EncodeSettings,
@@ -284,8 +324,9 @@ def summarize(job: Job, run_id: str, result: JobResult) -> None:
 # ---------------------------------------------------------------------------------------------- job
 
 
-def run_job(cfg: Config) -> float:
-    """Run one experiment job and return its objective (val_accuracy_cosine by default)."""
+def run_job(cfg: Config) -> float | list[float] | Any:
+    """Run one experiment job; return its objective(s) (val_accuracy_cosine by default), or an
+    optuna.TrialPruned when the study's pruner stopped it."""
     import mlflow
 
     from embft.embedder import resolve_model_path
@@ -311,14 +352,25 @@ def run_job(cfg: Config) -> float:
         base_encoder = functools.cache(lambda: build_encoder(model_path, settings, device))
         baseline = score_baseline(job, splits, base_encoder, settings)
         records_dir, n_records = build_records(job, splits, base_encoder, settings)
-        trained = fine_tune(job, records_dir, n_records, model_path, settings)
+        trained, live = fine_tune(job, splits, records_dir, n_records, model_path, settings)
+        if live.pruned_step is not None:  # the trial is PRUNED in Optuna; the run ends FINISHED, tagged
+            mlflow.log_metric(names.TRAIN_SECONDS, trained.seconds)
+            shutil.rmtree(trained.model_dir, ignore_errors=True)
+            return optuna_pruned(live.pruned_step)
         scores, eval_seconds = score_tuned(job, splits, trained, base_encoder, settings, device)
         result = JobResult(baseline, scores, trained, eval_seconds)
         log_results(job, result)
         log_models(job, splits, trained)
         clean_up(job, trained)
     summarize(job, run.info.run_id, result)
-    return result.metrics(job.metric)[job.objective]
+    return job.returned(result.metrics(job.metric))
+
+
+def optuna_pruned(step: int) -> Any:
+    """Returned (not raised) to the sweeper: main's error handling would turn a raise into a failure."""
+    import optuna
+
+    return optuna.TrialPruned(f"pruned at step {step}")
 
 
 class SweepSummary(Callback):
@@ -326,10 +378,14 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            tracking.setup(config.tracking)
+            experiment_id = tracking.setup(config.tracking)
         except EmbftError as err:
             log.error("%s", err)
             raise SystemExit(1) from None
+        try:  # the study's (or sweep's) parent run; the jobs run without it if MLflow refuses
+            study_runs.start_parent_run(experiment_id, config)
+        except Exception as err:
+            log.warning("No parent run: %s", err)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -340,9 +396,7 @@ class SweepSummary(Callback):
         except Exception as err:  # a summary must never mask the sweep's own outcome
             log.warning("No sweep summary: %s", err)
             return
-        counts: dict[str, int] = {}
-        for run in runs:
-            counts[run.info.status] = counts.get(run.info.status, 0) + 1
+        counts = study_runs.count_runs(runs)  # PRUNED counted apart, never a failure
         skipped = len(list(sweep_dir.glob(f"**/{SKIPPED_MARKER}")))
         if skipped:
             counts["skipped (already FINISHED)"] = skipped
@@ -350,7 +404,12 @@ class SweepSummary(Callback):
         if elsewhere:
             counts["running elsewhere"] = elsewhere
         log.info("Sweep %s: %s", sweep, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs logged")
-        self._tag_best_trial(sweep_dir / "optimization_results.yaml", experiment_id)
+        try:  # best / Pareto tags on the trials, results and plots on the parent run, closed FINISHED
+            parent = study_runs.find_parent_run(experiment_id, study_runs.parent_key(config))
+            if parent is not None:
+                study_runs.finish_parent_run(experiment_id, parent, config, counts)
+        except Exception as err:
+            log.warning("Parent run not completed: %s", err)
         from embft.registry import register_sweep_best
 
         try:  # the best run's classifier becomes NAME@champion
@@ -363,24 +422,6 @@ class SweepSummary(Callback):
             log.error("%d job(s) of sweep %s failed; their MLflow runs hold the error (tag `error`, error.txt). "
                       "Rerunning the same command skips the finished jobs.", failed, sweep)
             raise SystemExit(1)
-
-    @staticmethod
-    def _tag_best_trial(results_file: Path, experiment_id: str) -> None:
-        """Mark the Optuna study's best trial in MLflow (tag optuna.best_trial) after a search."""
-        if not results_file.is_file():
-            return
-        results = OmegaConf.load(results_file)
-        if OmegaConf.select(results, "best_trial_number") is None:
-            return
-        import mlflow
-
-        client = mlflow.MlflowClient()
-        for run in tracking.find_runs(experiment_id, {names.OPTUNA_STUDY: str(results.study_name)}):
-            best = run.data.tags.get(names.OPTUNA_TRIAL) == str(results.best_trial_number)
-            client.set_tag(run.info.run_id, names.OPTUNA_BEST, str(best).lower())
-            if best:
-                log.info("Best trial %s (value %s): MLflow run %s", results.best_trial_number, results.best_value,
-                         run.info.run_id)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

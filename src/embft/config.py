@@ -61,6 +61,11 @@ class Distance(StrEnum):
     manhattan = "manhattan"
 
 
+class Direction(StrEnum):
+    maximize = "maximize"
+    minimize = "minimize"
+
+
 class LogModel(StrEnum):
     """Which jobs log their model into their run (tracking.log_model)."""
 
@@ -171,6 +176,9 @@ class EvalConfig:
     seed: int = 42
     # The score a job returns to a sweeper: validation (for any choice) or test (final figures only).
     objective: Objective = Objective.validation
+    # Score the live model every N training steps (logged by step, reported to the Optuna
+    # trial for pruning); null: only after training.
+    every_steps: Optional[int] = None
 
 
 @dataclass
@@ -204,6 +212,15 @@ class OptunaTrialConfig:
 
     trial_number: Optional[int] = None
     study_name: Optional[str] = None
+    storage: Optional[str] = None  # the study's URL, where the job reports intermediate scores
+
+
+@dataclass
+class ObjectiveConfig:
+    """One metric a job returns to a search, and whether the search maximizes it."""
+
+    metric: str = MISSING
+    direction: Direction = Direction.maximize
 
 
 @dataclass
@@ -217,6 +234,9 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
+    # What a job returns, in order (a search sets hydra.sweeper.direction: ${objectives});
+    # empty: the evaluation's metric alone.
+    objectives: list[ObjectiveConfig] = field(default_factory=list)
     # Rerun a job even if a FINISHED run with the same config hash exists.
     force: bool = False
     # Show full tracebacks for user errors.
@@ -275,6 +295,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("eval.max_validation_rows", _at_least(1), ">= 1 or null"),
     ("eval.max_seq_length", _at_least(1), ">= 1"),
     ("eval.batch_size", _at_least(1), ">= 1"),
+    ("eval.every_steps", _at_least(1), ">= 1 or null"),
     ("data.validation", lambda v: 0 < v < 1 or (v >= 1 and float(v).is_integer()),
      "a fraction in (0, 1) or a whole number of rows >= 1"),
     ("data.max_empty_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),

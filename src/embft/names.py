@@ -20,11 +20,17 @@ GIT_COMMIT = "git_commit"
 OPTUNA_STUDY = "optuna.study_name"
 OPTUNA_TRIAL = "optuna.trial_number"
 OPTUNA_BEST = "optuna.best_trial"
+OPTUNA_PARETO = "optuna.pareto"
+OPTUNA_PRUNED, OPTUNA_PRUNED_STEP = "optuna.pruned", "optuna.pruned_step"
+OPTUNA_STORAGE = "optuna.storage"  # on a study's parent run: where the study lives (password masked)
+PARENT_KEY = "embft.parent_key"  # on a parent run: "study:<study name>" or "sweep:<sweep id>"
+PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nesting tag (what start_run(parent_run_id=) sets)
 
 CLASSIFIER_URI = "embft.classifier_uri"  # the logged kNN classifier's models:/m-... URI
 SUPPORT_ROWS = "embft.support_rows"  # texts in the classifier's kNN support set
 
 ROLE_FINETUNE, ROLE_BASELINE = "finetune", "baseline"
+ROLE_STUDY, ROLE_SWEEP = "study", "sweep"  # parent runs of an Optuna study / a grid sweep
 # Liveness: where a job runs and its heartbeat (epoch seconds), refreshed while it is alive.
 HEARTBEAT, HOST, PID, PID_NS = "embft.heartbeat", "embft.host", "embft.pid", "embft.pid_ns"
 CLAIM = "embft.claim"  # "pending" while a new run checks for a live twin, "won" once it goes ahead

@@ -322,7 +322,8 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
     selected = df[df["selected"]] if "selected" in df else df
     used_mask = _usable(selected, "finetune", metric)
     # Baseline runs are reported as the baseline, not as used or skipped study runs.
-    skipped = selected[~used_mask & ~_usable(selected, "baseline", metric)]
+    skipped = selected[~used_mask & ~_usable(selected, "baseline", metric)
+                       & ~selected["role"].isin((names.ROLE_STUDY, names.ROLE_SWEEP))]  # parent runs hold no job
     skipped_by = (
         skipped.apply(_skip_reason, axis=1, metric=metric).value_counts().to_dict() if len(skipped) else {}
     )
@@ -607,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output-name", default=None, help="folder under out-dir (default: name, / -> _)"
     )
+    parser.add_argument(
+        "--storage", default=None,
+        help="Optuna storage URL of a search (default: the study parent run's optuna.storage tag)",
+    )
     args = parser.parse_args(argv)
 
     where = {}
@@ -639,6 +644,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = write_markdown(table, info, title, out / "report.md")
     png = plot(table, info, title, out / "report.png")
+    try:  # a search also gets Optuna's plots, in report.md and on its parent run
+        from embft.search_report import add_search_section
+
+        add_search_section(MlflowClient(tracking_uri=uri), args.name, md, storage=args.storage)
+    except EmbftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     best = table[~table["configuration"].isin(list(info.baselines))].iloc[0]
     print(md)
     print(png)

@@ -136,6 +136,9 @@ def run_runner(spec: RunnerSpec, callbacks: tuple = ()) -> RunnerOutcome:
         data_args=EncoderOnlyEmbedderDataArguments(**spec.data_args),
         training_args=training_args,
     )
+    from embft.callbacks import use_progress_bar
+
+    use_progress_bar(runner.trainer)  # one bar with ETA instead of a dict per logging step
     for callback in callbacks:
         runner.trainer.add_callback(callback)
     start = time.perf_counter()

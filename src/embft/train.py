@@ -75,6 +75,8 @@ def train(
         if nproc == 1:
             outcome = run_runner(spec, callbacks)
         else:
+            if callbacks:  # torchrun workers have neither the MLflow run nor the validation data
+                log.warning("train.nproc_per_node=%d: live metrics, evaluation and pruning are off", nproc)
             from embft.distributed import launch
 
             outcome = launch(spec, nproc, device, work_parent=out_dir)

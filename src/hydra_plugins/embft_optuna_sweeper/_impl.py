@@ -47,13 +47,15 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.engine import make_url
 
+from .reporting import PRUNER_ATTR, make_pruner
+
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "optimization_results.yaml"
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 # Top-level job config node that, when present, receives the trial number and study name.
 TRIAL_INFO_NODE = "optuna"
-TRIAL_INFO_KEYS = ("trial_number", "study_name")
+TRIAL_INFO_KEYS = ("trial_number", "study_name", "storage")
 
 _INT_LITERAL = re.compile(r"[+-]?\d[\d_]*")
 
@@ -260,12 +262,20 @@ def _as_float(value: Any) -> Optional[float]:
         return None
 
 
+PRUNED = "pruned"  # objective_values' reason for a job that raised or returned TrialPruned
+
+
 def objective_values(ret: JobReturn, n_objectives: int) -> Tuple[Optional[List[float]], str]:
-    """The job's objective value(s), or ``None`` and the reason the trial failed."""
+    """The job's objective value(s), or ``None`` and the reason the trial did not complete
+    (:data:`PRUNED` for a job that raised or returned ``optuna.TrialPruned``)."""
     try:
         value = ret.return_value  # re-raises the job's exception
+    except optuna.TrialPruned:
+        return None, PRUNED
     except Exception as e:
         return None, f"job raised {type(e).__name__}: {e}"
+    if isinstance(value, optuna.TrialPruned):
+        return None, PRUNED
     if n_objectives == 1:
         raw: Sequence[Any] = [value]
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
@@ -494,6 +504,43 @@ def _ask_lock(storage_url: Optional[str], study_name: str) -> Iterator[None]:
         engine.dispose()
 
 
+def _parse_directions(direction: Any) -> Tuple[List[str], Optional[List[str]]]:
+    """Directions, and metric names when given as ``{metric, direction}`` entries."""
+    if isinstance(direction, str) or isinstance(direction, Mapping):
+        entries = [direction]
+    else:
+        entries = list(direction)
+    directions, names = [], []
+    for entry in entries:
+        if isinstance(entry, Mapping):
+            directions.append(str(entry.get("direction", "maximize")))
+            names.append(entry.get("metric"))
+        else:
+            directions.append(entry)
+            names.append(None)
+    if not directions or any(d not in ("maximize", "minimize") for d in directions):
+        raise ValueError(f"hydra.sweeper.direction: expected maximize/minimize, got {direction!r}")
+    if all(n is None for n in names):
+        return directions, None
+    if any(n is None for n in names):
+        raise ValueError(f"hydra.sweeper.direction: name every objective or none, got {direction!r}")
+    return directions, [str(n) for n in names]
+
+
+def _pruner_spec(pruner: Any) -> Optional[Dict[str, Any]]:
+    """The pruner config as plain data (None for none/NopPruner), checked by building it."""
+    if pruner is None:
+        return None
+    spec = OmegaConf.to_container(pruner, resolve=True) if isinstance(pruner, DictConfig) else dict(pruner)
+    if spec.get("_target_") == "optuna.pruners.NopPruner":
+        return None
+    try:
+        make_pruner(spec)
+    except Exception as e:
+        raise ValueError(f"hydra.sweeper.pruner: {e}") from e
+    return spec  # type: ignore[return-value]
+
+
 def _check_compatible(name: str, old: BaseDistribution, new: BaseDistribution) -> None:
     same = type(old) is type(new)
     if same and isinstance(old, (FloatDistribution, IntDistribution)):
@@ -524,17 +571,22 @@ class OptunaSweeperImpl(Sweeper):
         heartbeat_interval: Optional[int],
         grace_period: Optional[int],
         params: Optional[Mapping[str, Any]],
+        pruner: Any = None,
     ) -> None:
-        directions = [direction] if isinstance(direction, str) else list(direction)
-        if not directions or any(d not in ("maximize", "minimize") for d in directions):
-            raise ValueError(
-                f"hydra.sweeper.direction: expected maximize/minimize, got {direction!r}"
-            )
+        directions, metric_names = _parse_directions(direction)
         if n_jobs < 1:
             raise ValueError(f"hydra.sweeper.n_jobs must be >= 1, got {n_jobs}")
         if n_trials < 0:
             raise ValueError(f"hydra.sweeper.n_trials must be >= 0, got {n_trials}")
         self.directions = directions
+        self.metric_names = metric_names
+        # Hydra instantiates the pruner node (recursive instantiation); a mapping also works.
+        if pruner is None or isinstance(pruner, optuna.pruners.BasePruner):
+            self.pruner = pruner or optuna.pruners.NopPruner()
+            self.pruner_spec: Optional[Dict[str, Any]] = None  # read from the config in setup()
+        else:
+            self.pruner_spec = _pruner_spec(pruner)
+            self.pruner = make_pruner(self.pruner_spec)
         self.study_name = study_name
         self.storage_url = storage
         self.n_trials = n_trials
@@ -552,6 +604,7 @@ class OptunaSweeperImpl(Sweeper):
         self.launcher: Optional[Launcher] = None
         self.n_told = 0  # trials finished by this sweep, for the failure budget
         self.n_failed = 0
+        self.n_pruned = 0
 
     def setup(
         self,
@@ -562,6 +615,14 @@ class OptunaSweeperImpl(Sweeper):
     ) -> None:
         self.hydra_context = hydra_context
         self.config = config
+        if self.pruner_spec is None and not isinstance(self.pruner, optuna.pruners.NopPruner):
+            # What a job needs to rebuild this pruner (reporting.TrialReporter).
+            self.pruner_spec = _pruner_spec(OmegaConf.select(config, "hydra.sweeper.pruner"))
+        if self.pruner_spec is not None and len(self.directions) > 1:
+            raise ValueError(
+                "hydra.sweeper.pruner: Optuna prunes single-objective studies only; "
+                "use hydra/sweeper/pruner=none with several directions"
+            )
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -621,6 +682,7 @@ class OptunaSweeperImpl(Sweeper):
             study_name=study_name,
             storage=storage,
             sampler=sampler,
+            pruner=self.pruner,
             directions=self.directions,
             load_if_exists=True,
         )
@@ -630,6 +692,10 @@ class OptunaSweeperImpl(Sweeper):
                 f"Study '{study_name}' exists with direction {actual}, "
                 f"but hydra.sweeper.direction is {self.directions}."
             )
+        if self.metric_names is not None and study.metric_names != self.metric_names:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                study.set_metric_names(self.metric_names)
         return study
 
     # ---------------------------------------------------------------- sweep
@@ -658,6 +724,12 @@ class OptunaSweeperImpl(Sweeper):
             else _NoHeartbeat()
         )
         info_keys = self._trial_info_keys()
+        if self.pruner_spec is not None and (storage is None or "storage" not in info_keys):
+            log.warning(
+                "hydra.sweeper.pruner is set, but jobs cannot reach their trials (%s): "
+                "nothing will be pruned",
+                "in-memory study" if storage is None else "the job config has no optuna.storage",
+            )
         results_path = sweep_dir / RESULTS_FILE
         log.info(
             "Optuna study '%s' (%s): n_trials=%d, n_jobs=%d, search space %s, fixed %s",
@@ -719,7 +791,13 @@ class OptunaSweeperImpl(Sweeper):
             for trial in trials:
                 overrides = space.overrides(trial.params)
                 trial.set_user_attr("overrides", overrides)
-                batch.append(overrides + self._trial_info(trial_info_keys, trial, study.study_name))
+                if self.pruner_spec is not None:
+                    # The job rebuilds its trial's pruner from here (reporting.TrialReporter).
+                    trial.set_user_attr(PRUNER_ATTR, self.pruner_spec)
+                batch.append(
+                    overrides
+                    + self._trial_info(trial_info_keys, trial, study.study_name, self.storage_url)
+                )
             self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=job_idx)
             for trial, ret in zip(trials, results):
@@ -755,12 +833,30 @@ class OptunaSweeperImpl(Sweeper):
         return [k for k in TRIAL_INFO_KEYS if k in node]
 
     @staticmethod
-    def _trial_info(keys: Sequence[str], trial: Trial, study_name: str) -> List[str]:
-        values = {"trial_number": trial.number, "study_name": study_name}
+    def _trial_info(
+        keys: Sequence[str], trial: Trial, study_name: str, storage_url: Optional[str]
+    ) -> List[str]:
+        values = {"trial_number": trial.number, "study_name": study_name, "storage": storage_url}
         return [f"{TRIAL_INFO_NODE}.{k}={format_value(values[k])}" for k in keys]
 
     def _tell(self, study: optuna.Study, trial: Trial, ret: JobReturn) -> None:
         values, reason = objective_values(ret, len(self.directions))
+        # The job may have ended its trial itself (reporting.TrialReporter.prune), in the
+        # storage every worker shares; that state wins over whatever the job returned.
+        state = study._storage.get_trial(trial._trial_id).state  # no public by-id lookup
+        if state == TrialState.PRUNED or reason == PRUNED:
+            self.n_told += 1
+            self.n_pruned += 1
+            if state != TrialState.PRUNED:
+                study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+            pruned = study._storage.get_trial(trial._trial_id)
+            log.info(
+                "Trial %d pruned at step %s (value there: %s)",
+                trial.number,
+                pruned.last_step,
+                None if pruned.last_step is None else pruned.intermediate_values[pruned.last_step],
+            )
+            return
         try:
             output_dir = None
             if ret.hydra_cfg is not None:
@@ -821,7 +917,11 @@ class OptunaSweeperImpl(Sweeper):
             "n_trials": self.n_trials,
             "n_complete": len(complete),
             "n_failed": sum(t.state == TrialState.FAIL for t in trials),
+            "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "pruner": self.pruner_spec,
         }
+        if self.metric_names is not None:
+            results["metric_names"] = list(self.metric_names)
         if len(self.directions) == 1:
             best = study.best_trial if complete else None
             results.update(

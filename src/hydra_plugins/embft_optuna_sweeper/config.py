@@ -4,7 +4,7 @@
 # are in sys.modules, which breaks dataclasses with string annotations (and OmegaConf).
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 
@@ -21,12 +21,67 @@ class SamplerConf:
     constant_liar: Optional[bool] = None  # TPE only; helps when n_jobs > 1 or several workers
 
 
+# Pruners: a config group, hydra/sweeper/pruner=none|median|successive_halving|hyperband, each
+# node instantiated to its optuna.pruners class (fields = that class's arguments and defaults).
+
+
+@dataclass
+class NopPrunerConf:
+    _target_: str = "optuna.pruners.NopPruner"
+
+
+@dataclass
+class MedianPrunerConf:
+    _target_: str = "optuna.pruners.MedianPruner"
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+    n_min_trials: int = 1
+
+
+@dataclass
+class SuccessiveHalvingPrunerConf:
+    _target_: str = "optuna.pruners.SuccessiveHalvingPruner"
+    min_resource: Union[int, str] = "auto"
+    reduction_factor: int = 4
+    min_early_stopping_rate: int = 0
+    bootstrap_count: int = 0
+
+
+@dataclass
+class HyperbandPrunerConf:
+    _target_: str = "optuna.pruners.HyperbandPruner"
+    min_resource: int = 1
+    max_resource: Union[int, str] = "auto"
+    reduction_factor: int = 3
+    bootstrap_count: int = 0
+
+
+PRUNERS = {
+    "none": NopPrunerConf,
+    "median": MedianPrunerConf,
+    "successive_halving": SuccessiveHalvingPrunerConf,
+    "hyperband": HyperbandPrunerConf,
+}
+
+
 @dataclass
 class EmbftOptunaSweeperConf:
     """Options of the ``embft_optuna`` sweeper (select with ``hydra/sweeper=embft_optuna``).
 
     - ``direction``: ``"maximize"``/``"minimize"``, or a list of them for a multi-objective
-      study (the job must then return a sequence of that many numbers).
+      study (the job must then return a sequence of that many numbers). A list entry may
+      also be a mapping ``{metric: NAME, direction: maximize}``: the names become the
+      study's metric names (shown by Optuna's plots and dashboard), so an app can point
+      ``direction`` at its own list of objectives, e.g. ``direction: ${objectives}``.
+    - ``pruner`` (config group ``hydra/sweeper/pruner``: ``none`` (default), ``median``,
+      ``successive_halving``, ``hyperband``; its fields are the Optuna class's arguments,
+      e.g. ``hydra/sweeper/pruner=median hydra.sweeper.pruner.n_warmup_steps=2``). Jobs
+      report intermediate values to their trial (see :mod:`.reporting`, which rebuilds
+      this pruner from the trial's ``pruner`` user attribute); a job that is told to stop
+      either raises/returns ``optuna.TrialPruned`` or marks the trial PRUNED itself, and
+      the trial ends PRUNED. Pruned trials count towards ``n_trials`` and not as failures.
+      Optuna prunes single-objective studies only.
     - ``study_name``: ``None`` uses ``hydra.job.name`` (the task's name). Set it to an
       interpolation such as ``${experiment.name}`` to get one study per experiment.
     - ``storage``: an SQLAlchemy URL. The default keeps the study in ``optuna.db`` in the
@@ -57,6 +112,7 @@ class EmbftOptunaSweeperConf:
       Sweep overrides given on the command line are added and win over these.
     """
 
+    defaults: List[Any] = field(default_factory=lambda: ["_self_", {"pruner": "none"}])
     _target_: str = SWEEPER_TARGET
     direction: Any = "maximize"
     study_name: Optional[str] = None
@@ -70,7 +126,13 @@ class EmbftOptunaSweeperConf:
     heartbeat_interval: Optional[int] = 60
     grace_period: Optional[int] = None
     params: Optional[Dict[str, str]] = None
+    pruner: Any = None  # chosen by the defaults list above
 
+
+for _name, _node in PRUNERS.items():
+    ConfigStore.instance().store(
+        group="hydra/sweeper/pruner", name=_name, node=_node, provider="embft"
+    )
 
 ConfigStore.instance().store(
     group="hydra/sweeper",

@@ -20,9 +20,10 @@ class EmbftOptunaSweeper(Sweeper):
 
     Each trial's job gets the fixed overrides plus one override per search-space
     parameter. If the composed job config has a top-level ``optuna`` mapping, its
-    ``trial_number`` and ``study_name`` keys (those present) are also overridden per trial
-    (e.g. ``optuna.trial_number=7 optuna.study_name=my_study``), so the job can tag its
-    outputs; apps without that node get no extra overrides.
+    ``trial_number``, ``study_name`` and ``storage`` keys (those present) are also
+    overridden per trial (e.g. ``optuna.trial_number=7 optuna.study_name=my_study``), so
+    the job can tag its outputs and report intermediate values to its trial
+    (:class:`.reporting.TrialReporter`); apps without that node get no extra overrides.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class EmbftOptunaSweeper(Sweeper):
         heartbeat_interval: Optional[int] = 60,
         grace_period: Optional[int] = None,
         params: Optional[Mapping[str, str]] = None,
+        pruner: Optional[Mapping[str, Any]] = None,
     ) -> None:
         from ._impl import OptunaSweeperImpl
 
@@ -55,6 +57,7 @@ class EmbftOptunaSweeper(Sweeper):
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
             params=params,
+            pruner=pruner,
         )
 
     def setup(

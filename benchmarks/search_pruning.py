@@ -1,0 +1,153 @@
+"""What the median pruner saves: the same seeded search (experiment=search's space, TPE, seed 42,
+same trial count) run twice on the AG News copy, without and with pruning, in this process.
+
+    python benchmarks/search_pruning.py [--data ../shared/data/ag_news] [--trials 8] [--quick]
+
+Each trial fine-tunes the default model (MiniLM) with embft.train.train; the pruned study scores
+the live model every --every-steps steps on a validation split held out of AG News train
+(kNN, embft.evaluate.evaluate on embft.callbacks.live_sentence_transformer) and reports it to its
+trial (embft.callbacks.LiveTrainingCallback + the sweeper's TrialReporter). Every trial that runs
+to the end is scored once more on the same validation split. Prints per trial, then per study:
+training seconds (live evaluation excluded), wall seconds (included), best validation score; last
+line: time_ratio=<pruned/unpruned training seconds> score_delta=<pruned - unpruned best score>.
+Sized for 2 CPU cores: about 25 minutes a study at the defaults (MiniLM at ~1.4 queries/s, 200
+queries, 1-2 epochs, 8 trials). --quick (3 trials of 12 queries) checks that the script runs; with a
+tiny local model (--set model.name_or_path=DIR --set model.package=null) it takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose(root: Path, overrides: list[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    import embft.app  # noqa: F401  (registers the schema and resolvers)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["experiment=search", f"paths.root_dir={root}",
+                                                 f"paths.output_dir={root}/out", *overrides],
+                            return_hydra_config=True)
+    with open_dict(cfg):
+        params = dict(cfg.hydra.sweeper.params)
+        del cfg["hydra"]
+    return cfg, params
+
+
+def hold_out(splits: Any, n_val: int, seed: int) -> tuple[Any, Any]:
+    """(splits to train on, splits to validate on): n_val stratified train rows become the
+    validation texts, kNN examples come from the rest; the test split is never touched."""
+    from embft.data import Splits
+
+    frac = n_val / len(splits.train)
+    val = splits.train.groupby("label", group_keys=False).sample(frac=frac, random_state=seed)
+    rest = splits.train.drop(val.index).reset_index(drop=True)
+    fit = Splits(train=rest, test=splits.test, label_names=splits.label_names, source=splits.source)
+    check = Splits(train=rest, test=val.reset_index(drop=True), label_names=splits.label_names,
+                   source=f"{splits.source}[validation]")
+    return fit, check
+
+
+def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    import optuna
+    from sentence_transformers import SentenceTransformer
+
+    from embft.callbacks import LiveTrainingCallback, live_sentence_transformer
+    from embft.data import load_splits, prepare_records
+    from embft.evaluate import evaluate
+    from embft.train import resolve_model_path, train
+    from hydra_plugins.embft_optuna_sweeper._impl import parse_search_space
+    from hydra_plugins.embft_optuna_sweeper.reporting import PRUNER_ATTR, TrialReporter
+
+    sizing = [f"data.local_dir={args.data}", f"train.max_train_queries={args.queries}",
+              f"eval.n_experiments={args.n_experiments}", "train.logging_steps=10", *args.set]
+    cfg, params = compose(root, sizing)
+    space = parse_search_space(params)
+    fit, check = hold_out(load_splits(cfg.data), args.val_rows, seed=0)
+    model_path = resolve_model_path(cfg.model)
+    storage = f"sqlite:///{root}/optuna.db"
+    pruner = {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": args.startup}
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=42),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=args.startup)
+                                if pruned else optuna.pruners.NopPruner())
+    rows = []
+    for _ in range(args.trials):
+        trial = study.ask(space.distributions)
+        if pruned:
+            trial.set_user_attr(PRUNER_ATTR, pruner)
+        cfg, _ = compose(root, sizing + space.overrides(trial.params))
+        records = prepare_records(fit, cache_dir=root / "cache", dataset_name="ag_news",
+                                  no_in_batch_neg=cfg.variant.no_in_batch_neg, group_size=cfg.train.train_group_size,
+                                  seed=cfg.train.seed, max_queries=cfg.train.max_train_queries, prompt="",
+                                  batch_size=cfg.train.same_dataset_batch_size, pairing=cfg.data.pairing)
+        n_records = sum(1 for _ in (records / "train.jsonl").open())
+
+        def score(step: int, model: Any) -> float:
+            view = live_sentence_transformer(model, model_path, cfg.model.pooling, cfg.model.normalize,
+                                             cfg.train.query_max_len)
+            return evaluate(view, check, cfg.eval, "ag_news").accuracy
+
+        callback = LiveTrainingCallback(score if pruned else None, args.every_steps if pruned else None,
+                                        reporter=TrialReporter(name, storage, trial.number) if pruned else None)
+        start = time.perf_counter()
+        result = train(cfg, records, model_path, n_records, root / "out" / f"{name}-{trial.number}",
+                       callbacks=[callback])
+        value = None
+        if callback.pruned_step is None:
+            final = SentenceTransformer(str(result.model_dir), device=result.device)
+            value = evaluate(final, check, cfg.eval, "ag_news").accuracy
+            study.tell(trial, value)
+        wall = time.perf_counter() - start
+        rows.append({"trial": trial.number, **trial.params, "train_s": result.seconds - callback.eval_seconds,
+                     "wall_s": wall, "pruned_step": callback.pruned_step, "val_accuracy": value})
+        print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1), flush=True)
+    frame = pd.DataFrame(rows)
+    return {"name": name, "train_s": frame["train_s"].sum(), "wall_s": frame["wall_s"].sum(),
+            "best": study.best_value, "n_pruned": int(frame["pruned_step"].notna().sum())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ag_news"))
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--startup", type=int, default=3, help="MedianPruner n_startup_trials")
+    parser.add_argument("--queries", type=int, default=200, help="training queries per trial")
+    parser.add_argument("--every-steps", type=int, default=100)
+    parser.add_argument("--val-rows", type=int, default=200)
+    parser.add_argument("--n-experiments", type=int, default=2, help="MTEB kNN experiments per score")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config override, e.g. model.name_or_path=/a/model model.package=null")
+    parser.add_argument("--quick", action="store_true", help="3 trials of 12 queries: checks the script runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.trials, args.startup, args.queries, args.every_steps, args.val_rows = 3, 1, 12, 4, 40
+    from embft.train import quiet_libraries
+
+    quiet_libraries()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        studies = [run_study(name, name == "median", args, Path(tmp)) for name in ("none", "median")]
+    for s in studies:
+        print(f"{s['name']:>6}: training {s['train_s']:.0f} s (wall {s['wall_s']:.0f} s, live evaluation "
+              f"included), best val_accuracy_cosine {s['best']:.4f}, {s['n_pruned']} of {args.trials} pruned")
+    none, median = studies
+    print(f"time_ratio={median['train_s'] / none['train_s']:.3f} score_delta={median['best'] - none['best']:+.4f}")
+
+
+if __name__ == "__main__":
+    main()

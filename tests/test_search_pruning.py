@@ -1,0 +1,131 @@
+"""The training callback on a real (tiny) fine-tuning: live MLflow metrics, a live SentenceTransformer
+view scored by embft's MTEB evaluation, and an Optuna trial whose learning rate wrecks the model
+pruned early."""
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from conftest import make_tiny_bert
+from embft.callbacks import LiveTrainingCallback, live_sentence_transformer
+from embft.data import Splits, build_records, write_records
+from embft.train import train
+from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
+
+pytestmark = pytest.mark.slow
+
+WORDS = ["sport", "market", "science", "war"]
+
+
+def _texts(n: int, seed: int) -> tuple[list[str], list[int]]:
+    rng = np.random.default_rng(seed)
+    return [f"{WORDS[i % 4]} story {rng.integers(1e6)}" for i in range(n)], [i % 4 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))  # with dropout: eval mode must not leak
+
+
+def tiny_job(compose, tiny_bert, folder, *overrides):
+    """16 queries of 4 classes, batch 4, group 4: 4 steps an epoch."""
+    cfg = compose([f"model.name_or_path={tiny_bert}", "model.package=null", "model.pooling=cls", "variant=same_nib",
+                   "train.learning_rate=1e-3", "train.device=cpu", "train.logging_steps=1",
+                   "train.query_max_len=16", "train.passage_max_len=16", "train.per_device_train_batch_size=4",
+                   "train.same_dataset_batch_size=4", "eval.samples_per_label=4", "eval.n_experiments=1",
+                   *overrides])
+    texts, labels = _texts(16, 0)
+    records = folder / "records-no_in_batch_neg"
+    records.mkdir(parents=True)
+    write_records(build_records(texts, labels, group_size=4, seed=0, batch_size=4), records / "train.jsonl")
+    return cfg, records
+
+
+def _val_splits() -> Splits:
+    train_texts, train_labels = _texts(32, 1)
+    test_texts, test_labels = _texts(40, 2)
+    return Splits(train=pd.DataFrame({"text": train_texts, "label": train_labels}),
+                  test=pd.DataFrame({"text": test_texts, "label": test_labels}),
+                  label_names=WORDS, source="synthetic")
+
+
+def test_live_metrics_and_view_leave_training_unchanged(compose, tmp_path, tiny_bert, capsys):
+    import mlflow
+    from sentence_transformers import SentenceTransformer
+
+    probe, _ = _texts(8, 3)
+    cfg, records = tiny_job(compose, tiny_bert, tmp_path / "plain", "train.num_train_epochs=1")
+    plain = train(cfg, records, str(tiny_bert), 16, tmp_path / "plain")
+
+    seen = {}
+
+    def score(step, model):
+        view = live_sentence_transformer(model, str(tiny_bert), "cls", True, 16)
+        assert view[0].auto_model is model.model  # the Trainer's encoder itself, not a copy
+        seen[step] = view.encode(probe, convert_to_numpy=True)
+        torch.randperm(100)  # e.g. sampling validation rows: must not shift training's dropout masks
+        return float(step)
+
+    callback = LiveTrainingCallback(score, every_steps=2)
+    cfg, records = tiny_job(compose, tiny_bert, tmp_path / "live", "train.num_train_epochs=1")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        live = train(cfg, records, str(tiny_bert), 16, tmp_path / "live", callbacks=[callback])
+
+    # Scoring switched the model to eval mode and drew no random numbers of training's.
+    assert live.losses == plain.losses and len(live.losses) == 4
+    assert sorted(seen) == [2, 4] and callback.scores == [(2, 2.0), (4, 4.0)] and callback.pruned_step is None
+    assert not np.allclose(seen[2], seen[4])  # the view follows the weights as they train
+    saved = SentenceTransformer(str(live.model_dir), device="cpu").encode(probe, convert_to_numpy=True)
+    np.testing.assert_allclose(seen[4], saved, atol=1e-5)  # step 4 is the end: the saved model
+    # train_loss reached MLflow by step while training ran, the scores too.
+    client = mlflow.MlflowClient()
+    loss = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in loss] == [step for step, _ in live.losses]
+    assert [m.value for m in loss] == pytest.approx([value for _, value in live.losses])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy_cosine")] == [2, 4]
+    assert callback.logged_loss
+    assert "{'loss'" not in capsys.readouterr().out  # one progress bar, no dict per logging step
+
+
+def test_a_learning_rate_that_wrecks_the_model_is_pruned(compose, tmp_path, tiny_bert):
+    import mlflow
+
+    from embft.evaluate import evaluate
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    splits = _val_splits()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def trial_run(lr: float, folder: str):
+        trial = study.ask()  # what the sweeper does, with the pruner the job rebuilds
+        trial.set_user_attr("pruner", {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 1})
+        cfg, records = tiny_job(compose, tiny_bert, tmp_path / folder, f"train.learning_rate={lr}",
+                                "train.num_train_epochs=4")
+
+        def score(step, model):
+            view = live_sentence_transformer(model, str(tiny_bert), "cls", True, 16)
+            return evaluate(view, splits, cfg.eval, "synthetic").accuracy
+
+        reporter = TrialReporter("s", storage, trial.number)
+        callback = LiveTrainingCallback(score, every_steps=4, reporter=reporter)
+        with mlflow.start_run() as run:
+            result = train(cfg, records, str(tiny_bert), 16, tmp_path / folder, callbacks=[callback])
+        if callback.pruned_step is None:
+            study.tell(trial, callback.scores[-1][1])
+        return trial.number, callback, result, mlflow.get_run(run.info.run_id)
+
+    good, good_cb, good_result, _ = trial_run(1e-3, "good")
+    bad, bad_cb, bad_result, bad_run = trial_run(50.0, "bad")
+
+    trials = study.get_trials()
+    assert trials[good].state == TrialState.COMPLETE and len(good_result.losses) == 16
+    assert trials[bad].state == TrialState.PRUNED
+    assert bad_cb.pruned_step == 4 and len(bad_result.losses) == 4  # stopped after its first score
+    # The wrecked model scores well under the good one at the same step (chance is 0.25).
+    assert bad_cb.scores[0][1] < good_cb.scores[0][1] - 0.2, (bad_cb.scores, good_cb.scores)
+    assert bad_run.data.tags["optuna.pruned"] == "true" and bad_run.data.tags["optuna.pruned_step"] == "4"
