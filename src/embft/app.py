@@ -51,6 +51,15 @@ def run_job(cfg: DictConfig) -> float:
     from embft.train import check_parallel, quiet_libraries, resolve_model_path, sentence_transformer, train
 
     quiet_libraries()
+    # issue 15: auto precision/backend become concrete values before the hash, params and baseline key.
+    from embft.batched import pick_precision
+    from embft.encoders import eval_model, pin_eval_settings
+    from embft.train import pick_device
+
+    device = pick_device(cfg.train.device)
+    encode = pin_eval_settings(cfg, device, default_max_seq_length=cfg.train.query_max_len)
+    if cfg.train.precision == "auto":
+        cfg.train.precision = pick_precision("auto", device)
     resolved = to_container(cfg)
     params = tracking.flatten(resolved)
     hash_ = tracking.config_hash(resolved)
@@ -100,7 +109,9 @@ def run_job(cfg: DictConfig) -> float:
                     "revision": cfg.model.revision, "pooling": cfg.model.pooling, "normalize": cfg.model.normalize}
         key = baseline_key(model_id, splits, cfg.eval)
         with _lock(cache_dir, f"baseline-{key}"):
-            baseline, _ = cached_baseline(cache_dir, key, lambda: evaluate(base_model(), splits, cfg.eval, cfg.data.name))
+            baseline, _ = cached_baseline(cache_dir, key, lambda: evaluate(  # issue 15: eval_model
+                eval_model(model_path, cfg.model.pooling, cfg.model.normalize, encode, device),
+                splits, cfg.eval, cfg.data.name))
             baseline_params = {k: v for k, v in params.items() if k.split(".")[0] in ("model", "data", "eval")}
             tracking.ensure_baseline_run(experiment_id, key, baseline, metric, baseline_params)
         mlflow.set_tag(tracking.BASELINE_KEY, key)
@@ -130,10 +141,8 @@ def run_job(cfg: DictConfig) -> float:
         result = train(cfg, records_dir, model_path, n_records, out_dir)
         tracking.log_series("train_loss", result.losses)
 
-        from sentence_transformers import SentenceTransformer
-
         eval_start = time.perf_counter()
-        tuned = SentenceTransformer(str(result.model_dir), device=result.device)
+        tuned = eval_model(str(result.model_dir), cfg.model.pooling, cfg.model.normalize, encode, result.device)
         scores = evaluate(tuned, splits, cfg.eval, cfg.data.name)
         eval_seconds = time.perf_counter() - eval_start
         mlflow.log_metrics({

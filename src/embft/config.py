@@ -99,6 +99,10 @@ class EvalConfig:
     max_test_rows: Optional[int] = None
     batch_size: int = 64
     seed: int = 42
+    # issue 15 (embft.encoders): fp32 | bf16 | auto (bf16 where native); torch | onnx | auto
+    # (onnx for fp32 on a CPU). auto is resolved before the config hash (encoders.pin_eval_settings).
+    precision: str = "fp32"
+    backend: str = "torch"
 
 
 @dataclass

@@ -22,7 +22,8 @@ ROLE, SWEEP, CONFIG_HASH, BASELINE_KEY = "embft.role", "embft.sweep", "embft.con
 LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug")
 # Keys added after studies were logged: at these defaults they leave a job's hash as it was, so
 # rerunning an older study's command still skips its finished jobs.
-HASH_NEUTRAL = {("train", "nproc_per_node"): 1, ("train", "negatives_cross_device"): False}
+HASH_NEUTRAL = {("train", "nproc_per_node"): 1, ("train", "negatives_cross_device"): False,
+                ("eval", "precision"): "fp32", ("eval", "backend"): "torch"}  # issue 15: eval encode settings
 
 
 def default_tracking_uri() -> str:
