@@ -132,16 +132,17 @@ def _autocast_class():
 def eval_model(path: str, pooling: str, normalize: bool, settings: EncodeSettings, device: Optional[str] = None):
     """The SentenceTransformer that evaluates the model folder `path` (a bare Hugging Face folder or a
     saved SentenceTransformer) with exactly this pooling/normalization and these encode settings."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     from embft.train import ST_POOLING
 
     if settings.backend == "onnx":
         # "Saving the exported ONNX model is heavily recommended": the export is per job and takes seconds.
         logging.getLogger("sentence_transformers.backend.utils").setLevel(logging.ERROR)
-    transformer = models.Transformer(path, max_seq_length=settings.max_seq_length, backend=settings.backend)
-    modules = [transformer, models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=ST_POOLING[pooling])]
+    transformer = Transformer(path, max_seq_length=settings.max_seq_length, backend=settings.backend)
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=ST_POOLING[pooling])]
     if normalize:
-        modules.append(models.Normalize())
+        modules.append(Normalize())
     cls = _autocast_class() if settings.precision == "bf16" else SentenceTransformer
     return cls(modules=modules, device=device)
