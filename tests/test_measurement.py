@@ -137,19 +137,19 @@ def test_command_line_refuses_a_bad_value_in_seconds_with_one_line(tmp_path, ove
 def test_both_sides_of_a_job_are_encoded_identically(compose, tmp_path, monkeypatch):
     """The baseline and the tuned model come from one builder with one EncodeSettings, the encoders
     are equal in every setting that matters, and the tuned folder keeps the evaluation length."""
-    import embft.evaluate as evaluate
+    import embft.encoders as encoders
 
     model = make_tiny_bert(tmp_path / "tiny")
     folder = write(tmp_path / "data", synthetic(n_per_class=16), synthetic(seed=1))
     built = []
-    real_build = evaluate.build_encoder
+    real_build = encoders.build_encoder
 
-    def spy(path, settings, device=None):
-        encoder = real_build(path, settings, device)
-        built.append((path, settings, evaluate.describe_encoder(encoder)))
+    def spy(path, pooling, normalize, settings, device=None):
+        encoder = real_build(path, pooling, normalize, settings, device)
+        built.append((path, (pooling, normalize, settings), encoders.describe_encoder(encoder)))
         return encoder
 
-    monkeypatch.setattr(evaluate, "build_encoder", spy)
+    monkeypatch.setattr(encoders, "build_encoder", spy)
     cfg = compose(["experiment=smoke", "model.package=null", f"model.name_or_path={model}", f"data.local_dir={folder}",
                    "train.keep_model=true", "eval.max_seq_length=48", "train.query_max_len=16",
                    "train.passage_max_len=16", "train.device=cpu"])
@@ -157,7 +157,7 @@ def test_both_sides_of_a_job_are_encoded_identically(compose, tmp_path, monkeypa
     assert len(built) == 2
     (base_path, base_settings, base_desc), (tuned_path, tuned_settings, tuned_desc) = built
     assert base_path == str(model) and tuned_path.endswith("model")
-    assert base_settings == tuned_settings and base_settings.max_seq_length == 48
+    assert base_settings == tuned_settings and base_settings[2].max_seq_length == 48
     assert base_desc == tuned_desc and base_desc["max_seq_length"] == 48
 
     from sentence_transformers import SentenceTransformer

@@ -22,7 +22,8 @@ from embft import names, study_runs, tracking
 from embft.config import Config, check_values, register_configs, to_container
 from embft.data import Splits
 from embft.errors import EmbftError
-from embft.evaluate import EncodeSettings, EvalResult
+from embft.encoders import EncodeSettings
+from embft.evaluate import EvalResult
 from embft.train import TrainResult
 
 log = logging.getLogger("embft")
@@ -44,6 +45,8 @@ class Job:
     experiment_id: str
     cache_dir: Path
     out_dir: Path
+    device: str  # cpu | cuda, for training and for both encoders
+    encode: EncodeSettings  # how both sides of the comparison are encoded (auto resolved)
 
     @property
     def objective(self) -> str:
@@ -108,12 +111,20 @@ def _lock(cache_dir: Path, name: str):
 
 
 def start(cfg: Config) -> Job:
-    """Check values and open the store, before any data or model work."""
+    """Check values, make every `auto` concrete (so the hash and the params say what ran), open the store."""
+    from omegaconf import open_dict
+
     from embft.console import quiet_libraries
+    from embft.encoders import pin_eval_settings
     from embft.evaluate import metric_name
+    from embft.precision import pick_device, pick_precision
 
     check_values(cfg)
     quiet_libraries()
+    device = pick_device(cfg.train.device)
+    encode = pin_eval_settings(cfg, device)
+    with open_dict(cfg):
+        cfg.train.precision = pick_precision(cfg.train.precision, device)
     resolved = to_container(cfg)
     study_runs.mask_storage(resolved)  # the study URL's password stays out of MLflow
     test_metric = metric_name(cfg.eval)
@@ -129,6 +140,8 @@ def start(cfg: Config) -> Job:
         experiment_id=tracking.setup(cfg.tracking),
         cache_dir=Path(cfg.paths.cache_dir),
         out_dir=Path(cfg.paths.output_dir),
+        device=device,
+        encode=encode,
     )
 
 
@@ -184,7 +197,7 @@ def load_data(job: Job) -> Splits:
     return splits
 
 
-def score_baseline(job: Job, splits: Splits, base_encoder, settings: EncodeSettings) -> dict[str, EvalResult]:
+def score_baseline(job: Job, splits: Splits, base_encoder) -> dict[str, EvalResult]:
     """The untrained model's scores on both splits: computed once per (model, data, eval settings), cached."""
     import mlflow
 
@@ -193,7 +206,7 @@ def score_baseline(job: Job, splits: Splits, base_encoder, settings: EncodeSetti
     cfg = job.cfg
     model_id = {"path": cfg.model.package or cfg.model.name_or_path, "revision": cfg.model.revision,
                 "pooling": str(cfg.model.pooling), "normalize": cfg.model.normalize}
-    key = baseline_key(model_id, splits, cfg.eval, settings)
+    key = baseline_key(model_id, splits, cfg.eval, job.encode)
     with _lock(job.cache_dir, f"baseline-{key}"):
         baseline, _ = cached_baseline(job.cache_dir, key, lambda: evaluate(base_encoder(), splits, cfg.eval, cfg.data.name))
         metrics = {}
@@ -209,7 +222,7 @@ def score_baseline(job: Job, splits: Splits, base_encoder, settings: EncodeSetti
     return baseline
 
 
-def build_records(job: Job, splits: Splits, base_encoder, settings: EncodeSettings) -> tuple[Path, int]:
+def build_records(job: Job, splits: Splits, base_encoder) -> tuple[Path, int]:
     """FlagEmbedding's training records from the train split only (cached by content and settings)."""
     import mlflow
 
@@ -224,7 +237,7 @@ def build_records(job: Job, splits: Splits, base_encoder, settings: EncodeSettin
             cache_dir=job.cache_dir,
             dataset_name=cfg.data.name,
             no_in_batch_neg=cfg.variant.no_in_batch_neg,
-            encode=lambda texts: base_encoder().encode(texts, batch_size=settings.batch_size),
+            encode=lambda texts: base_encoder().encode(texts, batch_size=job.encode.batch_size),
             model_key=json.dumps(model_id, sort_keys=True),
             group_size=cfg.train.train_group_size,
             seed=cfg.train.seed,
@@ -237,8 +250,7 @@ def build_records(job: Job, splits: Splits, base_encoder, settings: EncodeSettin
     return records_dir, sum(1 for _ in (records_dir / "train.jsonl").open())
 
 
-def fine_tune(job: Job, splits: Splits, records_dir: Path, n_records: int, model_path: str,
-              settings: EncodeSettings):
+def fine_tune(job: Job, splits: Splits, records_dir: Path, n_records: int, model_path: str):
     """Train; with eval.every_steps, score the live model on validation as it trains and report it to the
     Optuna trial, which may prune it. Returns (TrainResult, LiveTrainingCallback)."""
     from embft.callbacks import LiveTrainingCallback, live_sentence_transformer
@@ -249,13 +261,14 @@ def fine_tune(job: Job, splits: Splits, records_dir: Path, n_records: int, model
     cfg = job.cfg
 
     def score(step: int, model: Any) -> float:
-        view = live_sentence_transformer(model, model_path, settings.pooling, settings.normalize, settings.max_seq_length)
+        view = live_sentence_transformer(model, model_path, cfg.model.pooling, cfg.model.normalize,
+                                         job.encode.max_seq_length)
         return evaluate(view, splits, cfg.eval, cfg.data.name, which=("validation",))["validation"].accuracy
 
     every = cfg.eval.every_steps
     live = LiveTrainingCallback(score if every else None, every, TrialReporter.from_config(cfg.optuna) if every else None,
                                 metric=names.validation(job.metric))
-    result = train(cfg, records_dir, model_path, n_records, job.out_dir, settings.as_dict(), callbacks=(live,))
+    result = train(cfg, records_dir, model_path, n_records, job.out_dir, job.encode.as_dict(), callbacks=(live,))
     if live.eval_seconds:  # live scoring ran inside the Trainer's time: training alone is the rest
         seconds = result.seconds - live.eval_seconds
         result = replace(result, seconds=seconds, queries_per_second=result.n_queries / seconds)
@@ -264,16 +277,17 @@ def fine_tune(job: Job, splits: Splits, records_dir: Path, n_records: int, model
     return result, live
 
 
-def score_tuned(job: Job, splits: Splits, trained: TrainResult, base_encoder, settings: EncodeSettings,
-                device: str) -> tuple[dict[str, EvalResult], float]:
+def score_tuned(job: Job, splits: Splits, trained: TrainResult, base_encoder) -> tuple[dict[str, EvalResult], float]:
     """The fine-tuned model's scores, encoded exactly as the baseline was (checked, not assumed)."""
-    from embft.evaluate import build_encoder, describe_encoder, evaluate
+    from embft import encoders
+    from embft.evaluate import evaluate
 
     start_time = time.perf_counter()
-    tuned = build_encoder(str(trained.model_dir), settings, device)
-    if describe_encoder(tuned) != describe_encoder(base_encoder()):
-        raise RuntimeError(f"the two sides of the comparison encode differently: baseline "
-                           f"{describe_encoder(base_encoder())} vs tuned {describe_encoder(tuned)}")
+    cfg = job.cfg
+    tuned = encoders.build_encoder(str(trained.model_dir), cfg.model.pooling, cfg.model.normalize, job.encode, job.device)
+    base, this = encoders.describe_encoder(base_encoder()), encoders.describe_encoder(tuned)
+    if base != this:
+        raise RuntimeError(f"the two sides of the comparison encode differently: baseline {base} vs tuned {this}")
     scores = evaluate(tuned, splits, job.cfg.eval, job.cfg.data.name)
     return scores, time.perf_counter() - start_time
 
@@ -330,8 +344,7 @@ def run_job(cfg: Config) -> float | list[float] | Any:
     import mlflow
 
     from embft.embedder import resolve_model_path
-    from embft.evaluate import build_encoder, encode_settings
-    from embft.precision import pick_device
+    from embft import encoders
     from embft.runner import check_parallel
 
     job = start(cfg)
@@ -348,16 +361,16 @@ def run_job(cfg: Config) -> float | list[float] | Any:
         check_parallel(cfg.train, cfg.variant)  # in the run, so a sweep counts it; before minutes of baseline
         splits = load_data(job)
         model_path = resolve_model_path(cfg.model)
-        settings, device = encode_settings(cfg.model, cfg.eval), pick_device(cfg.train.device)
-        base_encoder = functools.cache(lambda: build_encoder(model_path, settings, device))
-        baseline = score_baseline(job, splits, base_encoder, settings)
-        records_dir, n_records = build_records(job, splits, base_encoder, settings)
-        trained, live = fine_tune(job, splits, records_dir, n_records, model_path, settings)
+        base_encoder = functools.cache(lambda: encoders.build_encoder(
+            model_path, cfg.model.pooling, cfg.model.normalize, job.encode, job.device))
+        baseline = score_baseline(job, splits, base_encoder)
+        records_dir, n_records = build_records(job, splits, base_encoder)
+        trained, live = fine_tune(job, splits, records_dir, n_records, model_path)
         if live.pruned_step is not None:  # the trial is PRUNED in Optuna; the run ends FINISHED, tagged
             mlflow.log_metric(names.TRAIN_SECONDS, trained.seconds)
             shutil.rmtree(trained.model_dir, ignore_errors=True)
             return optuna_pruned(live.pruned_step)
-        scores, eval_seconds = score_tuned(job, splits, trained, base_encoder, settings, device)
+        scores, eval_seconds = score_tuned(job, splits, trained, base_encoder)
         result = JobResult(baseline, scores, trained, eval_seconds)
         log_results(job, result)
         log_models(job, splits, trained)

@@ -44,6 +44,12 @@ class Precision(StrEnum):
     bf16 = "bf16"
 
 
+class Backend(StrEnum):
+    auto = "auto"  # onnx for fp32 on a CPU where ONNX Runtime is installed, else torch
+    torch = "torch"
+    onnx = "onnx"  # sentence-transformers' ONNX backend (Optimum + ONNX Runtime), fp32
+
+
 class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -179,6 +185,10 @@ class EvalConfig:
     # Score the live model every N training steps (logged by step, reported to the Optuna
     # trial for pruning); null: only after training.
     every_steps: Optional[int] = None
+    # How texts are encoded for evaluation (embft.encoders), the baseline and the tuned model alike:
+    # auto is resolved on this machine before the config hash (bf16 where native; onnx for fp32 on CPU).
+    precision: Precision = Precision.fp32
+    backend: Backend = Backend.torch
 
 
 @dataclass

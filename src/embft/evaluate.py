@@ -1,7 +1,7 @@
 """Evaluation: an MTEB classification task over the job's splits, scored by a sklearn kNN.
 
-One `EncodeSettings` builds the encoder of both sides of a comparison (the untrained baseline and
-the fine-tuned model), so a delta never mixes two ways of encoding.
+Both sides of a comparison (the untrained baseline and the fine-tuned model) are built by
+`embft.encoders.build_encoder` from one `EncodeSettings`, so a delta never mixes two ways of encoding.
 """
 
 from __future__ import annotations
@@ -19,54 +19,14 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from embft.config import EvalConfig, ModelConfig
+from embft.config import EvalConfig
 from embft.data import Splits
+from embft.encoders import EncodeSettings
 from embft.names import score_metric
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("validation", "test")
-
-
-@dataclass(frozen=True)
-class EncodeSettings:
-    """How texts are encoded for evaluation; identical for the baseline and the tuned model."""
-
-    pooling: str
-    normalize: bool
-    max_seq_length: int
-    batch_size: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def encode_settings(model_cfg: ModelConfig, eval_cfg: EvalConfig) -> EncodeSettings:
-    return EncodeSettings(
-        pooling=str(model_cfg.pooling),
-        normalize=bool(model_cfg.normalize),
-        max_seq_length=int(eval_cfg.max_seq_length),
-        batch_size=int(eval_cfg.batch_size),
-    )
-
-
-def build_encoder(path: str, settings: EncodeSettings, device: Optional[str] = None):
-    """The SentenceTransformer that evaluates the model in `path` (a bare HF or a saved ST folder)."""
-    from embft.embedder import sentence_transformer
-
-    return sentence_transformer(path, settings.pooling, settings.normalize, settings.max_seq_length, device)
-
-
-def describe_encoder(model: Any) -> dict[str, Any]:
-    """What decides how a SentenceTransformer encodes: compared between the two sides of a job."""
-    pooling = next((m for m in model if type(m).__name__ == "Pooling"), None)
-    return {
-        "max_seq_length": model.max_seq_length,
-        "pooling": pooling.get_config_dict() if pooling is not None else None,
-        "normalize": any(type(m).__name__ == "Normalize" for m in model),
-        "dtype": str(next(model.parameters()).dtype),
-        "device": str(model.device),
-    }
 
 
 @dataclass

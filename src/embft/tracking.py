@@ -44,7 +44,7 @@ LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug", "objectives")
 # Keys added after studies were logged: at these defaults they leave a job's hash as it was, so
 # rerunning an older study's command still skips its finished jobs.
 HASH_NEUTRAL = {("train", "nproc_per_node"): 1, ("train", "negatives_cross_device"): False,
-                ("eval", "every_steps"): None}
+                ("eval", "every_steps"): None, ("eval", "precision"): "fp32", ("eval", "backend"): "torch"}
 
 # Liveness (who is running a config right now). A job's run carries where it runs and a heartbeat
 # (epoch seconds) that a thread refreshes; a RUNNING run is dead, and may be closed as KILLED, only

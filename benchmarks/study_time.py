@@ -1,0 +1,182 @@
+"""Time to a study: the seed grid (4 variants x seeds) at a reduced scale, in two arms, through the real app.
+
+  today  train.precision=fp32 eval.precision=fp32 eval.backend=torch (the committed settings)
+  fast   train.precision=auto eval.precision=auto eval.backend=auto: bf16 training and evaluation
+         where the device runs bf16 natively, else fp32 training and ONNX Runtime evaluation
+
+Each arm runs `python -m embft -m experiment=seed_grid ...` once per seed (4 variant jobs in one warm
+process), the arms interleaved seed by seed, alternating which goes first, so that drift in other
+load on a shared machine hits both. Everything (MLflow store, records and baseline caches, Hydra
+folders) lives in a temporary root; the numbers are read back from MLflow. Each arm computes its own
+baseline once, in its first job.
+
+Prints the machine (CPU flags, native bf16, threads, ONNX Runtime), per job wall / train / eval
+seconds and scores, per arm totals, per variant the today arm's mean with its 95% t-interval over
+seeds and the fast arm's mean, and as its last line study_time_ratio=<fast arm wall / today arm wall>
+(arm wall: the arm's app processes from start to exit, imports and baselines included).
+
+    python benchmarks/study_time.py            # defaults: 4 variants x 3 seeds, 32 train queries, 1,500 test rows
+    python benchmarks/study_time.py --quick    # 2 variants x 2 seeds, 4 queries, 100 test rows: proves it works
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+ARMS = {
+    "today": ["train.precision=fp32", "eval.precision=fp32", "eval.backend=torch"],
+    "fast": ["train.precision=auto", "eval.precision=auto", "eval.backend=auto"],
+}
+VARIANTS = "same_nib,same,no_same_nib,no_same"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ag_news"))
+    parser.add_argument("--variants", default=VARIANTS)
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--queries", type=int, default=32, help="train.max_train_queries per job (2 epochs)")
+    parser.add_argument("--test-rows", type=int, default=1500, help="eval.max_test_rows (stratified)")
+    parser.add_argument("--quick", action="store_true", help="2 variants x 2 seeds, 4 queries, 100 test rows")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary root (MLflow store) and print it")
+    parser.add_argument("extra", nargs="*", help="more Hydra overrides for both arms")
+    args = parser.parse_args()
+    if args.quick:
+        args.variants, args.seeds, args.queries, args.test_rows = "same_nib,same", "1,2", 4, 100
+    return args
+
+
+def machine() -> str:
+    import torch
+
+    from embft.batched import CPU_BF16_FLAGS, _cpu_flags, bf16_supported
+    from embft.encoders import onnx_available
+
+    flags = _cpu_flags()
+    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", *CPU_BF16_FLAGS, "amx_tile") if f in flags]
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
+    ort = "not installed"
+    if onnx_available():
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return (f"CPU {model}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, flags "
+            f"{' '.join(shown) or '-'}; native bf16 (cpu): {bf16_supported('cpu')}; GPU: {gpu}; torch {torch.__version__}; "
+            f"onnxruntime {ort}; load average {os.getloadavg()[0]:.2f}")
+
+
+def run_sweep(arm: str, seed: str, args: argparse.Namespace, root: Path) -> float:
+    command = [
+        sys.executable, "-m", "embft", "-m", "experiment=seed_grid", f"name=study_time_{arm}",
+        f"variant={args.variants}", f"train.seed={seed}", f"train.max_train_queries={args.queries}",
+        f"eval.max_test_rows={args.test_rows}", f"data.local_dir={args.data}", f"paths.root_dir={root}",
+        *ARMS[arm], *args.extra,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    log = root / f"{arm}-seed{seed}.log"
+    start = time.perf_counter()
+    with log.open("w") as fh:
+        done = subprocess.run(command, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise SystemExit(f"{arm} seed {seed} failed (exit {done.returncode}); log {log}:\n{tail}")
+    print(f"  {arm:<5} seed {seed}: {seconds:6.1f} s", flush=True)
+    return seconds
+
+
+def read_runs(root: Path) -> list[dict]:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
+    client = MlflowClient()
+    rows = []
+    for arm in ARMS:
+        experiment = client.get_experiment_by_name(f"study_time_{arm}")
+        for run in client.search_runs([experiment.experiment_id], max_results=1000):
+            tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+            role = tags.get("embft.role")
+            rows.append({
+                "arm": arm, "role": role, "status": run.info.status,
+                "variant": params.get("variant.name"), "seed": params.get("train.seed"),
+                "wall": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else float("nan"),
+                "train": metrics.get("train_seconds", float("nan")), "eval": metrics.get("eval_seconds", float("nan")),
+                "accuracy": metrics.get("accuracy_cosine", float("nan")),
+                "train_precision": tags.get("precision", "-"),
+                "eval_path": f"{params.get('eval.precision')}/{params.get('eval.backend')}",
+            })
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    import pandas as pd
+
+    from embft.report import t_interval
+
+    seeds = args.seeds.split(",")
+    n_variants = len(args.variants.split(","))
+    print(f"machine: {machine()}")
+    print(f"scale: variants {args.variants} x seeds {args.seeds}; train.max_train_queries={args.queries} x 2 epochs; "
+          f"eval.max_test_rows={args.test_rows}; {n_variants * len(seeds)} jobs per arm")
+    for arm, overrides in ARMS.items():
+        print(f"arm {arm}: {' '.join(overrides)}")
+    root = Path(tempfile.mkdtemp(prefix="embft-study-time-"))
+    walls = {arm: 0.0 for arm in ARMS}
+    try:
+        for i, seed in enumerate(seeds):
+            for arm in (list(ARMS) if i % 2 == 0 else list(ARMS)[::-1]):
+                walls[arm] += run_sweep(arm, seed, args, root)
+        runs = pd.DataFrame(read_runs(root))
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+
+    jobs = runs[runs["role"] == "finetune"].sort_values(["arm", "seed", "variant"])
+    bad = runs[runs["status"] != "FINISHED"]
+    if len(jobs) != 2 * n_variants * len(seeds) or len(bad):
+        raise SystemExit(f"expected {2 * n_variants * len(seeds)} FINISHED jobs, got {len(jobs)} ({len(bad)} not FINISHED)")
+    jobs["other"] = jobs["wall"] - jobs["train"] - jobs["eval"]
+    print(f"\n{'arm':<6}{'variant':<13}{'seed':>5}{'wall s':>8}{'train s':>9}{'eval s':>8}{'other s':>9}"
+          f"{'accuracy':>10}  train prec  eval prec/backend")
+    for _, j in jobs.iterrows():
+        print(f"{j.arm:<6}{j.variant:<13}{j.seed:>5}{j.wall:>8.1f}{j.train:>9.1f}{j.eval:>8.1f}{j.other:>9.1f}"
+              f"{j.accuracy:>10.4f}  {j.train_precision:<10}  {j.eval_path}")
+    for _, b in runs[runs["role"] == "baseline"].iterrows():
+        print(f"baseline {b.arm}: accuracy_cosine {b.accuracy:.4f} ({b.eval_path})")
+    print(f"\n{'arm':<6}{'processes s':>12}{'jobs s':>8}{'train s':>9}{'eval s':>8}{'other s':>9}  (other: baseline, "
+          "records, loading, tracking)")
+    for arm in ARMS:
+        a = jobs[jobs["arm"] == arm]
+        print(f"{arm:<6}{walls[arm]:>12.1f}{a.wall.sum():>8.1f}{a.train.sum():>9.1f}{a['eval'].sum():>8.1f}"
+              f"{a.other.sum():>9.1f}")
+    print("\nper variant: today mean [95% t-interval over seeds] vs fast mean")
+    for variant in args.variants.split(","):
+        today = jobs[(jobs["arm"] == "today") & (jobs["variant"] == variant)]["accuracy"]
+        fast = jobs[(jobs["arm"] == "fast") & (jobs["variant"] == variant)]["accuracy"]
+        low, high = t_interval(today.to_numpy()) if len(today) > 1 else (float("nan"), float("nan"))
+        inside = low <= fast.mean() <= high
+        print(f"  {variant:<12} today {today.mean():.4f} [{low:.4f}, {high:.4f}]  fast {fast.mean():.4f}  "
+              f"{'within' if inside else 'OUTSIDE'}")
+    print(f"study_time_ratio={walls['fast'] / walls['today']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
