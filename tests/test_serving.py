@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, make_tiny_bert
-from embft import registry, serving, tracking
+from embft import names, registry, serving, tracking
 from embft.errors import EmbftError
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -73,7 +73,7 @@ def _job(experiment_id: str, study: str, score: float, model_dir: Path, train: p
     """A finished fine-tune run of `study` with `score`, through the same hook the app calls."""
     import mlflow
 
-    tags = {tracking.ROLE: "finetune", "optuna.study_name": study}
+    tags = {names.ROLE: "finetune", "optuna.study_name": study}
     with tracking.job_run(experiment_id, f"{study}-{score}", tags) as run:
         mlflow.log_metric("accuracy_cosine", score)
         uri = serving.log_job_models(model_dir, _Splits(train), _cfg(log_model))

@@ -43,7 +43,7 @@ class AppRuns(Callback):
         experiment_id = _experiment_id(config.mlflow_uri)
         parent = study_runs.find_parent_run(experiment_id, study_runs.parent_key(config))
         sweep = names.sweep_id(config.hydra.sweep.dir)
-        runs = tracking.find_runs(experiment_id, {tracking.SWEEP: sweep}, ("FINISHED", "FAILED"))
+        runs = tracking.find_runs(experiment_id, {names.SWEEP: sweep}, ("FINISHED", "FAILED"))
         counts = study_runs.count_runs(runs)
         print("COUNTS", sorted(counts.items()))
         study_runs.finish_parent_run(experiment_id, parent, config, counts)
@@ -99,7 +99,7 @@ def main(cfg: DictConfig) -> Any:
 
     experiment_id = _experiment_id(cfg.mlflow_uri)
     sweep = names.sweep_id(HydraConfig.get().sweep.dir)
-    tags = {tracking.ROLE: "finetune", tracking.SWEEP: sweep,
+    tags = {names.ROLE: "finetune", names.SWEEP: sweep,
             study_runs.STUDY: str(cfg.optuna.study_name), study_runs.TRIAL: str(cfg.optuna.trial_number),
             **study_runs.job_tags(experiment_id, cfg.optuna.study_name, sweep)}
     with tracking.job_run(experiment_id, f"trial-{cfg.optuna.trial_number}", tags):
