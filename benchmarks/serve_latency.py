@@ -41,7 +41,7 @@ def build_model(store: Path, per_class: int) -> str:
     import mlflow
 
     from embft.serving import log_models
-    from embft.train import sentence_transformer
+    from embft.embedder import sentence_transformer
 
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     experiment = mlflow.create_experiment("serve_latency", artifact_location=(store / "artifacts").as_uri())
@@ -118,7 +118,6 @@ def main() -> None:
         model = mlflow.pyfunc.load_model(uri)
         measure("in-process pyfunc", lambda batch: model.predict(pd.DataFrame({"text": batch})), texts,
                 args.requests, args.batches)
-        del model
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
 def machine() -> str:
     import torch
 
-    from embft.batched import CPU_BF16_FLAGS, _cpu_flags, bf16_supported
+    from embft.precision import CPU_BF16_FLAGS, _cpu_flags, bf16_supported
     from embft.encoders import onnx_available
 
     flags = _cpu_flags()

@@ -27,7 +27,7 @@ def test_search_prunes_with_the_median_pruner_after_its_warmup(sweeper_of):
     cfg, sweeper = sweeper_of("search")
     assert isinstance(sweeper.pruner, optuna.pruners.MedianPruner)
     assert cfg.hydra.sweeper.pruner.n_startup_trials == 5 and cfg.eval.every_steps == 50
-    assert sweeper.directions == ["maximize"] and sweeper.metric_names == ["accuracy_cosine"]
+    assert sweeper.directions == ["maximize"] and sweeper.metric_names == ["val_accuracy_cosine"]
 
 
 def test_pruner_none_turns_pruning_off(sweeper_of):
@@ -37,7 +37,7 @@ def test_pruner_none_turns_pruning_off(sweeper_of):
 
 def test_tradeoff_search_directions_follow_its_objectives(sweeper_of):
     cfg, sweeper = sweeper_of("search_tradeoff")
-    assert [o.metric for o in cfg.objectives] == ["accuracy_cosine", "train_seconds"]
+    assert [o.metric for o in cfg.objectives] == ["val_accuracy_cosine", "train_seconds"]
     assert sweeper.directions == ["maximize", "minimize"]
     assert sweeper.metric_names == ["accuracy_cosine", "train_seconds"]
 
