@@ -39,7 +39,7 @@ def test_tradeoff_search_directions_follow_its_objectives(sweeper_of):
     cfg, sweeper = sweeper_of("search_tradeoff")
     assert [o.metric for o in cfg.objectives] == ["val_accuracy_cosine", "train_seconds"]
     assert sweeper.directions == ["maximize", "minimize"]
-    assert sweeper.metric_names == ["accuracy_cosine", "train_seconds"]
+    assert sweeper.metric_names == ["val_accuracy_cosine", "train_seconds"]
 
 
 def test_jobs_find_the_parent_key_their_multirun_created(sweeper_of):
