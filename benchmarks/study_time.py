@@ -63,8 +63,8 @@ def parse_args() -> argparse.Namespace:
 def machine() -> str:
     import torch
 
-    from embft.precision import CPU_BF16_FLAGS, _cpu_flags, bf16_supported
     from embft.encoders import onnx_available
+    from embft.precision import CPU_BF16_FLAGS, _cpu_flags, bf16_supported
 
     flags = _cpu_flags()
     shown = [f for f in ("avx2", "avx512f", "avx512_vnni", *CPU_BF16_FLAGS, "amx_tile") if f in flags]

@@ -36,8 +36,9 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -114,7 +115,7 @@ class PeakMemory:
         self.device = device
         self.peak_mb = float("nan")
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -180,7 +181,6 @@ def train_config(
         EncoderOnlyEmbedderModelArguments,
         EncoderOnlyEmbedderTrainingArguments,
     )
-
     from transformers import PrinterCallback
 
     from embft.precision import precision_training_kwargs
@@ -233,9 +233,9 @@ def main() -> None:
     import transformers
     from FlagEmbedding.finetune.embedder.encoder_only.base import EncoderOnlyEmbedderRunner
 
+    from embft.data import NO_IN_BATCH_NEG_SUFFIX, build_records, write_records
     from embft.groupwise import GroupwiseEmbedderRunner
     from embft.precision import bf16_supported
-    from embft.data import NO_IN_BATCH_NEG_SUFFIX, build_records, write_records
 
     datasets.disable_progress_bar()
     transformers.logging.set_verbosity_error()

@@ -1,8 +1,8 @@
 """Every config group option and experiment composes; bad overrides fail with Hydra's message."""
 
 import pytest
-from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from conftest import CONF_DIR
 from embft.config import to_container

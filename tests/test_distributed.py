@@ -21,7 +21,6 @@ from embft.runner import RunnerSpec, check_parallel, effective_batch_size, runne
 from embft.train import train
 from test_pipeline import embft, runs
 
-
 # ---------------------------------------------------------------- fast: command, environment, config
 
 
@@ -173,7 +172,7 @@ def test_two_processes_of_half_batch_train_like_one_process(compose, tmp_path, t
 
     assert one.effective_batch_size == two.effective_batch_size == 4 and one.n_queries == two.n_queries == 16
     assert [s for s, _ in one.losses] == [s for s, _ in two.losses] == [1, 2, 3, 4]
-    np.testing.assert_allclose([l for _, l in two.losses], [l for _, l in one.losses], atol=2e-4)
+    np.testing.assert_allclose([loss for _, loss in two.losses], [loss for _, loss in one.losses], atol=2e-4)
     # Same kind of model folder: files, pooling and normalization modules.
     assert sorted(p.name for p in one.model_dir.iterdir()) == sorted(p.name for p in two.model_dir.iterdir())
     for name in ("modules.json", "1_Pooling/config.json"):

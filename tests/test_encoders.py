@@ -155,7 +155,6 @@ def test_onnx_backend_encodes_like_fp32(minilm, labelled, reference):
 def tiny_st(tmp_path_factory):
     """A tiny BERT saved as a SentenceTransformer folder, as a fine-tuning job leaves it."""
     from conftest import make_tiny_bert
-
     from embft.embedder import save_sentence_transformer
 
     root = tmp_path_factory.mktemp("tiny")
@@ -178,10 +177,9 @@ def test_mteb_evaluation_runs_the_chosen_path(tiny_st, monkeypatch):
     ONNX Runtime for onnx, with no argument beyond the model; scores match fp32's."""
     import torch
 
-    from embft.precision import bf16_supported
-    from embft.evaluate import evaluate
-
     from embft.config import EvalConfig
+    from embft.evaluate import evaluate
+    from embft.precision import bf16_supported
 
     eval_cfg = EvalConfig(samples_per_label=4, n_experiments=2, batch_size=8)
     splits = tiny_splits()
@@ -198,7 +196,7 @@ def test_mteb_evaluation_runs_the_chosen_path(tiny_st, monkeypatch):
     for settings in paths:
         model = build_encoder(tiny_st, "mean", True, settings, device="cpu")
         seen = []
-        model[0].register_forward_hook(lambda mod, inp, out: seen.append(torch.is_autocast_enabled("cpu")))
+        model[0].register_forward_hook(lambda mod, inp, out, seen=seen: seen.append(torch.is_autocast_enabled("cpu")))
         result = evaluate(model, splits, eval_cfg, "tiny", which=("test",))["test"]
         assert seen, "MTEB never ran the model's forward"
         assert all(seen) == (settings.precision == "bf16")

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from embft.app import run_job
@@ -100,8 +99,9 @@ def half_written_save(self, path, *args, **kwargs):
 def test_failure_mid_training_leaves_no_model_folder(compose, tmp_path, tiny_bert, monkeypatch, where):
     """Training or the model's save dies half-way: the run is FAILED with error.txt, and neither a
     `model` folder nor a temporary one is left in the job's folder."""
-    import embft.train
     from sentence_transformers import SentenceTransformer
+
+    import embft.train
 
     if where == "training":
         monkeypatch.setattr(embft.train, "run_runner", half_written_training)

@@ -8,8 +8,8 @@ import torch
 
 from conftest import make_tiny_bert
 from embft.data import build_records, write_records
-from embft.errors import EmbftError
 from embft.embedder import resolve_model_path
+from embft.errors import EmbftError
 from embft.runner import effective_batch_size
 from embft.train import train
 

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from embft import names, study_runs, tracking
 from embft.config import Config, check_values, register_configs, to_container
 from embft.data import Splits
-from embft.errors import EmbftError
 from embft.encoders import EncodeSettings
+from embft.errors import EmbftError
 from embft.evaluate import EvalResult
 from embft.train import TrainResult
 
@@ -343,8 +343,8 @@ def run_job(cfg: Config) -> float | list[float] | Any:
     optuna.TrialPruned when the study's pruner stopped it."""
     import mlflow
 
-    from embft.embedder import resolve_model_path
     from embft import encoders
+    from embft.embedder import resolve_model_path
     from embft.runner import check_parallel
 
     job = start(cfg)

@@ -32,9 +32,10 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 from embft.console import quiet_libraries
 from embft.errors import EmbftError

@@ -113,7 +113,7 @@ def pin_eval_settings(cfg: Any, device: str, default_max_seq_length: Optional[in
     return settings
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _autocast_class():
     import torch
     from sentence_transformers import SentenceTransformer

@@ -41,7 +41,7 @@ class EvalResult:
         return json.dumps(asdict(self), indent=2, default=float)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EvalResult":
+    def from_dict(cls, data: dict) -> EvalResult:
         return cls(**data)
 
 

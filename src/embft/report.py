@@ -400,7 +400,7 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
 
 
 def _ms_to_str(ms: float) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def used_sentence(info: StudyInfo) -> str:
@@ -476,7 +476,7 @@ def write_markdown(
     table: pd.DataFrame, info: StudyInfo, name: str, path: Path, image: str = "report.png"
 ) -> Path:
     """Write the report: what/when, used/skipped runs, table, interval note, plot link."""
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     when = f"{info.first_start} to {info.last_start}" if info.first_start else "unknown"
     fixed_items = info.fixed_settings.items()
     fixed = ", ".join(f"`{k}={v}`" for k, v in fixed_items if not _PATH_VALUE.match(str(v)))

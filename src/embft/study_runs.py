@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from embft import names
 

@@ -12,10 +12,11 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from embft.config import TrackingConfig
 from embft.errors import EmbftError

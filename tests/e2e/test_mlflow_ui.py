@@ -98,7 +98,7 @@ def test_mlflow_ui_shows_the_smoke_runs(browser, smoke_sweep, mlflow_uri: str, t
         for run in runs:  # rows are keyed by run id; each shows its name and its accuracy_cosine
             row = f".ag-row[row-id='{run.info.run_id}']"
             cell = WebDriverWait(browser, 30).until(
-                lambda _: browser.find_element(By.CSS_SELECTOR, f"{row} [col-id='{METRIC_COL}']"))
+                lambda _, row=row: browser.find_element(By.CSS_SELECTOR, f"{row} [col-id='{METRIC_COL}']"))
             assert float(cell.text) == pytest.approx(run.data.metrics["accuracy_cosine"], abs=1e-9)
             row_text = " ".join(r.text for r in browser.find_elements(By.CSS_SELECTOR, row))
             assert run.info.run_name in row_text

@@ -31,7 +31,7 @@ class AppRuns(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.mlflow_uri:
-            from embft import names, study_runs
+            from embft import study_runs
 
             study_runs.start_parent_run(_experiment_id(config.mlflow_uri), config)
 

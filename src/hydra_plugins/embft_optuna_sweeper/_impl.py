@@ -12,11 +12,12 @@ import re
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import optuna
 import sqlalchemy
@@ -73,7 +74,7 @@ class SearchParam:
 
     key: str  # override key element, including a "+"/"++" prefix if one was given
     distribution: BaseDistribution
-    choice_texts: Tuple[str, ...] = ()  # override text of each categorical choice
+    choice_texts: tuple[str, ...] = ()  # override text of each categorical choice
 
     def override(self, value: Any) -> str:
         if isinstance(self.distribution, CategoricalDistribution):
@@ -89,14 +90,14 @@ class SearchParam:
 class SearchSpace:
     """Searched parameters and fixed overrides, both keyed by parameter name."""
 
-    params: Dict[str, SearchParam] = field(default_factory=dict)
-    fixed: Dict[str, str] = field(default_factory=dict)  # name -> override, passed unchanged
+    params: dict[str, SearchParam] = field(default_factory=dict)
+    fixed: dict[str, str] = field(default_factory=dict)  # name -> override, passed unchanged
 
     @property
-    def distributions(self) -> Dict[str, BaseDistribution]:
+    def distributions(self) -> dict[str, BaseDistribution]:
         return {name: p.distribution for name, p in self.params.items()}
 
-    def overrides(self, values: Mapping[str, Any]) -> List[str]:
+    def overrides(self, values: Mapping[str, Any]) -> list[str]:
         """Job overrides for one trial: the fixed ones, then one per searched parameter."""
         return [*self.fixed.values(), *(p.override(values[n]) for n, p in self.params.items())]
 
@@ -265,7 +266,7 @@ def _as_float(value: Any) -> Optional[float]:
 PRUNED = "pruned"  # objective_values' reason for a job that raised or returned TrialPruned
 
 
-def objective_values(ret: JobReturn, n_objectives: int) -> Tuple[Optional[List[float]], str]:
+def objective_values(ret: JobReturn, n_objectives: int) -> tuple[Optional[list[float]], str]:
     """The job's objective value(s), or ``None`` and the reason the trial did not complete
     (:data:`PRUNED` for a job that raised or returned ``optuna.TrialPruned``)."""
     try:
@@ -310,7 +311,7 @@ class _Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> _Heartbeat:
         self._thread.start()
         return self
 
@@ -340,7 +341,7 @@ class _Heartbeat:
 
 
 class _NoHeartbeat:
-    def __enter__(self) -> "_NoHeartbeat":
+    def __enter__(self) -> _NoHeartbeat:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -385,7 +386,7 @@ class _PerTrialSeedSampler(optuna.samplers.BaseSampler):
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
         self._make = make
         self._seed = seed
-        self._samplers: Dict[int, optuna.samplers.BaseSampler] = {}
+        self._samplers: dict[int, optuna.samplers.BaseSampler] = {}
         self._lock = threading.Lock()
 
     def _sampler(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
@@ -399,12 +400,12 @@ class _PerTrialSeedSampler(optuna.samplers.BaseSampler):
 
     def infer_relative_search_space(
         self, study: optuna.Study, trial: FrozenTrial
-    ) -> Dict[str, BaseDistribution]:
+    ) -> dict[str, BaseDistribution]:
         return self._sampler(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(
-        self, study: optuna.Study, trial: FrozenTrial, search_space: Dict[str, BaseDistribution]
-    ) -> Dict[str, Any]:
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         return self._sampler(trial).sample_relative(study, trial, search_space)
 
     def sample_independent(
@@ -504,7 +505,7 @@ def _ask_lock(storage_url: Optional[str], study_name: str) -> Iterator[None]:
         engine.dispose()
 
 
-def _parse_directions(direction: Any) -> Tuple[List[str], Optional[List[str]]]:
+def _parse_directions(direction: Any) -> tuple[list[str], Optional[list[str]]]:
     """Directions, and metric names when given as ``{metric, direction}`` entries."""
     if isinstance(direction, str) or isinstance(direction, Mapping):
         entries = [direction]
@@ -527,7 +528,7 @@ def _parse_directions(direction: Any) -> Tuple[List[str], Optional[List[str]]]:
     return directions, [str(n) for n in names]
 
 
-def _pruner_spec(pruner: Any) -> Optional[Dict[str, Any]]:
+def _pruner_spec(pruner: Any) -> Optional[dict[str, Any]]:
     """The pruner config as plain data (None for none/NopPruner), checked by building it."""
     if pruner is None:
         return None
@@ -583,7 +584,7 @@ class OptunaSweeperImpl(Sweeper):
         # Hydra instantiates the pruner node (recursive instantiation); a mapping also works.
         if pruner is None or isinstance(pruner, optuna.pruners.BasePruner):
             self.pruner = pruner or optuna.pruners.NopPruner()
-            self.pruner_spec: Optional[Dict[str, Any]] = None  # read from the config in setup()
+            self.pruner_spec: Optional[dict[str, Any]] = None  # read from the config in setup()
         else:
             self.pruner_spec = _pruner_spec(pruner)
             self.pruner = make_pruner(self.pruner_spec)
@@ -634,7 +635,7 @@ class OptunaSweeperImpl(Sweeper):
             return None
         assert self.config is not None
         url = _with_installed_pg_driver(make_url(self.storage_url))
-        engine_kwargs: Dict[str, Any] = {}
+        engine_kwargs: dict[str, Any] = {}
         if url.get_backend_name() == "sqlite":
             database = url.database
             if database and database != ":memory:" and not database.startswith("file:"):
@@ -700,7 +701,7 @@ class OptunaSweeperImpl(Sweeper):
 
     # ---------------------------------------------------------------- sweep
 
-    def sweep(self, arguments: List[str]) -> List[Sequence[JobReturn]]:
+    def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None
         assert self.hydra_context is not None
         space = parse_search_space(self.params, arguments, self.hydra_context.config_loader)
@@ -741,7 +742,7 @@ class OptunaSweeperImpl(Sweeper):
             list(space.fixed.values()),
         )
 
-        returns: List[Sequence[JobReturn]] = []
+        returns: list[Sequence[JobReturn]] = []
         with heartbeat:
             while True:
                 results = self._run_batch(
@@ -765,7 +766,7 @@ class OptunaSweeperImpl(Sweeper):
         self,
         study: optuna.Study,
         space: SearchSpace,
-        heartbeat: "_Heartbeat | _NoHeartbeat",
+        heartbeat: _Heartbeat | _NoHeartbeat,
         use_heartbeat: bool,
         job_idx: int,
         trial_info_keys: Sequence[str],
@@ -773,7 +774,7 @@ class OptunaSweeperImpl(Sweeper):
         """Ask up to ``n_jobs`` trials (none once the study is full), launch them in one call
         and tell their results."""
         assert self.launcher is not None
-        trials: List[Trial] = []
+        trials: list[Trial] = []
         try:
             # Count and ask under one lock, so that concurrent workers never ask for the
             # same remaining trial; the asked trials are RUNNING, hence counted, on release.
@@ -825,7 +826,7 @@ class OptunaSweeperImpl(Sweeper):
             taken += sum(t.state == TrialState.RUNNING for t in trials)
         return self.n_trials - taken
 
-    def _trial_info_keys(self) -> List[str]:
+    def _trial_info_keys(self) -> list[str]:
         assert self.config is not None
         node = self.config.get(TRIAL_INFO_NODE)
         if not isinstance(node, DictConfig):
@@ -835,7 +836,7 @@ class OptunaSweeperImpl(Sweeper):
     @staticmethod
     def _trial_info(
         keys: Sequence[str], trial: Trial, study_name: str, storage_url: Optional[str]
-    ) -> List[str]:
+    ) -> list[str]:
         values = {"trial_number": trial.number, "study_name": study_name, "storage": storage_url}
         return [f"{TRIAL_INFO_NODE}.{k}={format_value(values[k])}" for k in keys]
 
@@ -897,7 +898,7 @@ class OptunaSweeperImpl(Sweeper):
         return make_url(self.storage_url).render_as_string(hide_password=True)
 
     @staticmethod
-    def _trial_overrides(trial: FrozenTrial, space: SearchSpace) -> List[str]:
+    def _trial_overrides(trial: FrozenTrial, space: SearchSpace) -> list[str]:
         recorded = trial.user_attrs.get("overrides")
         if recorded is not None:
             return list(recorded)
@@ -906,10 +907,10 @@ class OptunaSweeperImpl(Sweeper):
         except (KeyError, ValueError, IndexError):
             return [f"{k}={format_value(v)}" for k, v in trial.params.items()]
 
-    def _results(self, study: optuna.Study, space: SearchSpace) -> Dict[str, Any]:
+    def _results(self, study: optuna.Study, space: SearchSpace) -> dict[str, Any]:
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        results: Dict[str, Any] = {
+        results: dict[str, Any] = {
             "name": "optuna",
             "study_name": study.study_name,
             "storage": self._masked_storage(),
@@ -942,7 +943,7 @@ class OptunaSweeperImpl(Sweeper):
             ]
         return results
 
-    def _write_results(self, study: optuna.Study, space: SearchSpace, path: Path) -> Dict[str, Any]:
+    def _write_results(self, study: optuna.Study, space: SearchSpace, path: Path) -> dict[str, Any]:
         results = self._results(study, space)
         tmp = path.with_name(path.name + ".tmp")
         OmegaConf.save(OmegaConf.create(results), tmp)

@@ -4,7 +4,7 @@
 # are in sys.modules, which breaks dataclasses with string annotations (and OmegaConf).
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 
@@ -112,7 +112,7 @@ class EmbftOptunaSweeperConf:
       Sweep overrides given on the command line are added and win over these.
     """
 
-    defaults: List[Any] = field(default_factory=lambda: ["_self_", {"pruner": "none"}])
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"pruner": "none"}])
     _target_: str = SWEEPER_TARGET
     direction: Any = "maximize"
     study_name: Optional[str] = None
@@ -125,7 +125,7 @@ class EmbftOptunaSweeperConf:
     failure_rate_min_trials: int = 5
     heartbeat_interval: Optional[int] = 60
     grace_period: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
+    params: Optional[dict[str, str]] = None
     pruner: Any = None  # chosen by the defaults list above
 
 

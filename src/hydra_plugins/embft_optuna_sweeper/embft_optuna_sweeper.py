@@ -6,7 +6,8 @@ this module stays light; Optuna is only imported (from ``_impl``) once the sweep
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -69,5 +70,5 @@ class EmbftOptunaSweeper(Sweeper):
     ) -> None:
         self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         return self.sweeper.sweep(arguments)

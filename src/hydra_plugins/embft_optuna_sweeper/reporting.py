@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     import optuna
@@ -77,7 +78,7 @@ class TrialReporter:
         self.pruned_step: Optional[int] = None
 
     @classmethod
-    def from_config(cls, node: Any) -> Optional["TrialReporter"]:
+    def from_config(cls, node: Any) -> Optional[TrialReporter]:
         """From the job's ``optuna`` config node; None outside a search or without storage."""
         if node is None:
             return None
