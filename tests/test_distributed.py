@@ -71,7 +71,10 @@ def test_nproc_per_node_is_typed(compose):
     [
         (["train.nproc_per_node=0"], "use 1"),
         (["variant=same", "train.negatives_cross_device=true"], "needs train.nproc_per_node > 1"),
-        (["variant=same_nib", "train.nproc_per_node=2", "train.negatives_cross_device=true"], "variant=same_nib trains without"),
+        (
+            ["variant=same_nib", "train.nproc_per_node=2", "train.negatives_cross_device=true"],
+            "variant=same_nib trains without",
+        ),
         (["variant=no_same_nib", "train.nproc_per_node=2", "train.negatives_cross_device=true"], "variant=no_same_nib"),
     ],
 )
@@ -83,7 +86,9 @@ def test_bad_process_settings_are_refused(compose, overrides, message):
 
 @pytest.mark.parametrize("variant", ["same", "no_same"])
 def test_cross_device_negatives_are_accepted_for_in_batch_variants(compose, variant):
-    cfg = compose([f"variant={variant}", "train.nproc_per_node=2", "train.negatives_cross_device=true", "train.device=cpu"])
+    cfg = compose(
+        [f"variant={variant}", "train.nproc_per_node=2", "train.negatives_cross_device=true", "train.device=cpu"]
+    )
     check_parallel(cfg.train, cfg.variant)
 
 
@@ -97,7 +102,9 @@ def test_effective_batch_size_counts_every_process(compose):
 
 def test_too_few_queries_for_one_global_step_is_refused(compose, tmp_path):
     cfg = compose(["variant=same_nib", "train.nproc_per_node=2", "train.same_dataset_batch_size=8", "train.device=cpu"])
-    with pytest.raises(EmbftError, match=r"10 training queries do not fill one step of 16 queries \(2 process\(es\) x 8\)"):
+    with pytest.raises(
+        EmbftError, match=r"10 training queries do not fill one step of 16 queries \(2 process\(es\) x 8\)"
+    ):
         train(cfg, tmp_path / "records", "/unused", 10, tmp_path / "job")
 
 
@@ -116,12 +123,21 @@ def test_failure_message_names_the_first_failing_rank(tmp_path):
 def test_launch_logs_worker_output_and_fails_with_one_error(tmp_path, monkeypatch, caplog):
     """A stand-in for torchrun: its lines reach the job's log, its failure becomes one EmbftError,
     and the launch's scratch folder is gone."""
-    script = ("import json, pathlib, sys; spec = json.loads(pathlib.Path(sys.argv[1]).read_text()); "
-              "print('[default0]:hello from a worker'); e = pathlib.Path(spec['error_dir']); e.mkdir(); "
-              "(e / 'rank0.json').write_text(json.dumps({'rank': 0, 'error': 'RuntimeError: boom'})); sys.exit(1)")
-    monkeypatch.setattr(distributed, "torchrun_command", lambda spec_path, nproc, log_dir: [sys.executable, "-c", script, str(spec_path)])
+    script = (
+        "import json, pathlib, sys; spec = json.loads(pathlib.Path(sys.argv[1]).read_text()); "
+        "print('[default0]:hello from a worker'); e = pathlib.Path(spec['error_dir']); e.mkdir(); "
+        "(e / 'rank0.json').write_text(json.dumps({'rank': 0, 'error': 'RuntimeError: boom'})); sys.exit(1)"
+    )
+    monkeypatch.setattr(
+        distributed,
+        "torchrun_command",
+        lambda spec_path, nproc, log_dir: [sys.executable, "-c", script, str(spec_path)],
+    )
     spec = RunnerSpec("stock", "fp32", "cpu", {}, {}, {"output_dir": str(tmp_path / "bare")})
-    with caplog.at_level("INFO", logger="embft.distributed"), pytest.raises(EmbftError, match="rank 0: RuntimeError: boom"):
+    with (
+        caplog.at_level("INFO", logger="embft.distributed"),
+        pytest.raises(EmbftError, match="rank 0: RuntimeError: boom"),
+    ):
         distributed.launch(spec, 2, "cpu", work_parent=tmp_path)
     assert "[default0]:hello from a worker" in caplog.text
     assert not list(tmp_path.glob(".torchrun.*"))
@@ -138,18 +154,34 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 def tiny_job(compose, tiny_bert, folder: Path, variant: str, batch: int, nproc: int, *overrides: str):
     """cfg and a records folder of 16 queries (3 negatives each) for `variant`, `batch` per process."""
-    cfg = compose([f"model.name_or_path={tiny_bert}", "model.package=null", "model.pooling=cls", f"variant={variant}",
-                   "train.num_train_epochs=1", "train.learning_rate=1e-3", "train.device=cpu", "train.logging_steps=1",
-                   "train.query_max_len=16", "train.passage_max_len=16", f"train.per_device_train_batch_size={batch}",
-                   f"train.same_dataset_batch_size={batch}", f"train.nproc_per_node={nproc}", *overrides])
+    cfg = compose(
+        [
+            f"model.name_or_path={tiny_bert}",
+            "model.package=null",
+            "model.pooling=cls",
+            f"variant={variant}",
+            "train.num_train_epochs=1",
+            "train.learning_rate=1e-3",
+            "train.device=cpu",
+            "train.logging_steps=1",
+            "train.query_max_len=16",
+            "train.passage_max_len=16",
+            f"train.per_device_train_batch_size={batch}",
+            f"train.same_dataset_batch_size={batch}",
+            f"train.nproc_per_node={nproc}",
+            *overrides,
+        ]
+    )
     rng = np.random.default_rng(0)
     words = ["sport", "market", "science", "war"]
     texts = [f"{words[i % 4]} story {rng.integers(1e6)}" for i in range(16)]
     records = folder / ("records-no_in_batch_neg" if cfg.variant.no_in_batch_neg else "records")
     records.mkdir(parents=True)
     same = cfg.variant.same_dataset_within_batch
-    write_records(build_records(texts, [i % 4 for i in range(16)], group_size=4, seed=0, batch_size=batch if same else None),
-                  records / "train.jsonl")
+    write_records(
+        build_records(texts, [i % 4 for i in range(16)], group_size=4, seed=0, batch_size=batch if same else None),
+        records / "train.jsonl",
+    )
     return cfg, records
 
 
@@ -188,8 +220,9 @@ def test_two_processes_of_half_batch_train_like_one_process(compose, tmp_path, t
 def test_cross_device_negatives_score_every_processs_passages(compose, tmp_path, tiny_bert):
     """no_same with 2 processes x 2 queries x group 8: an untrained model scores near-uniformly, so
     the first loss is ~ln(number of passages each query is scored against): ln 32 across devices."""
-    cfg, records = tiny_job(compose, tiny_bert, tmp_path, "no_same", 2, 2, "train.negatives_cross_device=true",
-                            "train.learning_rate=1e-6")
+    cfg, records = tiny_job(
+        compose, tiny_bert, tmp_path, "no_same", 2, 2, "train.negatives_cross_device=true", "train.learning_rate=1e-6"
+    )
     result = train(cfg, records, str(tiny_bert), 16, tmp_path / "job")
     first_loss = result.losses[0][1]
     assert abs(first_loss - math.log(2 * 2 * 8)) < 0.05, first_loss  # per-process in-batch only: ln 16 = 2.77
@@ -211,8 +244,14 @@ def test_two_process_smoke_job_through_the_app(tmp_path, ag_news_dir):
     from sentence_transformers import SentenceTransformer
 
     start = time.perf_counter()
-    done = embft(tmp_path, "experiment=smoke", f"data.local_dir={ag_news_dir}", "train.nproc_per_node=2",
-                 "train.keep_model=true", "eval.max_test_rows=100")
+    done = embft(
+        tmp_path,
+        "experiment=smoke",
+        f"data.local_dir={ag_news_dir}",
+        "train.nproc_per_node=2",
+        "train.keep_model=true",
+        "eval.max_test_rows=100",
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     print(f"2-process smoke job: {time.perf_counter() - start:.0f} s")
@@ -239,7 +278,7 @@ def test_two_process_smoke_job_through_the_app(tmp_path, ag_news_dir):
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
 
 
-FAILING_RANK_WORKER = '''
+FAILING_RANK_WORKER = """
 import os, sys
 if os.environ.get("RANK") == "1":  # only this rank breaks, at its second step; rank 0 stays healthy
     import transformers
@@ -256,11 +295,13 @@ if os.environ.get("RANK") == "1":  # only this rank breaks, at its second step; 
     transformers.Trainer.training_step = failing_step
 from embft.distributed import main
 main()
-'''
+"""
 
 
 @pytest.mark.slow
-def test_one_failing_rank_fails_the_job_naming_it_while_the_others_are_healthy(compose, tmp_path, tiny_bert, monkeypatch):
+def test_one_failing_rank_fails_the_job_naming_it_while_the_others_are_healthy(
+    compose, tmp_path, tiny_bert, monkeypatch
+):
     """Rank 1 dies mid-training while rank 0 waits in a collective: torchrun takes rank 0 down,
     the job fails within seconds with rank 1's error (not rank 0's broken collective), no model."""
     helper = tmp_path / "helper"
@@ -268,11 +309,21 @@ def test_one_failing_rank_fails_the_job_naming_it_while_the_others_are_healthy(c
     (helper / "failing_rank_worker.py").write_text(FAILING_RANK_WORKER)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(helper), *filter(None, [os.environ.get("PYTHONPATH")])]))
     real_command = distributed.torchrun_command
-    monkeypatch.setattr(distributed, "torchrun_command", lambda spec_path, nproc, log_dir: [
-        *real_command(spec_path, nproc, log_dir)[:-3], "-m", "failing_rank_worker", str(spec_path)])
+    monkeypatch.setattr(
+        distributed,
+        "torchrun_command",
+        lambda spec_path, nproc, log_dir: [
+            *real_command(spec_path, nproc, log_dir)[:-3],
+            "-m",
+            "failing_rank_worker",
+            str(spec_path),
+        ],
+    )
     cfg, records = tiny_job(compose, tiny_bert, tmp_path, "same_nib", 2, 2)
     start = time.perf_counter()
-    with pytest.raises(EmbftError, match=r"nproc_per_node=2: training failed on rank 1: RuntimeError: rank 1 lost its disk"):
+    with pytest.raises(
+        EmbftError, match=r"nproc_per_node=2: training failed on rank 1: RuntimeError: rank 1 lost its disk"
+    ):
         train(cfg, records, str(tiny_bert), 16, tmp_path / "job")
     assert time.perf_counter() - start < 300, "rank 0 must not hang in its collective"
     assert not list((tmp_path / "job").iterdir()), "no model and no scratch folders may be left behind"

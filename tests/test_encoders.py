@@ -183,8 +183,13 @@ def test_mteb_evaluation_runs_the_chosen_path(tiny_st, monkeypatch):
 
     eval_cfg = EvalConfig(samples_per_label=4, n_experiments=2, batch_size=8)
     splits = tiny_splits()
-    fp32 = evaluate(build_encoder(tiny_st, "mean", True, EncodeSettings(max_seq_length=32)), splits, eval_cfg, "tiny",
-                    which=("test",))["test"]
+    fp32 = evaluate(
+        build_encoder(tiny_st, "mean", True, EncodeSettings(max_seq_length=32)),
+        splits,
+        eval_cfg,
+        "tiny",
+        which=("test",),
+    )["test"]
 
     paths = []
     if bf16_supported("cpu"):

@@ -23,15 +23,37 @@ def bad_cases(tmp: Path):
         ("missing-column", [f"data.local_dir={good}", "data.text_column=body"], "no column 'body'"),
         ("one-class", [f"data.local_dir={one_class}"], "only one class"),
         ("group-too-large", [f"data.local_dir={good}", "train.train_group_size=40"], "lower train.train_group_size"),
-        ("unknown-model", [f"data.local_dir={good}", "model.package=null", "model.name_or_path=nobody/no-such-model"],
-         "nobody/no-such-model.*model=minilm"),
-        ("no-weights", [f"data.local_dir={good}", "model.package=null", f"model.name_or_path={no_weights}"], "has no weights"),
-        ("same-batch-zero", [f"data.local_dir={good}", "variant=same", "train.per_device_train_batch_size=1"],
-         "same_dataset_batch_size"),
+        (
+            "unknown-model",
+            [f"data.local_dir={good}", "model.package=null", "model.name_or_path=nobody/no-such-model"],
+            "nobody/no-such-model.*model=minilm",
+        ),
+        (
+            "no-weights",
+            [f"data.local_dir={good}", "model.package=null", f"model.name_or_path={no_weights}"],
+            "has no weights",
+        ),
+        (
+            "same-batch-zero",
+            [f"data.local_dir={good}", "variant=same", "train.per_device_train_batch_size=1"],
+            "same_dataset_batch_size",
+        ),
     ]
 
 
-@pytest.mark.parametrize("case", range(7), ids=["missing-folder", "missing-column", "one-class", "group-too-large", "unknown-model", "no-weights", "same-batch-zero"])
+@pytest.mark.parametrize(
+    "case",
+    range(7),
+    ids=[
+        "missing-folder",
+        "missing-column",
+        "one-class",
+        "group-too-large",
+        "unknown-model",
+        "no-weights",
+        "same-batch-zero",
+    ],
+)
 def test_bad_input_fails_cleanly(compose, tmp_path, case, monkeypatch):
     import mlflow
 
@@ -109,8 +131,16 @@ def test_failure_mid_training_leaves_no_model_folder(compose, tmp_path, tiny_ber
         monkeypatch.setattr(embft.train, "run_runner", fake_training)
         monkeypatch.setattr(SentenceTransformer, "save", half_written_save)
     good = write(tmp_path / "good", synthetic(), synthetic(seed=1))
-    cfg = compose(["experiment=smoke", "name=mid_training", f"data.local_dir={good}", f"model.name_or_path={tiny_bert}",
-                   "model.package=null", "train.keep_model=true"])
+    cfg = compose(
+        [
+            "experiment=smoke",
+            "name=mid_training",
+            f"data.local_dir={good}",
+            f"model.name_or_path={tiny_bert}",
+            "model.package=null",
+            "train.keep_model=true",
+        ]
+    )
     with pytest.raises((RuntimeError, OSError), match=f"disk full while {where}"):
         run_job(cfg)
     assert_one_failed_run(tmp_path, "mid_training", f"disk full while {where}")
@@ -143,8 +173,13 @@ def test_tracking_location_that_is_a_file(compose, tmp_path):
 def test_command_line_prints_one_line_and_exits_non_zero(tmp_path):
     env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run([sys.executable, "-m", "embft", f"data.local_dir={tmp_path}/missing"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "embft", f"data.local_dir={tmp_path}/missing"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1
     assert "no such folder" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
@@ -153,8 +188,13 @@ def test_command_line_prints_one_line_and_exits_non_zero(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run([sys.executable, "-m", "embft", f"data.local_dir={tmp_path}/missing", "debug=true"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "embft", f"data.local_dir={tmp_path}/missing", "debug=true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 1
     assert "Traceback (most recent call last)" in output and "EmbftError" in output and "no such folder" in output
@@ -162,5 +202,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_unknown_config_key_is_hydras_error(tmp_path):
     env = {**os.environ, "EMBFT_ROOT": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "embft", "train.lr=1"], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "embft", "train.lr=1"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 1 and "Key 'lr' not in 'TrainConfig'" in done.stderr

@@ -21,8 +21,10 @@ def test_metric_name_says_which_classifier():
 
 
 def test_corrupt_baseline_cache_is_recomputed(tmp_path):
-    result = {"validation": EvalResult(accuracy=0.5, accuracy_std=0.01, f1=0.4, n_test=10, scores={}),
-              "test": EvalResult(accuracy=0.6, accuracy_std=0.01, f1=0.5, n_test=20, scores={})}
+    result = {
+        "validation": EvalResult(accuracy=0.5, accuracy_std=0.01, f1=0.4, n_test=10, scores={}),
+        "test": EvalResult(accuracy=0.6, accuracy_std=0.01, f1=0.5, n_test=20, scores={}),
+    }
     calls = []
 
     def compute():

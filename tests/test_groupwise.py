@@ -115,8 +115,14 @@ def tiny_model_dir(tmp_path):
     folder = tmp_path / "tiny_bert"
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=5 + len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=5 + len(words),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(folder)
     return folder, words
 
@@ -131,13 +137,26 @@ def _train_losses(runner_cls, model_dir, records_dir, out_dir, cache_dir):
     runner = runner_cls(
         model_args=EncoderOnlyEmbedderModelArguments(model_name_or_path=str(model_dir)),
         data_args=EncoderOnlyEmbedderDataArguments(
-            train_data=[str(records_dir)], cache_path=str(cache_dir), train_group_size=4,
-            query_max_len=16, passage_max_len=16, same_dataset_within_batch=True,
+            train_data=[str(records_dir)],
+            cache_path=str(cache_dir),
+            train_group_size=4,
+            query_max_len=16,
+            passage_max_len=16,
+            same_dataset_within_batch=True,
         ),
         training_args=EncoderOnlyEmbedderTrainingArguments(
-            output_dir=str(out_dir), max_steps=3, learning_rate=1e-3, per_device_train_batch_size=3,
-            temperature=0.02, sentence_pooling_method="mean", save_strategy="no", report_to=[],
-            logging_steps=1, disable_tqdm=True, seed=7, **precision_training_kwargs("fp32", "cpu"),
+            output_dir=str(out_dir),
+            max_steps=3,
+            learning_rate=1e-3,
+            per_device_train_batch_size=3,
+            temperature=0.02,
+            sentence_pooling_method="mean",
+            save_strategy="no",
+            report_to=[],
+            logging_steps=1,
+            disable_tqdm=True,
+            seed=7,
+            **precision_training_kwargs("fp32", "cpu"),
         ),
     )
     runner.trainer.train()
@@ -158,8 +177,14 @@ def test_runner_trains_the_groupwise_model_with_the_stock_losses(tiny_model_dir,
 
     with (records_dir / "train.jsonl").open("w") as fh:
         for _ in range(12):
-            record = {"query": text(), "pos": [text()], "neg": [text() for _ in range(3)], "prompt": "",
-                      "type": "symmetric_class", "batch_size": 4}
+            record = {
+                "query": text(),
+                "pos": [text()],
+                "neg": [text() for _ in range(3)],
+                "prompt": "",
+                "type": "symmetric_class",
+                "batch_size": 4,
+            }
             fh.write(json.dumps(record) + "\n")
 
     calls = []

@@ -35,10 +35,22 @@ def test_submitit_local_multirun(tmp_path, ag_news_dir):
     env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(
-        [sys.executable, "-m", "embft", "-m", "hydra/launcher=slurm_local", "experiment=smoke",
-         f"data.local_dir={ag_news_dir}", "variant=same_nib,no_same",
-         "train.max_train_queries=8", "eval.max_test_rows=100"],
-        env=env, capture_output=True, text=True, timeout=1500,
+        [
+            sys.executable,
+            "-m",
+            "embft",
+            "-m",
+            "hydra/launcher=slurm_local",
+            "experiment=smoke",
+            f"data.local_dir={ag_news_dir}",
+            "variant=same_nib,no_same",
+            "train.max_train_queries=8",
+            "eval.max_test_rows=100",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "2 FINISHED" in done.stdout + done.stderr

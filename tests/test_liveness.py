@@ -72,8 +72,7 @@ def test_only_dead_runs_are_closed_as_killed(store, hash_):
 
 def test_a_live_twin_makes_the_job_back_off_without_a_trace(store, hash_, tmp_path, caplog):
     client, exp = store
-    twin = fake_run(client, exp, hash_, host="gpu-node-7", pid=4242, age=12,
-                    start_ms=int((time.time() - 60) * 1000))
+    twin = fake_run(client, exp, hash_, host="gpu-node-7", pid=4242, age=12, start_ms=int((time.time() - 60) * 1000))
     with caplog.at_level("WARNING", logger="embft.tracking"):
         with tracking.job_run(exp, "job", {CONFIG_HASH: hash_}, note_dir=tmp_path / "job", settle_s=0) as run:
             assert run is None
@@ -103,8 +102,10 @@ def test_contenders_agree_on_exactly_one_winner(store, hash_):
     a claim that has already won beats an earlier start (another machine's clock may run behind)."""
     client, exp = store
     now_ms = int(time.time() * 1000)
-    contenders = [fake_run(client, exp, hash_, host=f"m{i}", start_ms=now_ms + d, **{CLAIM: "pending"})
-                  for i, d in enumerate((500, 0, 0, 900))]
+    contenders = [
+        fake_run(client, exp, hash_, host=f"m{i}", start_ms=now_ms + d, **{CLAIM: "pending"})
+        for i, d in enumerate((500, 0, 0, 900))
+    ]
     twins = [tracking.live_twin(exp, hash_, c) for c in contenders]
     winners = [c for c, t in zip(contenders, twins) if t is None]
     assert len(winners) == 1
@@ -122,7 +123,9 @@ def test_the_heartbeat_is_refreshed_while_the_job_runs(store, hash_):
         time.sleep(1.6)
         later = float(client.get_run(run.info.run_id).data.tags[HEARTBEAT])
     assert later >= first + 1
-    assert not [t for t in threading.enumerate() if t.name.startswith("embft-heartbeat")], "the thread stops with the run"
+    assert not [t for t in threading.enumerate() if t.name.startswith("embft-heartbeat")], (
+        "the thread stops with the run"
+    )
 
 
 def test_interrupted_job_ends_killed(store, hash_):
@@ -135,6 +138,7 @@ def test_interrupted_job_ends_killed(store, hash_):
 
 def test_jobs_probing_one_store_folder_together_do_not_collide(tmp_path):
     """Two jobs started 2 s apart failed with 'No such file ... .embft-write-probe' (one name, two probes)."""
+
     def probe(_):
         for _ in range(30):
             tracking.probe_writable(tmp_path / "mlruns")

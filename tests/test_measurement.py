@@ -45,9 +45,20 @@ def test_validation_rows_never_reach_records_negatives_or_knn_support(tmp_path):
     held_out = set(splits.validation["text"])
     rng = np.random.default_rng(0)
     folders = [
-        prepare_records(splits, cache_dir=tmp_path / "cache", dataset_name="d", no_in_batch_neg=True,
-                        encode=lambda texts: rng.normal(size=(len(texts), 8)), model_key="m", pairing=pairing,
-                        group_size=4, seed=0, max_queries=None, prompt="", batch_size=None)
+        prepare_records(
+            splits,
+            cache_dir=tmp_path / "cache",
+            dataset_name="d",
+            no_in_batch_neg=True,
+            encode=lambda texts: rng.normal(size=(len(texts), 8)),
+            model_key="m",
+            pairing=pairing,
+            group_size=4,
+            seed=0,
+            max_queries=None,
+            prompt="",
+            batch_size=None,
+        )
         for pairing in ("examples", "hard")
     ]
     for folder in folders:
@@ -108,9 +119,19 @@ def test_out_of_range_value_fails_before_any_work(compose, tmp_path, override, m
     assert not (tmp_path / "mlruns").exists(), "refused before the store is even opened"
 
 
-@pytest.mark.parametrize("override", ["model.pooling=foo", "train.loss=fast", "train.precision=fp16",
-                                      "data.pairing=random", "train.device=tpu", "eval.method=svm",
-                                      "eval.metric=dot", "eval.objective=train"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.pooling=foo",
+        "train.loss=fast",
+        "train.precision=fp16",
+        "data.pairing=random",
+        "train.device=tpu",
+        "eval.method=svm",
+        "eval.metric=dot",
+        "eval.objective=train",
+    ],
+)
 def test_wrong_choice_fails_at_composition(compose, override):
     from hydra.errors import ConfigCompositionException
 
@@ -119,13 +140,19 @@ def test_wrong_choice_fails_at_composition(compose, override):
     assert "expected one of" in str(err.value.__cause__)
 
 
-@pytest.mark.parametrize("override,expected", [("train.temperature=-1", "train.temperature=-1.0: must be > 0"),
-                                               ("model.pooling=foo", "Invalid value 'foo', expected one of")])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("train.temperature=-1", "train.temperature=-1.0: must be > 0"),
+        ("model.pooling=foo", "Invalid value 'foo', expected one of"),
+    ],
+)
 def test_command_line_refuses_a_bad_value_in_seconds_with_one_line(tmp_path, override, expected):
     env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "embft", override], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "embft", override], env=env, capture_output=True, text=True, timeout=120
+    )
     elapsed = time.perf_counter() - start
     output = done.stdout + done.stderr
     assert done.returncode == 1 and expected in output and "Traceback" not in output
@@ -150,9 +177,19 @@ def test_both_sides_of_a_job_are_encoded_identically(compose, tmp_path, monkeypa
         return encoder
 
     monkeypatch.setattr(encoders, "build_encoder", spy)
-    cfg = compose(["experiment=smoke", "model.package=null", f"model.name_or_path={model}", f"data.local_dir={folder}",
-                   "train.keep_model=true", "eval.max_seq_length=48", "train.query_max_len=16",
-                   "train.passage_max_len=16", "train.device=cpu"])
+    cfg = compose(
+        [
+            "experiment=smoke",
+            "model.package=null",
+            f"model.name_or_path={model}",
+            f"data.local_dir={folder}",
+            "train.keep_model=true",
+            "eval.max_seq_length=48",
+            "train.query_max_len=16",
+            "train.passage_max_len=16",
+            "train.device=cpu",
+        ]
+    )
     value = run_job(cfg)
     assert len(built) == 2
     (base_path, base_settings, base_desc), (tuned_path, tuned_settings, tuned_desc) = built
@@ -164,7 +201,10 @@ def test_both_sides_of_a_job_are_encoded_identically(compose, tmp_path, monkeypa
 
     assert SentenceTransformer(tuned_path, device="cpu").max_seq_length == 48  # saved with the evaluation length
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    run = [r for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-           if r.data.tags["embft.role"] == "finetune"][0]
+    run = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+        if r.data.tags["embft.role"] == "finetune"
+    ][0]
     assert value == run.data.metrics["val_accuracy_cosine"]  # the objective is the validation score
     assert run.data.params["eval.max_seq_length"] == "48" and "accuracy_cosine" in run.data.metrics

@@ -59,9 +59,7 @@ def test_sweep_grammar_maps_to_distribution(line: str, distribution: Any) -> Non
 
 
 def test_fixed_values_pass_through_unchanged() -> None:
-    space = parse_search_space(
-        {"lr": "interval(0.1, 1.0)", "epochs": "3"}, ["+extra='a b'", "model=bge", "~drop"]
-    )
+    space = parse_search_space({"lr": "interval(0.1, 1.0)", "epochs": "3"}, ["+extra='a b'", "model=bge", "~drop"])
     assert list(space.params) == ["lr"]
     assert list(space.fixed.values()) == ["epochs=3", "+extra='a b'", "model=bge", "~drop"]
     assert space.overrides({"lr": 0.5}) == [
@@ -105,9 +103,7 @@ def test_format_value_round_trips(value: Any) -> None:
 
 def test_config_node_defaults() -> None:
     conf = OmegaConf.structured(EmbftOptunaSweeperConf)
-    assert conf._target_ == (
-        "hydra_plugins.embft_optuna_sweeper.embft_optuna_sweeper.EmbftOptunaSweeper"
-    )
+    assert conf._target_ == ("hydra_plugins.embft_optuna_sweeper.embft_optuna_sweeper.EmbftOptunaSweeper")
     assert conf.direction == "maximize" and conf.n_trials == 20 and conf.n_jobs == 1
     assert conf.seed == 42 and conf.sampler.name == "tpe" and conf.max_failure_rate == 0.5
     assert OmegaConf.to_container(conf)["storage"] == "sqlite:///${hydra.runtime.cwd}/optuna.db"
@@ -227,9 +223,7 @@ def test_n_jobs_launches_batches(tmp_path: Path) -> None:
 def test_stale_running_trial_is_failed_and_counted(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        storage = optuna.storages.RDBStorage(
-            f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=1
-        )
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=1)
         study = optuna.create_study(study_name="my_app", storage=storage, direction="maximize")
         trial = study.ask()  # as if its process had been killed mid-trial
         storage.record_heartbeat(trial._trial_id)
@@ -317,8 +311,9 @@ def test_trial_seeds_follow_trial_numbers(sampler: str) -> None:
     # Two "workers" with the same seed taking turns on one storage.
     storage = optuna.storages.InMemoryStorage()
     a, b = (
-        optuna.create_study(study_name="s", storage=storage, direction="maximize",
-                            sampler=per_trial(), load_if_exists=True)
+        optuna.create_study(
+            study_name="s", storage=storage, direction="maximize", sampler=per_trial(), load_if_exists=True
+        )
         for _ in range(2)
     )
     interleaved = [tell(w, w.ask(space)) for w in (a, b, a, b, a, b)]
@@ -371,8 +366,9 @@ def _pruned_ok(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     for t in pruned:
         step = t.last_step
         assert step is not None and step < 4
-        earlier = [u.intermediate_values[step] for u in study.trials
-                   if u.number < t.number and step in u.intermediate_values]
+        earlier = [
+            u.intermediate_values[step] for u in study.trials if u.number < t.number and step in u.intermediate_values
+        ]
         assert t.intermediate_values[step] < sorted(earlier)[len(earlier) // 2]
     return pruned
 
@@ -394,13 +390,29 @@ def test_bad_trials_are_pruned_and_count_towards_n_trials(tmp_path: Path, prune_
 
 
 def test_two_workers_with_a_pruner_end_at_exactly_n_trials(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(APP), "-m", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
-           "hydra.sweeper.n_trials=9", "hydra.sweep.dir=sweep", "sleep_s=0.3", *PRUNE]
+    cmd = [
+        sys.executable,
+        str(APP),
+        "-m",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+        "hydra.sweeper.n_trials=9",
+        "hydra.sweep.dir=sweep",
+        "sleep_s=0.3",
+        *PRUNE,
+    ]
     workers = []
     for i in range(2):
         (tmp_path / f"w{i}").mkdir()
-        workers.append(subprocess.Popen(cmd, cwd=tmp_path / f"w{i}", env=_app_env(),
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        workers.append(
+            subprocess.Popen(
+                cmd,
+                cwd=tmp_path / f"w{i}",
+                env=_app_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for w in workers:
         _, err = w.communicate(timeout=300)
         assert w.returncode == 0, err
@@ -411,8 +423,14 @@ def test_two_workers_with_a_pruner_end_at_exactly_n_trials(tmp_path: Path) -> No
 
 
 def test_pruner_refuses_several_objectives(tmp_path: Path) -> None:
-    proc = _run(tmp_path, "s", "multi_objective=true", "hydra.sweeper.direction=[maximize,minimize]",
-                "hydra/sweeper/pruner=median", check=False)
+    proc = _run(
+        tmp_path,
+        "s",
+        "multi_objective=true",
+        "hydra.sweeper.direction=[maximize,minimize]",
+        "hydra/sweeper/pruner=median",
+        check=False,
+    )
     assert proc.returncode != 0 and "single-objective studies only" in proc.stderr
 
 
@@ -426,8 +444,7 @@ def _mlflow(tmp_path: Path) -> Any:
     exp = client.get_experiment_by_name("sweeper_app")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("embft.role") == "study"]
-    trials = {int(r.data.tags["optuna.trial_number"]): r for r in runs
-              if r.data.tags.get("embft.role") == "finetune"}
+    trials = {int(r.data.tags["optuna.trial_number"]): r for r in runs if r.data.tags.get("embft.role") == "finetune"}
     return client, parents, trials
 
 
@@ -479,8 +496,10 @@ def test_pruned_runs_are_tagged_and_nest_under_one_parent_run_across_resumes(tmp
     md.write_text("# report\n")
     written = add_search_section(client, ["sweeper_app"], md)
     names = {p.name for p in written}
-    assert names == {f"search_{n}.png" for n in ("optimization_history", "param_importances",
-                                                   "parallel_coordinate", "intermediate_values")}
+    assert names == {
+        f"search_{n}.png"
+        for n in ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
+    }
     text = md.read_text()
     assert all(f"]({n})" in text for n in names) and "PRUNED" in text
     assert all(p.stat().st_size > 10_000 for p in written)
@@ -489,9 +508,14 @@ def test_pruned_runs_are_tagged_and_nest_under_one_parent_run_across_resumes(tmp
 def test_multi_objective_names_objectives_and_tags_the_pareto_set(tmp_path: Path) -> None:
     from embft.search_report import write_plots
 
-    _run(tmp_path, "s", "multi_objective=true", f"mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
-         "hydra.sweeper.direction=[{metric:score,direction:maximize},{metric:abs_x,direction:minimize}]",
-         "hydra.sweeper.n_trials=6")
+    _run(
+        tmp_path,
+        "s",
+        "multi_objective=true",
+        f"mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
+        "hydra.sweeper.direction=[{metric:score,direction:maximize},{metric:abs_x,direction:minimize}]",
+        "hydra.sweeper.n_trials=6",
+    )
     study = _study(tmp_path)
     assert study.metric_names == ["score", "abs_x"]
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
@@ -501,7 +525,8 @@ def test_multi_objective_names_objectives_and_tags_the_pareto_set(tmp_path: Path
     assert {n for n, r in trials.items() if r.data.tags["optuna.pareto"] == "true"} == pareto
     assert {n for n, r in trials.items() if r.data.tags["optuna.pareto"] == "false"} == set(range(6)) - pareto
     assert parents[0].data.tags["pareto_trial_numbers"] == ",".join(
-        str(n) for n in sorted(pareto, key=[t.number for t in study.best_trials].index))
+        str(n) for n in sorted(pareto, key=[t.number for t in study.best_trials].index)
+    )
     assert "pareto_front" in write_plots(study, tmp_path / "plots")
     results = _results(tmp_path, "s")
     assert list(results.metric_names) == ["score", "abs_x"]

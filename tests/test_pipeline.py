@@ -38,8 +38,9 @@ def untrained_accuracy(compose, ag_news_dir) -> dict[str, float]:
     from embft.evaluate import evaluate
 
     cfg = compose(["experiment=smoke", f"data.local_dir={ag_news_dir}"])
-    model = sentence_transformer(resolve_model_path(cfg.model), cfg.model.pooling, cfg.model.normalize,
-                                 cfg.eval.max_seq_length, device="cpu")
+    model = sentence_transformer(
+        resolve_model_path(cfg.model), cfg.model.pooling, cfg.model.normalize, cfg.eval.max_seq_length, device="cpu"
+    )
     return {split: r.accuracy for split, r in evaluate(model, load_splits(cfg.data), cfg.eval, cfg.data.name).items()}
 
 
@@ -63,7 +64,8 @@ def test_smoke_run_fine_tunes_evaluates_and_tracks(root, ag_news_dir, compose):
     assert baseline[0].data.metrics["val_accuracy_cosine"] == pytest.approx(untrained["validation"], abs=1e-9)
     assert metrics["delta_accuracy_cosine"] == pytest.approx(metrics["accuracy_cosine"] - untrained["test"], abs=1e-9)
     assert metrics["delta_val_accuracy_cosine"] == pytest.approx(
-        metrics["val_accuracy_cosine"] - untrained["validation"], abs=1e-9)
+        metrics["val_accuracy_cosine"] - untrained["validation"], abs=1e-9
+    )
     assert {"accuracy_cosine_std", "f1", "train_seconds", "train_queries_per_second"} <= set(metrics)
     assert params["variant.name"] == "same_nib" and params["train.train_group_size"] == "8"
     assert tags["embft.baseline_key"] == baseline[0].data.tags["embft.baseline_key"]
@@ -86,7 +88,13 @@ def test_smoke_run_fine_tunes_evaluates_and_tracks(root, ag_news_dir, compose):
 
 def test_sweep_records_a_failing_job_and_goes_on(root, ag_news_dir):
     # train_group_size=5000 asks for more negatives than AG News has: that job must fail cleanly.
-    args = ["-m", "experiment=smoke", f"data.local_dir={ag_news_dir}", "train.train_group_size=5000,8", "name=smoke_sweep"]
+    args = [
+        "-m",
+        "experiment=smoke",
+        f"data.local_dir={ag_news_dir}",
+        "train.train_group_size=5000,8",
+        "name=smoke_sweep",
+    ]
     first = embft(root, *args)
     output = first.stdout + first.stderr
     assert first.returncode != 0

@@ -33,8 +33,14 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_args(tmp_path_factory, ag_news_dir) -> list[str]:
     tiny = make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_promises"))
-    return ["experiment=smoke", f"data.local_dir={ag_news_dir}", f"model.name_or_path={tiny}", "model.package=null",
-            "eval.max_test_rows=120", f"name={NAME}"]
+    return [
+        "experiment=smoke",
+        f"data.local_dir={ag_news_dir}",
+        f"model.name_or_path={tiny}",
+        "model.package=null",
+        "eval.max_test_rows=120",
+        f"name={NAME}",
+    ]
 
 
 def start(root: Path, *args: str, cwd=None) -> subprocess.Popen:
@@ -42,9 +48,16 @@ def start(root: Path, *args: str, cwd=None) -> subprocess.Popen:
     env.pop("MLFLOW_TRACKING_URI", None)
     # SIGINT restored: a shell's background job (CI's runner may be one) starts with it ignored,
     # and Python then never raises KeyboardInterrupt.
-    return subprocess.Popen([sys.executable, "-m", "embft", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "embft", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def finish(job: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
@@ -137,7 +150,9 @@ def test_train_fast_and_logreg_end_to_end_recompute_the_baseline(root, tiny_args
     assert params["train.loss"] == "groupwise" and metrics["effective_batch_size"] == 16
     assert metrics["train_queries"] == 32  # two full batches of 16: the fast path really batched
     assert 0 <= metrics["accuracy_logreg"] <= 1 and "accuracy_cosine" not in metrics
-    baselines = {r.data.tags["embft.baseline_key"]: r for r in runs(root, NAME) if r.data.tags["embft.role"] == "baseline"}
+    baselines = {
+        r.data.tags["embft.baseline_key"]: r for r in runs(root, NAME) if r.data.tags["embft.role"] == "baseline"
+    }
     assert len(baselines) == 2 and run.data.tags["embft.baseline_key"] in baselines
     baseline = baselines[run.data.tags["embft.baseline_key"]].data.metrics["accuracy_logreg"]
     assert metrics["delta_accuracy_logreg"] == pytest.approx(metrics["accuracy_logreg"] - baseline)
@@ -147,8 +162,14 @@ def test_report_command_writes_into_experiments_by_default(root, twin_jobs, tmp_
     """`embft report NAME` reads the project store (EMBFT_ROOT) and writes ./experiments/NAME/."""
     env = {**os.environ, "EMBFT_ROOT": str(root)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run([sys.executable, "-m", "embft", "report", NAME], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "embft", "report", NAME],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = tmp_path / "experiments" / NAME / "report.md"
     assert report.is_file() and (report.parent / "report.png").stat().st_size > 0
@@ -160,10 +181,21 @@ def test_report_command_writes_into_experiments_by_default(root, twin_jobs, tmp_
 def test_optuna_trials_run_in_parallel_through_joblib(tmp_path, tiny_args):
     import optuna
 
-    args = ["-m", "experiment=search", *tiny_args[1:4], "name=par_search", "hydra/launcher=joblib",
-            "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2", "train.max_train_queries=12",
-            "eval.max_test_rows=120", "eval.samples_per_label=8", "eval.n_experiments=2", "train.num_train_epochs=1",
-            "train.train_group_size=choice(4,8)"]
+    args = [
+        "-m",
+        "experiment=search",
+        *tiny_args[1:4],
+        "name=par_search",
+        "hydra/launcher=joblib",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=2",
+        "train.max_train_queries=12",
+        "eval.max_test_rows=120",
+        "eval.samples_per_label=8",
+        "eval.n_experiments=2",
+        "train.num_train_epochs=1",
+        "train.train_group_size=choice(4,8)",
+    ]
     code, output = finish(start(tmp_path, *args))
     assert code == 0, output[-4000:]
     study = optuna.load_study(study_name="par_search", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")

@@ -16,8 +16,14 @@ from embft import report
 SWEEP = "seed_grid/2026-11-27_00-10-00"
 BASELINE = 0.60
 # accuracy_cosine by (learning rate, seed); lr=2e-5 is the better configuration.
-ACC = {("1e-05", 1): 0.61, ("1e-05", 2): 0.63, ("1e-05", 3): 0.62,
-       ("2e-05", 1): 0.70, ("2e-05", 2): 0.66, ("2e-05", 3): 0.71}
+ACC = {
+    ("1e-05", 1): 0.61,
+    ("1e-05", 2): 0.63,
+    ("1e-05", 3): 0.62,
+    ("2e-05", 1): 0.70,
+    ("2e-05", 2): 0.66,
+    ("2e-05", 3): 0.71,
+}
 
 
 def _run(client, exp_id, *, role, params, metrics, status="FINISHED", sweep=SWEEP, key="k1"):
@@ -74,24 +80,48 @@ def store(tmp_path_factory):
         client.create_experiment(n, artifact_location=str(tmp / "art" / n))
         for n in ("seed_grid", "baselines", "other", "broken", "single")
     )
-    _run(client, bases, role="baseline", sweep="base/1", key="k1",
-         params={"model.name": "bge-small"},
-         metrics={"accuracy_cosine": BASELINE, "accuracy_cosine_std": 0.02, "f1": 0.55})
+    _run(
+        client,
+        bases,
+        role="baseline",
+        sweep="base/1",
+        key="k1",
+        params={"model.name": "bge-small"},
+        metrics={"accuracy_cosine": BASELINE, "accuracy_cosine_std": 0.02, "f1": 0.55},
+    )
     for i, ((lr, seed), acc) in enumerate(ACC.items()):
-        _run(client, grid, role="finetune", params=_ft_params(lr, seed, i),
-             metrics=_ft_metrics(acc, seconds=60.0 * (i + 1)))
-    _run(client, grid, role="finetune", params=_ft_params("1e-05", 4, 10), metrics={},
-         status="FAILED")
-    _run(client, grid, role="finetune", params=_ft_params("2e-05", 4, 11),
-         metrics={"train_loss": 0.9}, status="RUNNING")
+        _run(
+            client,
+            grid,
+            role="finetune",
+            params=_ft_params(lr, seed, i),
+            metrics=_ft_metrics(acc, seconds=60.0 * (i + 1)),
+        )
+    _run(client, grid, role="finetune", params=_ft_params("1e-05", 4, 10), metrics={}, status="FAILED")
+    _run(
+        client, grid, role="finetune", params=_ft_params("2e-05", 4, 11), metrics={"train_loss": 0.9}, status="RUNNING"
+    )
     # Another sweep elsewhere: must not leak into selection by sweep tag.
-    _run(client, other, role="finetune", sweep="other/1", params=_ft_params("3e-05", 1, 20),
-         metrics=_ft_metrics(0.9))
-    _run(client, broken, role="finetune", sweep="broken/1", params=_ft_params("1e-05", 1, 30),
-         metrics={}, status="FAILED")
+    _run(client, other, role="finetune", sweep="other/1", params=_ft_params("3e-05", 1, 20), metrics=_ft_metrics(0.9))
+    _run(
+        client,
+        broken,
+        role="finetune",
+        sweep="broken/1",
+        params=_ft_params("1e-05", 1, 30),
+        metrics={},
+        status="FAILED",
+    )
     # One run, baseline key without a baseline run: falls back to the logged metric.
-    _run(client, single, role="finetune", sweep="single/1", key="k-missing",
-         params=_ft_params("1e-05", 1, 40), metrics=_ft_metrics(0.65, base=0.58))
+    _run(
+        client,
+        single,
+        role="finetune",
+        sweep="single/1",
+        key="k-missing",
+        params=_ft_params("1e-05", 1, 40),
+        metrics=_ft_metrics(0.65, base=0.58),
+    )
     return uri, client
 
 
@@ -103,9 +133,7 @@ def test_summarize_table(store):
 
     assert info.settings == ["train.learning_rate"]
     assert list(table.columns) == ["configuration", "train.learning_rate", *report.TABLE_NUMBERS]
-    assert list(table["configuration"]) == [
-        "learning_rate=2e-05", "learning_rate=1e-05", "baseline"
-    ]
+    assert list(table["configuration"]) == ["learning_rate=2e-05", "learning_rate=1e-05", "baseline"]
     assert (info.n_used, info.n_skipped) == (6, 2)
     assert info.skipped_by_status == {"FAILED": 1, "RUNNING": 1}
     assert report.used_sentence(info).startswith("used 6 runs, skipped 2: 1 FAILED, 1 RUNNING")
@@ -154,8 +182,7 @@ def test_select_by_sweep_tag(store, tmp_path):
     rc = report.main([SWEEP, "--tracking-uri", uri, "--out-dir", str(tmp_path)])
     assert rc == 0
     assert (tmp_path / "seed_grid_2026-11-27_00-10-00" / "report.md").exists()
-    rc = report.main([SWEEP, "--tracking-uri", uri, "--out-dir", str(tmp_path),
-                      "--output-name", "mine"])
+    rc = report.main([SWEEP, "--tracking-uri", uri, "--out-dir", str(tmp_path), "--output-name", "mine"])
     assert rc == 0 and (tmp_path / "mine" / "report.png").exists()
 
 
@@ -202,8 +229,18 @@ def test_pool_studies_with_where(store, tmp_path):
     table, info = report.summarize(df)
     assert list(table["train.learning_rate"])[:3] == ["3e-05", "2e-05", "1e-05"]  # + baseline row
     assert info.experiments == ["other", "seed_grid"]
-    rc = report.main(["seed_grid", "other", "--where", "train.learning_rate=2e-05",
-                      "--tracking-uri", uri, "--out-dir", str(tmp_path)])
+    rc = report.main(
+        [
+            "seed_grid",
+            "other",
+            "--where",
+            "train.learning_rate=2e-05",
+            "--tracking-uri",
+            uri,
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     text = (tmp_path / "seed_grid" / "report.md").read_text()
     assert "# Study report: seed_grid + other" in text and "used 3 runs" in text
@@ -219,8 +256,13 @@ def test_ranked_on_validation_with_test_beside_it_and_metric_from_eval_settings(
     scores = {"1e-05": (0.80, 0.70), "2e-05": (0.70, 0.75)}  # lr: (validation, test)
     for run_no, (lr, (val, test)) in enumerate(scores.items()):
         metrics = {**_ft_metrics(test), "val_accuracy_cosine": val, "baseline_val_accuracy_cosine": 0.6}
-        _run(client, exp, role="finetune", params={**_ft_params(lr, 1, run_no), "eval.method": "knn",
-                                                    "eval.metric": "cosine"}, metrics=metrics)
+        _run(
+            client,
+            exp,
+            role="finetune",
+            params={**_ft_params(lr, 1, run_no), "eval.method": "knn", "eval.metric": "cosine"},
+            metrics=metrics,
+        )
     _run(client, exp, role="baseline", params={}, metrics={"accuracy_cosine": BASELINE, "val_accuracy_cosine": 0.6})
     table, info = report.summarize(report.load_runs(client, "search"))
     assert info.ranked_by == "val_accuracy_cosine"
@@ -230,9 +272,13 @@ def test_ranked_on_validation_with_test_beside_it_and_metric_from_eval_settings(
     assert "| 1 | 1e-05 | 1 | 0.8000 | 0.7000 |" in (tmp_path / "search" / "report.md").read_text()
 
     exp2 = client.create_experiment("logreg", artifact_location=(tmp_path / "b").as_uri())
-    _run(client, exp2, role="finetune", params={**_ft_params("1e-05", 1, 9), "eval.method": "logreg",
-                                                 "eval.metric": "cosine"},
-         metrics={"accuracy_logreg": 0.9, "val_accuracy_logreg": 0.85})
+    _run(
+        client,
+        exp2,
+        role="finetune",
+        params={**_ft_params("1e-05", 1, 9), "eval.method": "logreg", "eval.metric": "cosine"},
+        metrics={"accuracy_logreg": 0.9, "val_accuracy_logreg": 0.85},
+    )
     table, info = report.summarize(report.load_runs(client, "logreg"))
     assert info.metric == "accuracy_logreg" and table.iloc[0]["accuracy_mean"] == pytest.approx(0.9)
     with pytest.raises(report.EmbftError, match="accuracy_cosine"):

@@ -20,8 +20,14 @@ def finetune_runs(root, experiment):
 def test_killed_job_is_finished_by_rerunning_the_same_command(tmp_path, ag_news_dir):
     args = ["experiment=smoke", f"data.local_dir={ag_news_dir}", "name=killed", "train.max_train_queries=64"]
     env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    job = subprocess.Popen([sys.executable, "-m", "embft", *args], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "embft", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     for line in job.stdout:  # wait until training is under way, then kill without warning
         if "Fine-tuning" in line or time.time() > deadline:
@@ -35,8 +41,10 @@ def test_killed_job_is_finished_by_rerunning_the_same_command(tmp_path, ag_news_
     assert len(job_dirs) == 1
     entries = {p.name for p in job_dirs[0].iterdir()}
     assert "model" not in entries and not any(name.startswith(".model.") for name in entries), entries
-    assert all(name.startswith((".flagembedding.", ".torchrun.", ".hydra")) or not (job_dirs[0] / name).is_dir()
-               for name in entries), entries
+    assert all(
+        name.startswith((".flagembedding.", ".torchrun.", ".hydra")) or not (job_dirs[0] / name).is_dir()
+        for name in entries
+    ), entries
 
     again = embft(tmp_path, *args)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -51,8 +59,16 @@ def test_killed_job_is_finished_by_rerunning_the_same_command(tmp_path, ag_news_
 
 
 def test_two_joblib_workers_land_every_run_and_results_are_deterministic(tmp_path, ag_news_dir):
-    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=smoke", f"data.local_dir={ag_news_dir}",
-            "name=parallel", "train.seed=7,7,8", "force=true"]
+    args = [
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "experiment=smoke",
+        f"data.local_dir={ag_news_dir}",
+        "name=parallel",
+        "train.seed=7,7,8",
+        "force=true",
+    ]
     done = embft(tmp_path, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "database is locked" not in done.stdout + done.stderr

@@ -8,9 +8,15 @@ from test_pipeline import embft, runs
 
 pytestmark = pytest.mark.slow
 
-TINY = ["train.max_train_queries=12", "train.logging_steps=2", "eval.max_test_rows=120", "eval.samples_per_label=8",
-        "eval.n_experiments=2", "train.num_train_epochs=1",
-        "train.train_group_size=choice(4,8)"]  # command-line entries replace the config's search space
+TINY = [
+    "train.max_train_queries=12",
+    "train.logging_steps=2",
+    "eval.max_test_rows=120",
+    "eval.samples_per_label=8",
+    "eval.n_experiments=2",
+    "train.num_train_epochs=1",
+    "train.train_group_size=choice(4,8)",
+]  # command-line entries replace the config's search space
 
 
 def test_search_resumes_and_marks_the_best_trial(tmp_path, ag_news_dir):
@@ -45,8 +51,18 @@ def test_search_resumes_and_marks_the_best_trial(tmp_path, ag_news_dir):
     # `embft report` on a search adds the study's plots.
     from embft.report import main as report
 
-    assert report(["search", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db",
-                   "--out-dir", str(tmp_path / "reports")]) == 0
+    assert (
+        report(
+            [
+                "search",
+                "--tracking-uri",
+                f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                "--out-dir",
+                str(tmp_path / "reports"),
+            ]
+        )
+        == 0
+    )
     md = (tmp_path / "reports" / "search" / "report.md").read_text()
     assert "## Search: Optuna study `search`" in md
     for plot in ("optimization_history", "param_importances", "parallel_coordinate"):

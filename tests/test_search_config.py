@@ -48,10 +48,17 @@ def test_jobs_find_the_parent_key_their_multirun_created(sweeper_of):
     from embft import study_runs
 
     cfg, _ = sweeper_of("search", "hydra.sweep.dir=multirun/search/2026-11-30_05-00-00")
-    assert study_runs.parent_key(cfg) == "study:search" == study_runs.job_parent_key("search", "search/2026-11-30_05-00-00")
+    assert (
+        study_runs.parent_key(cfg)
+        == "study:search"
+        == study_runs.job_parent_key("search", "search/2026-11-30_05-00-00")
+    )
     grid, _ = sweeper_of("smoke", "hydra.sweep.dir=multirun/smoke/2026-11-30_05-00-00", build=False)
-    assert study_runs.parent_key(grid) == "sweep:smoke/2026-11-30_05-00-00" == study_runs.job_parent_key(
-        None, "smoke/2026-11-30_05-00-00")
+    assert (
+        study_runs.parent_key(grid)
+        == "sweep:smoke/2026-11-30_05-00-00"
+        == study_runs.job_parent_key(None, "smoke/2026-11-30_05-00-00")
+    )
     assert study_runs.job_parent_key(None, None) is None  # a single run has no parent
 
     def run(status, **tags):

@@ -32,11 +32,24 @@ def tiny_bert(tmp_path_factory):
 
 def tiny_job(compose, tiny_bert, folder, *overrides):
     """16 queries of 4 classes, batch 4, group 4: 4 steps an epoch."""
-    cfg = compose([f"model.name_or_path={tiny_bert}", "model.package=null", "model.pooling=cls", "variant=same_nib",
-                   "train.learning_rate=1e-3", "train.device=cpu", "train.logging_steps=1",
-                   "train.query_max_len=16", "train.passage_max_len=16", "train.per_device_train_batch_size=4",
-                   "train.same_dataset_batch_size=4", "eval.samples_per_label=4", "eval.n_experiments=1",
-                   *overrides])
+    cfg = compose(
+        [
+            f"model.name_or_path={tiny_bert}",
+            "model.package=null",
+            "model.pooling=cls",
+            "variant=same_nib",
+            "train.learning_rate=1e-3",
+            "train.device=cpu",
+            "train.logging_steps=1",
+            "train.query_max_len=16",
+            "train.passage_max_len=16",
+            "train.per_device_train_batch_size=4",
+            "train.same_dataset_batch_size=4",
+            "eval.samples_per_label=4",
+            "eval.n_experiments=1",
+            *overrides,
+        ]
+    )
     texts, labels = _texts(16, 0)
     records = folder / "records-no_in_batch_neg"
     records.mkdir(parents=True)
@@ -47,9 +60,12 @@ def tiny_job(compose, tiny_bert, folder, *overrides):
 def _val_splits() -> Splits:
     train_texts, train_labels = _texts(32, 1)
     test_texts, test_labels = _texts(40, 2)
-    return Splits(train=pd.DataFrame({"text": train_texts, "label": train_labels}),
-                  test=pd.DataFrame({"text": test_texts, "label": test_labels}),
-                  label_names=WORDS, source="synthetic")
+    return Splits(
+        train=pd.DataFrame({"text": train_texts, "label": train_labels}),
+        test=pd.DataFrame({"text": test_texts, "label": test_labels}),
+        label_names=WORDS,
+        source="synthetic",
+    )
 
 
 def test_live_metrics_and_view_leave_training_unchanged(compose, tmp_path, tiny_bert, capsys):
@@ -104,8 +120,9 @@ def test_a_learning_rate_that_wrecks_the_model_is_pruned(compose, tmp_path, tiny
     def trial_run(lr: float, folder: str):
         trial = study.ask()  # what the sweeper does, with the pruner the job rebuilds
         trial.set_user_attr("pruner", {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 1})
-        cfg, records = tiny_job(compose, tiny_bert, tmp_path / folder, f"train.learning_rate={lr}",
-                                "train.num_train_epochs=4")
+        cfg, records = tiny_job(
+            compose, tiny_bert, tmp_path / folder, f"train.learning_rate={lr}", "train.num_train_epochs=4"
+        )
 
         def score(step, model):
             view = live_sentence_transformer(model, str(tiny_bert), "cls", True, 16)

@@ -29,7 +29,9 @@ def tiny_st(tmp_path_factory) -> Path:
 
     folder = make_tiny_bert(tmp_path_factory.mktemp("bert"))
     word = models.Transformer(str(folder), max_seq_length=64)
-    model = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")], device="cpu")
+    model = SentenceTransformer(
+        modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")], device="cpu"
+    )
     out = tmp_path_factory.mktemp("st") / "model"
     model.save(str(out))
     return out
@@ -58,10 +60,12 @@ def store(tmp_path_factory):
 def _cfg(log_model: str = "best", name: str = "embft-test"):
     from omegaconf import OmegaConf
 
-    return OmegaConf.create({
-        "tracking": {"log_model": log_model, "registered_model_name": name, "support_per_class": 20},
-        "eval": {"method": "knn", "k": K, "metric": "cosine", "seed": 7, "batch_size": 16},
-    })
+    return OmegaConf.create(
+        {
+            "tracking": {"log_model": log_model, "registered_model_name": name, "support_per_class": 20},
+            "eval": {"method": "knn", "k": K, "metric": "cosine", "seed": 7, "batch_size": 16},
+        }
+    )
 
 
 class _Splits:
@@ -168,8 +172,22 @@ def test_registry_champion_moves_only_to_a_better_study(tiny_st: Path, frames, s
     # `embft predict` in a fresh process loads NAME@champion and labels as the model does in process.
     test[["text"]].to_csv(tmp_path / "in.csv", index=False)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run([sys.executable, "-m", "embft", "predict", f"models:/{name}@champion", str(tmp_path / "in.csv"),
-                           "--out", str(tmp_path / "out.csv")], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embft",
+            "predict",
+            f"models:/{name}@champion",
+            str(tmp_path / "in.csv"),
+            "--out",
+            str(tmp_path / "out.csv"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = pd.read_csv(tmp_path / "out.csv")
     expected = mlflow.pyfunc.load_model(f"runs:/{best3}/classifier").predict(test[["text"]])
@@ -188,8 +206,12 @@ def test_predict_cli_keeps_the_input_format(tiny_st: Path, frames, store, tmp_pa
     expected = mlflow.pyfunc.load_model(model_uri).predict(rows[["text"]])["label_name"].tolist()
 
     rows.to_parquet(tmp_path / "in.parquet")
-    assert serving.predict_main([model_uri, str(tmp_path / "in.parquet"), "--out", str(tmp_path / "out.parquet"),
-                                 "--tracking-uri", uri]) == 0
+    assert (
+        serving.predict_main(
+            [model_uri, str(tmp_path / "in.parquet"), "--out", str(tmp_path / "out.parquet"), "--tracking-uri", uri]
+        )
+        == 0
+    )
     out = pd.read_parquet(tmp_path / "out.parquet")
     assert out["id"].tolist() == list(range(6)) and out["label_name"].tolist() == expected
     assert out["label_input"].tolist() == rows["label"].tolist()  # the gold label, not overwritten

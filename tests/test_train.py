@@ -23,8 +23,19 @@ def test_cls_pooling_survives_save_and_reload(compose, tmp_path, tiny_bert):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
 
-    cfg = compose([f"model.name_or_path={tiny_bert}", "model.package=null", "model.pooling=cls", "model.normalize=true",
-                   "variant=no_same", "train.num_train_epochs=1", "train.learning_rate=1e-3", "train.device=cpu", "train.logging_steps=2"])
+    cfg = compose(
+        [
+            f"model.name_or_path={tiny_bert}",
+            "model.package=null",
+            "model.pooling=cls",
+            "model.normalize=true",
+            "variant=no_same",
+            "train.num_train_epochs=1",
+            "train.learning_rate=1e-3",
+            "train.device=cpu",
+            "train.logging_steps=2",
+        ]
+    )
     rng = np.random.default_rng(0)
     words = ["sport", "market", "science", "war"]
     texts = [f"{words[i % 4]} story {rng.integers(1e6)}" for i in range(24)]
@@ -36,7 +47,9 @@ def test_cls_pooling_survives_save_and_reload(compose, tmp_path, tiny_bert):
 
     assert (result.model_dir / "modules.json").is_file() and not list(result.model_dir.parent.glob(".flagembedding.*"))
     before, after = AutoModel.from_pretrained(tiny_bert), AutoModel.from_pretrained(result.model_dir)
-    assert not torch.equal(before.encoder.layer[0].attention.self.query.weight, after.encoder.layer[0].attention.self.query.weight)
+    assert not torch.equal(
+        before.encoder.layer[0].attention.self.query.weight, after.encoder.layer[0].attention.self.query.weight
+    )
 
     reloaded = SentenceTransformer(str(result.model_dir), device="cpu")
     sentences = ["a short sentence", "another, somewhat longer sentence about markets"]

@@ -73,21 +73,25 @@ class JobResult:
         out: dict[str, float] = {}
         for split, prefix in (("test", ""), ("validation", names.VALIDATION_PREFIX)):
             name, tuned, base = f"{prefix}{metric}", self.scores[split], self.baseline[split]
-            out.update({
-                name: tuned.accuracy,
-                names.std(name): tuned.accuracy_std,
-                f"{prefix}{names.F1}": tuned.f1,
-                names.baseline(name): base.accuracy,
-                names.delta(name): tuned.accuracy - base.accuracy,
-            })
+            out.update(
+                {
+                    name: tuned.accuracy,
+                    names.std(name): tuned.accuracy_std,
+                    f"{prefix}{names.F1}": tuned.f1,
+                    names.baseline(name): base.accuracy,
+                    names.delta(name): tuned.accuracy - base.accuracy,
+                }
+            )
         t = self.train
-        out.update({
-            names.TRAIN_SECONDS: t.seconds,
-            names.TRAIN_QUERIES: t.n_queries,
-            names.TRAIN_QPS: t.queries_per_second,
-            names.EFFECTIVE_BATCH_SIZE: t.effective_batch_size,
-            names.EVAL_SECONDS: self.eval_seconds,
-        })
+        out.update(
+            {
+                names.TRAIN_SECONDS: t.seconds,
+                names.TRAIN_QUERIES: t.n_queries,
+                names.TRAIN_QPS: t.queries_per_second,
+                names.EFFECTIVE_BATCH_SIZE: t.effective_batch_size,
+                names.EVAL_SECONDS: self.eval_seconds,
+            }
+        )
         return out
 
 
@@ -130,8 +134,10 @@ def start(cfg: Config) -> Job:
     test_metric = metric_name(cfg.eval)
     chosen_on_test = [o.metric for o in cfg.objectives if o.metric == test_metric]
     if chosen_on_test and cfg.eval.objective == "validation":
-        raise EmbftError(f"objectives lists {test_metric}, the test score: choose on {names.validation(test_metric)} "
-                         "(the test split is for the final figure), or set eval.objective=test to allow it.")
+        raise EmbftError(
+            f"objectives lists {test_metric}, the test score: choose on {names.validation(test_metric)} "
+            "(the test split is for the final figure), or set eval.objective=test to allow it."
+        )
     return Job(
         cfg=cfg,
         params=tracking.flatten(resolved),
@@ -150,14 +156,21 @@ def finished_run(job: Job) -> Optional[Any]:
     if job.cfg.force:
         return None
     done = tracking.find_runs(job.experiment_id, {names.CONFIG_HASH: job.config_hash})
-    usable = (run for run in done if run.data.tags.get(names.OPTUNA_PRUNED) == "true"
-              or all(m in run.data.metrics for m in job.objectives))
+    usable = (
+        run
+        for run in done
+        if run.data.tags.get(names.OPTUNA_PRUNED) == "true" or all(m in run.data.metrics for m in job.objectives)
+    )
     return next(usable, None)
 
 
 def skip(job: Job, run: Any) -> float | list[float] | Any:
-    log.info("Skipping: run %s already FINISHED this config (%s=%s); force=true reruns it",
-             run.info.run_id, names.CONFIG_HASH, job.config_hash)
+    log.info(
+        "Skipping: run %s already FINISHED this config (%s=%s); force=true reruns it",
+        run.info.run_id,
+        names.CONFIG_HASH,
+        job.config_hash,
+    )
     job.out_dir.mkdir(parents=True, exist_ok=True)
     (job.out_dir / SKIPPED_MARKER).write_text(run.info.run_id)
     if run.data.tags.get(names.OPTUNA_PRUNED) == "true":
@@ -192,8 +205,14 @@ def load_data(job: Job) -> Splits:
 
     splits = load_splits(job.cfg.data)
     mlflow.log_dict(splits.notes, names.DATA_NOTES_ARTIFACT)
-    log.info("Data %s: %d train, %d validation, %d test rows, %d classes", splits.source, len(splits.train),
-             len(splits.validation), len(splits.test), len(splits.label_names))
+    log.info(
+        "Data %s: %d train, %d validation, %d test rows, %d classes",
+        splits.source,
+        len(splits.train),
+        len(splits.validation),
+        len(splits.test),
+        len(splits.label_names),
+    )
     return splits
 
 
@@ -204,21 +223,38 @@ def score_baseline(job: Job, splits: Splits, base_encoder) -> dict[str, EvalResu
     from embft.evaluate import baseline_key, cached_baseline, evaluate
 
     cfg = job.cfg
-    model_id = {"path": cfg.model.package or cfg.model.name_or_path, "revision": cfg.model.revision,
-                "pooling": str(cfg.model.pooling), "normalize": cfg.model.normalize}
+    model_id = {
+        "path": cfg.model.package or cfg.model.name_or_path,
+        "revision": cfg.model.revision,
+        "pooling": str(cfg.model.pooling),
+        "normalize": cfg.model.normalize,
+    }
     key = baseline_key(model_id, splits, cfg.eval, job.encode)
     with _lock(job.cache_dir, f"baseline-{key}"):
-        baseline, _ = cached_baseline(job.cache_dir, key, lambda: evaluate(base_encoder(), splits, cfg.eval, cfg.data.name))
+        baseline, _ = cached_baseline(
+            job.cache_dir, key, lambda: evaluate(base_encoder(), splits, cfg.eval, cfg.data.name)
+        )
         metrics = {}
         for split, prefix in (("test", ""), ("validation", names.VALIDATION_PREFIX)):
             name = f"{prefix}{job.metric}"
-            metrics.update({name: baseline[split].accuracy, names.std(name): baseline[split].accuracy_std,
-                            f"{prefix}{names.F1}": baseline[split].f1})
+            metrics.update(
+                {
+                    name: baseline[split].accuracy,
+                    names.std(name): baseline[split].accuracy_std,
+                    f"{prefix}{names.F1}": baseline[split].f1,
+                }
+            )
         params = {k: v for k, v in job.params.items() if k.split(".")[0] in ("model", "data", "eval")}
-        tracking.ensure_baseline_run(job.experiment_id, key, metrics, {s: r.scores for s, r in baseline.items()}, params)
+        tracking.ensure_baseline_run(
+            job.experiment_id, key, metrics, {s: r.scores for s, r in baseline.items()}, params
+        )
     mlflow.set_tag(names.BASELINE_KEY, key)
-    log.info("Baseline %s = %.4f (validation), %.4f (test)", job.metric, baseline["validation"].accuracy,
-             baseline["test"].accuracy)
+    log.info(
+        "Baseline %s = %.4f (validation), %.4f (test)",
+        job.metric,
+        baseline["validation"].accuracy,
+        baseline["test"].accuracy,
+    )
     return baseline
 
 
@@ -229,8 +265,12 @@ def build_records(job: Job, splits: Splits, base_encoder) -> tuple[Path, int]:
     from embft.data import prepare_records
 
     cfg = job.cfg
-    model_id = {"path": cfg.model.package or cfg.model.name_or_path, "revision": cfg.model.revision,
-                "pooling": str(cfg.model.pooling), "normalize": cfg.model.normalize}
+    model_id = {
+        "path": cfg.model.package or cfg.model.name_or_path,
+        "revision": cfg.model.revision,
+        "pooling": str(cfg.model.pooling),
+        "normalize": cfg.model.normalize,
+    }
     with _lock(job.cache_dir, "records"):
         records_dir = prepare_records(
             splits,
@@ -261,13 +301,18 @@ def fine_tune(job: Job, splits: Splits, records_dir: Path, n_records: int, model
     cfg = job.cfg
 
     def score(step: int, model: Any) -> float:
-        view = live_sentence_transformer(model, model_path, cfg.model.pooling, cfg.model.normalize,
-                                         job.encode.max_seq_length)
+        view = live_sentence_transformer(
+            model, model_path, cfg.model.pooling, cfg.model.normalize, job.encode.max_seq_length
+        )
         return evaluate(view, splits, cfg.eval, cfg.data.name, which=("validation",))["validation"].accuracy
 
     every = cfg.eval.every_steps
-    live = LiveTrainingCallback(score if every else None, every, TrialReporter.from_config(cfg.optuna) if every else None,
-                                metric=names.validation(job.metric))
+    live = LiveTrainingCallback(
+        score if every else None,
+        every,
+        TrialReporter.from_config(cfg.optuna) if every else None,
+        metric=names.validation(job.metric),
+    )
     result = train(cfg, records_dir, model_path, n_records, job.out_dir, job.encode.as_dict(), callbacks=(live,))
     if live.eval_seconds:  # live scoring ran inside the Trainer's time: training alone is the rest
         seconds = result.seconds - live.eval_seconds
@@ -284,7 +329,9 @@ def score_tuned(job: Job, splits: Splits, trained: TrainResult, base_encoder) ->
 
     start_time = time.perf_counter()
     cfg = job.cfg
-    tuned = encoders.build_encoder(str(trained.model_dir), cfg.model.pooling, cfg.model.normalize, job.encode, job.device)
+    tuned = encoders.build_encoder(
+        str(trained.model_dir), cfg.model.pooling, cfg.model.normalize, job.encode, job.device
+    )
     base, this = encoders.describe_encoder(base_encoder()), encoders.describe_encoder(tuned)
     if base != this:
         raise RuntimeError(f"the two sides of the comparison encode differently: baseline {base} vs tuned {this}")
@@ -297,8 +344,9 @@ def log_results(job: Job, result: JobResult) -> None:
 
     mlflow.log_metrics(result.metrics(job.metric))
     mlflow.set_tags({names.PRECISION: result.train.precision, names.DEVICE: result.train.device})
-    mlflow.log_text(json.dumps({s: r.scores for s, r in result.scores.items()}, indent=2, default=float),
-                    names.SCORES_ARTIFACT)
+    mlflow.log_text(
+        json.dumps({s: r.scores for s, r in result.scores.items()}, indent=2, default=float), names.SCORES_ARTIFACT
+    )
 
 
 def log_models(job: Job, splits: Splits, trained: TrainResult) -> None:
@@ -327,11 +375,26 @@ def summarize(job: Job, run_id: str, result: JobResult) -> None:
         "Done. %s = %.4f on %d test rows (baseline %.4f, delta %+.4f); %s = %.4f on %d validation rows "
         "(baseline %.4f, delta %+.4f, the objective%s). Trained %d queries in %.0f s (%.2f queries/s). "
         "Compare runs%s: %s/#/experiments/%s/runs  This run: %s/#/experiments/%s/runs/%s",
-        job.metric, m[job.metric], result.scores["test"].n_test, m[names.baseline(job.metric)],
-        m[names.delta(job.metric)], val, m[val], result.scores["validation"].n_test, m[names.baseline(val)],
-        m[names.delta(val)], "" if job.objective == val else " is the test score: eval.objective=test",
-        result.train.n_queries, result.train.seconds, result.train.queries_per_second,
-        " (make mlflow-ui)" if uri.startswith("sqlite:") else "", ui, job.experiment_id, ui, job.experiment_id, run_id,
+        job.metric,
+        m[job.metric],
+        result.scores["test"].n_test,
+        m[names.baseline(job.metric)],
+        m[names.delta(job.metric)],
+        val,
+        m[val],
+        result.scores["validation"].n_test,
+        m[names.baseline(val)],
+        m[names.delta(val)],
+        "" if job.objective == val else " is the test score: eval.objective=test",
+        result.train.n_queries,
+        result.train.seconds,
+        result.train.queries_per_second,
+        " (make mlflow-ui)" if uri.startswith("sqlite:") else "",
+        ui,
+        job.experiment_id,
+        ui,
+        job.experiment_id,
+        run_id,
     )
 
 
@@ -361,8 +424,9 @@ def run_job(cfg: Config) -> float | list[float] | Any:
         check_parallel(cfg.train, cfg.variant)  # in the run, so a sweep counts it; before minutes of baseline
         splits = load_data(job)
         model_path = resolve_model_path(cfg.model)
-        base_encoder = functools.cache(lambda: encoders.build_encoder(
-            model_path, cfg.model.pooling, cfg.model.normalize, job.encode, job.device))
+        base_encoder = functools.cache(
+            lambda: encoders.build_encoder(model_path, cfg.model.pooling, cfg.model.normalize, job.encode, job.device)
+        )
         baseline = score_baseline(job, splits, base_encoder)
         records_dir, n_records = build_records(job, splits, base_encoder)
         trained, live = fine_tune(job, splits, records_dir, n_records, model_path)
@@ -432,8 +496,12 @@ class SweepSummary(Callback):
             raise SystemExit(1) from None
         failed = counts.get("FAILED", 0) + counts.get("KILLED", 0)
         if failed:
-            log.error("%d job(s) of sweep %s failed; their MLflow runs hold the error (tag `error`, error.txt). "
-                      "Rerunning the same command skips the finished jobs.", failed, sweep)
+            log.error(
+                "%d job(s) of sweep %s failed; their MLflow runs hold the error (tag `error`, error.txt). "
+                "Rerunning the same command skips the finished jobs.",
+                failed,
+                sweep,
+            )
             raise SystemExit(1)
 
 

@@ -127,8 +127,9 @@ class LiveTrainingCallback(TrainerCallback):
             log.info("Pruned at step %d (%s=%.4f): the study's pruner stopped this trial", step, self.metric, score)
 
 
-def live_sentence_transformer(embedder: Any, model_path: str, pooling: str, normalize: bool,
-                              max_seq_length: Optional[int] = None):
+def live_sentence_transformer(
+    embedder: Any, model_path: str, pooling: str, normalize: bool, max_seq_length: Optional[int] = None
+):
     """A SentenceTransformer over the Trainer's live encoder (`embedder.model`), sharing its
     weights: no copy, every optimizer step is seen. Pooling and normalization as the job's
     model (embft.train.sentence_transformer); config and tokenizer come from `model_path`."""
@@ -143,7 +144,10 @@ def live_sentence_transformer(embedder: Any, model_path: str, pooling: str, norm
             return encoder
 
     transformer = _LiveTransformer(model_path, max_seq_length=max_seq_length)
-    modules = [transformer, models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=ST_POOLING[pooling])]
+    modules = [
+        transformer,
+        models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=ST_POOLING[pooling]),
+    ]
     if normalize:
         modules.append(models.Normalize())
     return SentenceTransformer(modules=modules, device=str(next(encoder.parameters()).device))

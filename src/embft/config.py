@@ -306,8 +306,11 @@ RANGES: list[tuple[str, Any, str]] = [
     ("eval.max_seq_length", _at_least(1), ">= 1"),
     ("eval.batch_size", _at_least(1), ">= 1"),
     ("eval.every_steps", _at_least(1), ">= 1 or null"),
-    ("data.validation", lambda v: 0 < v < 1 or (v >= 1 and float(v).is_integer()),
-     "a fraction in (0, 1) or a whole number of rows >= 1"),
+    (
+        "data.validation",
+        lambda v: 0 < v < 1 or (v >= 1 and float(v).is_integer()),
+        "a fraction in (0, 1) or a whole number of rows >= 1",
+    ),
     ("data.max_empty_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("tracking.support_per_class", _at_least(1), ">= 1, or null for the whole train split"),
 ]

@@ -32,7 +32,9 @@ NO_IN_BATCH_NEG_SUFFIX = "no_in_batch_neg"
 
 
 def frame_fingerprint(frame: pd.DataFrame) -> str:
-    return hashlib.sha256(pd.util.hash_pandas_object(frame[["text", "label"]], index=False).values.tobytes()).hexdigest()[:16]
+    return hashlib.sha256(
+        pd.util.hash_pandas_object(frame[["text", "label"]], index=False).values.tobytes()
+    ).hexdigest()[:16]
 
 
 @dataclass
@@ -94,15 +96,17 @@ def _read_hub(path: str, revision: Optional[str], split: str) -> pd.DataFrame:
         ) from err
 
 
-def _clean(frame: pd.DataFrame, where: str, text_col: str, label_col: str, max_empty: float) -> tuple[pd.DataFrame, int]:
+def _clean(
+    frame: pd.DataFrame, where: str, text_col: str, label_col: str, max_empty: float
+) -> tuple[pd.DataFrame, int]:
     for col, role in ((text_col, "text"), (label_col, "label")):
         if col not in frame.columns:
-            raise EmbftError(
-                f"{where} has no column {col!r} (columns: {list(frame.columns)}): set data.{role}_column."
-            )
+            raise EmbftError(f"{where} has no column {col!r} (columns: {list(frame.columns)}): set data.{role}_column.")
     frame = frame[[text_col, label_col]].rename(columns={text_col: "text", label_col: "label"})
     if frame["label"].isna().any():
-        raise EmbftError(f"{where}: {int(frame['label'].isna().sum())} rows have no label in column {label_col!r}; fill or drop them.")
+        raise EmbftError(
+            f"{where}: {int(frame['label'].isna().sum())} rows have no label in column {label_col!r}; fill or drop them."
+        )
     texts = frame["text"].astype("string").str.strip()
     empty = texts.isna() | (texts == "")
     n_empty = int(empty.sum())
@@ -118,9 +122,7 @@ def _clean(frame: pd.DataFrame, where: str, text_col: str, label_col: str, max_e
 def _label_ids(frames: dict[str, pd.DataFrame], where: str) -> tuple[dict[str, pd.DataFrame], Optional[dict]]:
     """Integer labels stay; any other labels are mapped to ids in sorted order (one mapping for all splits)."""
     both = pd.concat([f["label"] for f in frames.values()])
-    if pd.api.types.is_integer_dtype(both) or (
-        pd.api.types.is_float_dtype(both) and (both == both.round()).all()
-    ):
+    if pd.api.types.is_integer_dtype(both) or (pd.api.types.is_float_dtype(both) and (both == both.round()).all()):
         return {k: f.assign(label=f["label"].astype(int)) for k, f in frames.items()}, None
     mapping = {str(name): i for i, name in enumerate(sorted(both.astype(str).unique()))}
     log.info("%s: string labels mapped to ids %s", where, mapping)
@@ -217,8 +219,12 @@ def load_splits(cfg: DataConfig) -> Splits:
         log.info("Removed %d train rows whose text also occurs in validation", int(leaked.sum()))
         train = train[~leaked].reset_index(drop=True)
     notes["train_validation_overlap_removed"] = int(leaked.sum())
-    notes.update(validation_rows=len(validation), validation_fingerprint=frame_fingerprint(validation),
-                 train_rows=len(train), test_rows=len(test))
+    notes.update(
+        validation_rows=len(validation),
+        validation_fingerprint=frame_fingerprint(validation),
+        train_rows=len(train),
+        test_rows=len(test),
+    )
 
     _check_positives(train, f"{train_src} (after holding out the validation rows)")
 
@@ -266,9 +272,14 @@ def build_records(
             raise EmbftError("data.pairing=label_text needs data.label_names (a name or description per class).")
         if n_neg > len(by_class) - 1:
             # FlagEmbedding fills a short group by repeating the negatives it has (AbsDataset).
-            log.warning("data.pairing=label_text: %d classes give %d negatives per query; FlagEmbedding will repeat "
-                        "them to fill train.train_group_size=%d (set train.train_group_size=%d to avoid repeats).",
-                        len(by_class), len(by_class) - 1, group_size, len(by_class))
+            log.warning(
+                "data.pairing=label_text: %d classes give %d negatives per query; FlagEmbedding will repeat "
+                "them to fill train.train_group_size=%d (set train.train_group_size=%d to avoid repeats).",
+                len(by_class),
+                len(by_class) - 1,
+                group_size,
+                len(by_class),
+            )
         n_neg = min(n_neg, len(by_class) - 1)
     else:
         fewest = min(len(labels_arr) - len(idx) for idx in by_class.values())

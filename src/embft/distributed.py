@@ -51,10 +51,18 @@ def ddp_backend(device: str) -> str:
 def torchrun_command(spec_path: Path, nproc: int, log_dir: Path) -> list[str]:
     """The torchrun command line; `--tee 3` prefixes every worker line with its rank ([default0]:)."""
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc_per_node={nproc}",
-        "--tee", "3", "--log-dir", str(log_dir),
-        "-m", "embft.distributed", str(spec_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "--tee",
+        "3",
+        "--log-dir",
+        str(log_dir),
+        "-m",
+        "embft.distributed",
+        str(spec_path),
     ]
 
 
@@ -101,8 +109,13 @@ def launch(spec: RunnerSpec, nproc: int, device: str, work_parent: Path) -> Runn
 
             torch.cuda.empty_cache()  # this process's cached blocks would crowd rank 0's GPU
         env = worker_env(nproc)
-        log.info("Training in %d processes (%s, OMP_NUM_THREADS=%s): %s", nproc, ddp_backend(device),
-                 env["OMP_NUM_THREADS"], shlex.join(cmd))
+        log.info(
+            "Training in %d processes (%s, OMP_NUM_THREADS=%s): %s",
+            nproc,
+            ddp_backend(device),
+            env["OMP_NUM_THREADS"],
+            shlex.join(cmd),
+        )
         start = time.perf_counter()
         returncode, tail = _run_logged(cmd, env)
         wall = time.perf_counter() - start
@@ -110,8 +123,10 @@ def launch(spec: RunnerSpec, nproc: int, device: str, work_parent: Path) -> Runn
             raise EmbftError(failure_message(Path(spec.error_dir), returncode, nproc, tail))
         result_file = Path(spec.result_file)
         if not result_file.is_file() or not any(Path(spec.training_args["output_dir"]).iterdir()):
-            raise EmbftError(f"train.nproc_per_node={nproc}: torchrun exited 0 but rank 0 saved no model; "
-                             "see the workers' output above in the job's log.")
+            raise EmbftError(
+                f"train.nproc_per_node={nproc}: torchrun exited 0 but rank 0 saved no model; "
+                "see the workers' output above in the job's log."
+            )
         result = json.loads(result_file.read_text())
         outcome = RunnerOutcome(seconds=result["seconds"], losses=[(int(s), float(v)) for s, v in result["losses"]])
         log.info("torchrun: %d processes finished in %.0f s (%.0f s training on rank 0)", nproc, wall, outcome.seconds)
@@ -123,8 +138,16 @@ def launch(spec: RunnerSpec, nproc: int, device: str, work_parent: Path) -> Runn
 def _run_logged(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
     """Run cmd, sending each output line to the job's log; return (exit code, last lines)."""
     tail: deque[str] = deque(maxlen=30)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            text=True, errors="replace", bufsize=1)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -149,11 +172,15 @@ def failure_message(error_dir: Path, returncode: int, nproc: int, tail: list[str
     if errors:
         # The first failure is the cause; the other ranks typically fail after it on a broken collective.
         first = json.loads(errors[0].read_text())
-        return (f"train.nproc_per_node={nproc}: training failed on rank {first['rank']}: {first['error']} "
-                f"(torchrun exit {returncode}; the workers' output is in the job's log).")
+        return (
+            f"train.nproc_per_node={nproc}: training failed on rank {first['rank']}: {first['error']} "
+            f"(torchrun exit {returncode}; the workers' output is in the job's log)."
+        )
     last = next((line for line in reversed(tail) if line.strip()), "no output")
-    return (f"train.nproc_per_node={nproc}: a training process died without a Python error (torchrun exit "
-            f"{returncode}; killed for memory?). Last output: {last}")
+    return (
+        f"train.nproc_per_node={nproc}: a training process died without a Python error (torchrun exit "
+        f"{returncode}; killed for memory?). Last output: {last}"
+    )
 
 
 def _worker(spec_path: str) -> None:

@@ -14,7 +14,12 @@ from typing import Any, Optional
 from embft.config import ModelConfig
 from embft.errors import EmbftError
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 ST_POOLING = {"cls": "cls", "mean": "mean", "last_token": "lasttoken"}
 # Written beside a saved model: the evaluation settings it was saved for (see EncodeSettings).
 ENCODE_SETTINGS_FILE = "embft_encode_settings.json"
@@ -70,7 +75,10 @@ def sentence_transformer(
     from sentence_transformers import SentenceTransformer, models
 
     transformer = models.Transformer(path, max_seq_length=max_seq_length)
-    modules = [transformer, models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=ST_POOLING[pooling])]
+    modules = [
+        transformer,
+        models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=ST_POOLING[pooling]),
+    ]
     if normalize:
         modules.append(models.Normalize())
     return SentenceTransformer(modules=modules, device=device)

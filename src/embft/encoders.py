@@ -43,8 +43,10 @@ class EncodeSettings:
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16") or self.backend not in ("torch", "onnx"):
-            raise ValueError(f"EncodeSettings takes resolved values, got precision={self.precision!r}, "
-                             f"backend={self.backend!r}; use resolve_eval_settings")
+            raise ValueError(
+                f"EncodeSettings takes resolved values, got precision={self.precision!r}, "
+                f"backend={self.backend!r}; use resolve_eval_settings"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,8 +63,9 @@ def _native_bf16(device: str) -> bool:
     return bf16_supported(device)
 
 
-def resolve_eval_settings(cfg_eval: Any, device: Union[str, Any],
-                          default_max_seq_length: Optional[int] = None) -> EncodeSettings:
+def resolve_eval_settings(
+    cfg_eval: Any, device: Union[str, Any], default_max_seq_length: Optional[int] = None
+) -> EncodeSettings:
     """Concrete `EncodeSettings` for `cfg_eval` (precision, backend, max_seq_length, batch_size) on `device`.
 
     `default_max_seq_length` applies where cfg_eval has no max_seq_length (None: the folder's own limit).
@@ -70,6 +73,7 @@ def resolve_eval_settings(cfg_eval: Any, device: Union[str, Any],
     precision=auto: bf16 where `device` runs it natively (AMX/AVX512-BF16 CPU, CUDA with bf16), else fp32.
     backend=auto: onnx for fp32 on a CPU where ONNX Runtime is installed, else torch.
     """
+
     def get(key: str, default: Any) -> Any:
         value = cfg_eval.get(key, default) if hasattr(cfg_eval, "get") else getattr(cfg_eval, key, default)
         return default if value is None and key in ("precision", "backend") else value
@@ -86,18 +90,25 @@ def resolve_eval_settings(cfg_eval: Any, device: Union[str, Any],
     if backend == "auto":
         backend = "onnx" if precision == "fp32" and kind == "cpu" and onnx_available() else "torch"
     if precision == "bf16" and backend == "onnx":
-        raise EmbftError("eval.precision=bf16 with eval.backend=onnx: the ONNX backend runs fp32 only; "
-                         "use eval.backend=torch for bf16.")
+        raise EmbftError(
+            "eval.precision=bf16 with eval.backend=onnx: the ONNX backend runs fp32 only; "
+            "use eval.backend=torch for bf16."
+        )
     if backend == "onnx" and not onnx_available():
-        raise EmbftError("eval.backend=onnx needs ONNX Runtime and Optimum: pip install 'sentence-transformers[onnx]' "
-                         "(or use eval.backend=torch).")
+        raise EmbftError(
+            "eval.backend=onnx needs ONNX Runtime and Optimum: pip install 'sentence-transformers[onnx]' "
+            "(or use eval.backend=torch)."
+        )
     if precision == "bf16" and not native:
         log.warning("eval.precision=bf16 on %s, which has no native bf16: expect it to be far slower than fp32", device)
     max_len = get("max_seq_length", None)
     max_len = default_max_seq_length if max_len is None else max_len
-    settings = EncodeSettings(precision=precision, backend=backend,
-                              max_seq_length=int(max_len) if max_len is not None else None,
-                              batch_size=int(get("batch_size", 64)))
+    settings = EncodeSettings(
+        precision=precision,
+        backend=backend,
+        max_seq_length=int(max_len) if max_len is not None else None,
+        batch_size=int(get("batch_size", 64)),
+    )
     log.info("Evaluation encodes with %s on %s (native bf16: %s)", settings, device, native)
     return settings
 

@@ -133,8 +133,12 @@ def evaluate(
 
     task = make_task(splits, eval_cfg, dataset_name, which)
     sizes = {split: len(task.dataset[split]) for split in which}
-    log.info("Evaluating on %s (%s, %d experiments)", ", ".join(f"{n} {s}" for s, n in sizes.items()),
-             metric_name(eval_cfg), eval_cfg.n_experiments)
+    log.info(
+        "Evaluating on %s (%s, %d experiments)",
+        ", ".join(f"{n} {s}" for s, n in sizes.items()),
+        metric_name(eval_cfg),
+        eval_cfg.n_experiments,
+    )
     result = mteb.evaluate(
         model,
         task,
@@ -161,7 +165,9 @@ def baseline_key(model_id: dict[str, Any], splits: Splits, eval_cfg: EvalConfig,
     """Identifies an untrained model's score: model, data content, eval and encode settings."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(eval_cfg, resolve=True, enum_to_str=True) if not isinstance(eval_cfg, dict) else eval_cfg
+    cfg = (
+        OmegaConf.to_container(eval_cfg, resolve=True, enum_to_str=True) if not isinstance(eval_cfg, dict) else eval_cfg
+    )
     payload = json.dumps(
         {"model": model_id, "data": splits.fingerprint(), "eval": cfg, "encode": settings.as_dict()}, sort_keys=True
     )
@@ -176,8 +182,9 @@ def cached_baseline(
     if path.is_file():
         try:
             results = {split: EvalResult.from_dict(r) for split, r in json.loads(path.read_text()).items()}
-            log.info("Baseline: cache hit %s (%s)", path.name,
-                     ", ".join(f"{s} {r.accuracy:.4f}" for s, r in results.items()))
+            log.info(
+                "Baseline: cache hit %s (%s)", path.name, ", ".join(f"{s} {r.accuracy:.4f}" for s, r in results.items())
+            )
             return results, True
         except (ValueError, TypeError, AttributeError) as err:  # a corrupt cache file is rebuilt, never trusted
             log.warning("Baseline cache %s is unreadable (%s); recomputing", path, err)

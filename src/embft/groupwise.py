@@ -39,8 +39,12 @@ class GroupwiseEmbedderModel(BiEncoderOnlyEmbedderModel):
     """
 
     def _compute_no_in_batch_neg_loss(
-        self, q_reps: Tensor, p_reps: Tensor, teacher_targets: Optional[Tensor] = None,
-        compute_score_func=None, **kwargs,
+        self,
+        q_reps: Tensor,
+        p_reps: Tensor,
+        teacher_targets: Optional[Tensor] = None,
+        compute_score_func=None,
+        **kwargs,
     ) -> tuple[Tensor, Tensor]:
         """(local scores (B, G), mean cross-entropy with the positive at index 0), as the stock method."""
         if teacher_targets is not None or compute_score_func is not None:

@@ -44,8 +44,13 @@ class KnnClassifier(PythonModel):
         texts = model_input["text"].astype(str).tolist()
         width = len(self.label_names)
         if not texts:
-            return pd.DataFrame({"label": pd.Series(dtype="int64"), "label_name": pd.Series(dtype="str"),
-                                 **{score_column(n): pd.Series(dtype="float64") for n in self.label_names}})
+            return pd.DataFrame(
+                {
+                    "label": pd.Series(dtype="int64"),
+                    "label_name": pd.Series(dtype="str"),
+                    **{score_column(n): pd.Series(dtype="float64") for n in self.label_names},
+                }
+            )
         embeddings = self.embedder.encode(texts, batch_size=self.batch_size, convert_to_numpy=True)
         proba = self.knn.predict_proba(embeddings)
         scores = np.zeros((len(texts), width))

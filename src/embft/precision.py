@@ -27,7 +27,7 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def pick_device(requested: str) -> str:
-    """"cuda" or "cpu" for `requested` in auto | cpu | cuda."""
+    """ "cuda" or "cpu" for `requested` in auto | cpu | cuda."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
@@ -64,7 +64,7 @@ def bf16_supported(device: Union[str, torch.device]) -> bool:
 
 
 def pick_precision(requested: str, device: Union[str, torch.device]) -> str:
-    """"bf16" or "fp32" for `requested` in auto | fp32 | bf16; auto is bf16 where the device runs it natively."""
+    """ "bf16" or "fp32" for `requested` in auto | fp32 | bf16; auto is bf16 where the device runs it natively."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision={requested!r}: choose one of {', '.join(PRECISIONS)}.")
     native = bf16_supported(device)

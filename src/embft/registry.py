@@ -17,8 +17,13 @@ from embft.errors import EmbftError
 log = logging.getLogger(__name__)
 
 ALIAS = names.CHAMPION
-STUDY, TRIAL, METRIC, SCORE, RUN = (names.VERSION_STUDY, names.VERSION_TRIAL, names.VERSION_METRIC,
-                                  names.VERSION_SCORE, names.VERSION_RUN)
+STUDY, TRIAL, METRIC, SCORE, RUN = (
+    names.VERSION_STUDY,
+    names.VERSION_TRIAL,
+    names.VERSION_METRIC,
+    names.VERSION_SCORE,
+    names.VERSION_RUN,
+)
 CLASSIFIER_URI = names.CLASSIFIER_URI
 
 
@@ -34,7 +39,11 @@ def objective_metric(config: Any) -> str:
 
 
 def best_run(experiment_id: str, group: dict[str, str], metric: str) -> Optional[Any]:
-    runs = [r for r in tracking.find_runs(experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE}) if metric in r.data.metrics]
+    runs = [
+        r
+        for r in tracking.find_runs(experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
+        if metric in r.data.metrics
+    ]
     return max(runs, key=lambda r: r.data.metrics[metric], default=None)
 
 
@@ -52,20 +61,35 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
         return None
     uri = best.data.tags.get(CLASSIFIER_URI)
     if not uri:
-        log.warning("Registry: the best run %s of %s logged no classifier (tracking.log_model=none?); "
-                    "nothing registered", best.info.run_id, study)
+        log.warning(
+            "Registry: the best run %s of %s logged no classifier (tracking.log_model=none?); nothing registered",
+            best.info.run_id,
+            study,
+        )
         return None
     score = best.data.metrics[metric]
-    tags = {STUDY: study, TRIAL: best.data.tags.get(names.OPTUNA_TRIAL) or best.info.run_name,
-            METRIC: metric, SCORE: repr(score), RUN: best.info.run_id}
+    tags = {
+        STUDY: study,
+        TRIAL: best.data.tags.get(names.OPTUNA_TRIAL) or best.info.run_name,
+        METRIC: metric,
+        SCORE: repr(score),
+        RUN: best.info.run_id,
+    }
     # Several search workers end the same study: the first registers, the others find its version.
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{best.info.run_id}'")
     if existing:
         version = max(existing, key=lambda v: int(v.version))
     else:
         version = mlflow.register_model(uri, name, tags=tags)
-        log.info("Registered %s version %s: run %s, %s=%.4f (%s)", name, version.version, best.info.run_id,
-                 metric, score, study)
+        log.info(
+            "Registered %s version %s: run %s, %s=%.4f (%s)",
+            name,
+            version.version,
+            best.info.run_id,
+            metric,
+            score,
+            study,
+        )
     try:
         champion = client.get_model_version_by_alias(name, ALIAS)
     except MlflowException:
@@ -76,16 +100,28 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
         client.set_registered_model_alias(name, ALIAS, version.version)
         log.info("%s@%s -> version %s (%s=%.4f)", name, ALIAS, version.version, metric, score)
     else:
-        log.info("%s@%s stays at version %s (%s=%s); version %s scores %.4f", name, ALIAS, champion.version,
-                 champion.tags.get(METRIC), champion.tags.get(SCORE), version.version, score)
+        log.info(
+            "%s@%s stays at version %s (%s=%s); version %s scores %.4f",
+            name,
+            ALIAS,
+            champion.version,
+            champion.tags.get(METRIC),
+            champion.tags.get(SCORE),
+            version.version,
+            score,
+        )
     return version
 
 
 def _beats(score: float, metric: str, champion: Any) -> bool:
     if champion.tags.get(METRIC) != metric or SCORE not in champion.tags:
         # Another objective (e.g. test accuracy before the validation split): not comparable.
-        log.warning("Registry: the champion (version %s) was chosen by %s, not %s; the newer study takes the alias",
-                    champion.version, champion.tags.get(METRIC), metric)
+        log.warning(
+            "Registry: the champion (version %s) was chosen by %s, not %s; the newer study takes the alias",
+            champion.version,
+            champion.tags.get(METRIC),
+            metric,
+        )
         return True
     return score > float(champion.tags[SCORE])
 

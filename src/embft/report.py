@@ -59,9 +59,7 @@ def _search_all(client, experiment_ids: list[str], filter_string: str = "") -> l
         return []
     runs, token = [], None
     while True:
-        page = client.search_runs(
-            experiment_ids, filter_string=filter_string, max_results=_PAGE, page_token=token
-        )
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=_PAGE, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
@@ -123,9 +121,7 @@ def load_runs(client, name: str | list[str], where: dict[str, str] | None = None
         else:
             runs = _search_all(client, list(exp_names), f"tags.`{SWEEP_TAG}` = {_quote(one)}")
         for row in _rows(runs, exp_names):
-            wanted = row["role"] == "baseline" or all(
-                row.get(f"params.{k}") == v for k, v in (where or {}).items()
-            )
+            wanted = row["role"] == "baseline" or all(row.get(f"params.{k}") == v for k, v in (where or {}).items())
             if wanted and row["run_id"] not in seen:
                 row["selected"] = True
                 seen.add(row["run_id"])
@@ -199,9 +195,7 @@ def default_metric(df: pd.DataFrame) -> str:
 
 
 def _is_setting(key: str) -> bool:
-    return key != SEED_PARAM and key not in NON_SETTING_KEYS and not key.startswith(
-        NON_SETTING_PREFIXES
-    )
+    return key != SEED_PARAM and key not in NON_SETTING_KEYS and not key.startswith(NON_SETTING_PREFIXES)
 
 
 def varying_settings(runs: pd.DataFrame) -> list[str]:
@@ -322,16 +316,15 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
     selected = df[df["selected"]] if "selected" in df else df
     used_mask = _usable(selected, "finetune", metric)
     # Baseline runs are reported as the baseline, not as used or skipped study runs.
-    skipped = selected[~used_mask & ~_usable(selected, "baseline", metric)
-                       & ~selected["role"].isin((names.ROLE_STUDY, names.ROLE_SWEEP))]  # parent runs hold no job
-    skipped_by = (
-        skipped.apply(_skip_reason, axis=1, metric=metric).value_counts().to_dict() if len(skipped) else {}
-    )
+    skipped = selected[
+        ~used_mask
+        & ~_usable(selected, "baseline", metric)
+        & ~selected["role"].isin((names.ROLE_STUDY, names.ROLE_SWEEP))
+    ]  # parent runs hold no job
+    skipped_by = skipped.apply(_skip_reason, axis=1, metric=metric).value_counts().to_dict() if len(skipped) else {}
     if not used_mask.any():
         counts = ", ".join(f"{n} {s}" for s, n in skipped_by.items()) or "none"
-        raise EmbftError(
-            f"no usable runs: need FINISHED role=finetune runs with {metric} (skipped: {counts})"
-        )
+        raise EmbftError(f"no usable runs: need FINISHED role=finetune runs with {metric} (skipped: {counts})")
 
     used = selected[used_mask].copy()
     settings = varying_settings(used)
@@ -472,9 +465,7 @@ def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(
-    table: pd.DataFrame, info: StudyInfo, name: str, path: Path, image: str = "report.png"
-) -> Path:
+def write_markdown(table: pd.DataFrame, info: StudyInfo, name: str, path: Path, image: str = "report.png") -> Path:
     """Write the report: what/when, used/skipped runs, table, interval note, plot link."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     when = f"{info.first_start} to {info.last_start}" if info.first_start else "unknown"
@@ -522,9 +513,7 @@ def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     configs = table[~table["configuration"].isin(list(info.baselines))].reset_index(drop=True)
-    labels = [
-        config_label({k: r[k] for k in info.settings}, sep="\n") for _, r in configs.iterrows()
-    ]
+    labels = [config_label({k: r[k] for k in info.settings}, sep="\n") for _, r in configs.iterrows()]
     longest = max((len(line) for lab in labels for line in lab.split("\n")), default=0)
     # Widen the figure so labels fit side by side (~0.09 in per character at this font size,
     # plus room for the legend); rotate them only when that would get too wide.
@@ -588,28 +577,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="embft report", description="Write report.md and report.png for a study from MLflow."
     )
+    parser.add_argument("name", nargs="+", help="MLflow experiment name(s) or embft.sweep tag value(s), pooled")
     parser.add_argument(
-        "name", nargs="+", help="MLflow experiment name(s) or embft.sweep tag value(s), pooled"
-    )
-    parser.add_argument(
-        "--where", action="append", default=[], metavar="KEY=VALUE",
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="keep only fine-tune runs with this param value (repeatable)",
     )
+    parser.add_argument("--tracking-uri", default=None, help="default: the project store (mlruns/mlflow.db)")
     parser.add_argument(
-        "--tracking-uri", default=None, help="default: the project store (mlruns/mlflow.db)"
-    )
-    parser.add_argument(
-        "--metric", default=None,
+        "--metric",
+        default=None,
         help="score to report, e.g. accuracy_cosine or accuracy_logreg (default: from the runs' eval settings)",
     )
+    parser.add_argument("--out-dir", type=Path, default=Path("experiments"), help="default: ./experiments")
+    parser.add_argument("--output-name", default=None, help="folder under out-dir (default: name, / -> _)")
     parser.add_argument(
-        "--out-dir", type=Path, default=Path("experiments"), help="default: ./experiments"
-    )
-    parser.add_argument(
-        "--output-name", default=None, help="folder under out-dir (default: name, / -> _)"
-    )
-    parser.add_argument(
-        "--storage", default=None,
+        "--storage",
+        default=None,
         help="Optuna storage URL of a search (default: the study parent run's optuna.storage tag)",
     )
     args = parser.parse_args(argv)

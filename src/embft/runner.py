@@ -57,20 +57,28 @@ def check_parallel(train_cfg: TrainConfig, variant_cfg: VariantConfig) -> None:
         raise EmbftError(f"train.nproc_per_node={n}: use 1 (one process) or more.")
     if train_cfg.negatives_cross_device:
         if n == 1:
-            raise EmbftError("train.negatives_cross_device=true shares negatives between processes; "
-                             "it needs train.nproc_per_node > 1.")
+            raise EmbftError(
+                "train.negatives_cross_device=true shares negatives between processes; "
+                "it needs train.nproc_per_node > 1."
+            )
         if variant_cfg.no_in_batch_neg:
-            raise EmbftError(f"train.negatives_cross_device=true: variant={variant_cfg.name} trains without in-batch "
-                             "negatives, so there are none to share; use variant=same or no_same, or drop the flag.")
+            raise EmbftError(
+                f"train.negatives_cross_device=true: variant={variant_cfg.name} trains without in-batch "
+                "negatives, so there are none to share; use variant=same or no_same, or drop the flag."
+            )
     if n > 1 and train_cfg.device != "cpu":
         import torch
 
         if torch.cuda.is_available() and n > torch.cuda.device_count():
-            raise EmbftError(f"train.nproc_per_node={n} but {torch.cuda.device_count()} GPU(s) are visible; "
-                             "use at most one process per GPU.")
+            raise EmbftError(
+                f"train.nproc_per_node={n} but {torch.cuda.device_count()} GPU(s) are visible; "
+                "use at most one process per GPU."
+            )
 
 
-def runner_spec(cfg: Config, records_dir: Path, model_path: str, bare_dir: Path, precision: str, device: str) -> RunnerSpec:
+def runner_spec(
+    cfg: Config, records_dir: Path, model_path: str, bare_dir: Path, precision: str, device: str
+) -> RunnerSpec:
     t, m, v = cfg.train, cfg.model, cfg.variant
     return RunnerSpec(
         loss=str(t.loss),

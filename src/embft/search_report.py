@@ -41,7 +41,8 @@ def _plotters(study: Any) -> dict[str, Callable[[], Any]]:
         # default, PED-ANOVA, reads every objective as minimized there).
         evaluator = None if len(names) == 1 else optuna.importance.FanovaImportanceEvaluator(seed=0)
         plots["param_importances"] = lambda: vis.plot_param_importances(
-            study, evaluator=evaluator, target_name=names[0] if len(names) == 1 else "importance")
+            study, evaluator=evaluator, target_name=names[0] if len(names) == 1 else "importance"
+        )
     if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
         plots["intermediate_values"] = lambda: vis.plot_intermediate_values(study)
     if len(study.directions) == 2:
@@ -87,14 +88,20 @@ def trial_table(study: Any) -> str:
     """Markdown: one row per trial (state, values, pruned at step, params)."""
     trials = study.get_trials(deepcopy=False)
     params = sorted({p for t in trials for p in t.params})
-    names = study.metric_names or (["value"] if len(study.directions) == 1 else
-                                   [f"value {i}" for i in range(len(study.directions))])
+    names = study.metric_names or (
+        ["value"] if len(study.directions) == 1 else [f"value {i}" for i in range(len(study.directions))]
+    )
     head = ["trial", "state", *names, "last step", *params]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for t in trials:
         values = list(t.values) if t.values else [math.nan] * len(names)
-        row = [str(t.number), t.state.name, *map(_fmt, values), _fmt(t.last_step if t.last_step is not None else "-"),
-               *(_fmt(t.params.get(p, "-")) for p in params)]
+        row = [
+            str(t.number),
+            t.state.name,
+            *map(_fmt, values),
+            _fmt(t.last_step if t.last_step is not None else "-"),
+            *(_fmt(t.params.get(p, "-")) for p in params),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -104,9 +111,12 @@ def section(study: Any, plots: dict[str, Path], md_dir: Path) -> str:
 
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    text = [f"## Search: Optuna study `{study.study_name}`", "",
-            f"{len(trials)} trials: {count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned, "
-            f"{count[TrialState.FAIL]} failed; directions {[d.name.lower() for d in study.directions]}."]
+    text = [
+        f"## Search: Optuna study `{study.study_name}`",
+        "",
+        f"{len(trials)} trials: {count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned, "
+        f"{count[TrialState.FAIL]} failed; directions {[d.name.lower() for d in study.directions]}.",
+    ]
     if len(study.directions) == 1 and count[TrialState.COMPLETE]:
         best = study.best_trial
         text.append(f"Best: trial {best.number}, value {best.value:.4f}, params {best.params}.")
@@ -129,8 +139,9 @@ def find_studies(client: Any, experiment_names: list[str]) -> list[Any]:
     return client.search_runs(ids, filter_string=f"tags.`{ROLE}` = '{names.ROLE_STUDY}'", max_results=100)
 
 
-def add_search_section(client: Any, experiment_names: list[str], md_path: Path,
-                       storage: Optional[str] = None) -> list[Path]:
+def add_search_section(
+    client: Any, experiment_names: list[str], md_path: Path, storage: Optional[str] = None
+) -> list[Path]:
     """For each study among the experiments: plots beside md_path, a section appended to it, the
     plots logged to the study's parent run. Returns the PNGs written ([] when no search)."""
     import optuna
@@ -146,8 +157,10 @@ def add_search_section(client: Any, experiment_names: list[str], md_path: Path,
         try:
             study = optuna.load_study(study_name=name, storage=url)
         except Exception as err:  # KeyError for an unknown study, SQLAlchemy errors for a bad URL or password
-            raise EmbftError(f"study {name!r} at {url}: cannot load it ({type(err).__name__}: {err}); "
-                             "pass --storage URL (with its password)") from err
+            raise EmbftError(
+                f"study {name!r} at {url}: cannot load it ({type(err).__name__}: {err}); "
+                "pass --storage URL (with its password)"
+            ) from err
         plots = write_plots(study, md_path.parent)
         with md_path.open("a") as md:
             md.write("\n" + section(study, plots, md_path.parent) + "\n")

@@ -51,7 +51,9 @@ def support_set(train: pd.DataFrame, per_class: Optional[int], seed: int) -> pd.
     if per_class is None:
         return train[["text", "label"]].reset_index(drop=True)
     if per_class < 1:
-        raise EmbftError(f"tracking.support_per_class={per_class}: use a positive number, or null for the whole train split.")
+        raise EmbftError(
+            f"tracking.support_per_class={per_class}: use a positive number, or null for the whole train split."
+        )
     shuffled = train.sample(frac=1.0, random_state=seed)
     return shuffled.groupby("label").head(per_class).sort_index()[["text", "label"]].reset_index(drop=True)
 
@@ -71,8 +73,17 @@ def classifier_signature(label_names: Sequence[str]):
     return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
 
 
-def log_models(model_dir: Path, train: pd.DataFrame, label_names: Sequence[str], *, k: int, metric: str,
-               support_per_class: Optional[int], seed: int, batch_size: int = 64) -> str:
+def log_models(
+    model_dir: Path,
+    train: pd.DataFrame,
+    label_names: Sequence[str],
+    *,
+    k: int,
+    metric: str,
+    support_per_class: Optional[int],
+    seed: int,
+    batch_size: int = 64,
+) -> str:
     """Log `embedder` and `classifier` into the active run; return the classifier's model URI."""
     import mlflow
     from mlflow.models import infer_signature
@@ -94,18 +105,26 @@ def log_models(model_dir: Path, train: pd.DataFrame, label_names: Sequence[str],
         log.warning("The classifier's support set has no rows of label(s) %s: it never predicts them", missing)
     with tempfile.TemporaryDirectory() as tmp:
         support_file = Path(tmp) / "support.npz"
-        np.savez(support_file, embeddings=embed(embedder, support["text"], batch_size),
-                 labels=support["label"].to_numpy(dtype=np.int64))
+        np.savez(
+            support_file,
+            embeddings=embed(embedder, support["text"], batch_size),
+            labels=support["label"].to_numpy(dtype=np.int64),
+        )
         info = mlflow.pyfunc.log_model(
             name="classifier",
             python_model=str(Path(__file__).with_name("knn_classifier.py")),
             artifacts={"embedder": str(model_dir), "support": str(support_file)},
-            model_config={"k": int(k), "metric": str(metric), "label_names": list(label_names),
-                          "batch_size": int(batch_size)},
+            model_config={
+                "k": int(k),
+                "metric": str(metric),
+                "label_names": list(label_names),
+                "batch_size": int(batch_size),
+            },
             signature=classifier_signature(label_names),
             input_example=INPUT_EXAMPLE,
-            pip_requirements=_pins("mlflow", "sentence-transformers", "transformers", "torch", "scikit-learn",
-                                   "pandas", "numpy"),
+            pip_requirements=_pins(
+                "mlflow", "sentence-transformers", "transformers", "torch", "scikit-learn", "pandas", "numpy"
+            ),
         )
     mlflow.set_tags({CLASSIFIER_URI: info.model_uri, names.SUPPORT_ROWS: str(len(support))})
     log.info("Logged the embedder and the kNN classifier (%d support rows): %s", len(support), info.model_uri)
@@ -137,8 +156,11 @@ def is_best_so_far(metric: str) -> bool:
     group = _group_tags(run)
     if not group:
         return True  # a single job is the best of its own
-    others = [r for r in tracking.find_runs(run.info.experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
-              if r.info.run_id != run.info.run_id and metric in r.data.metrics]
+    others = [
+        r
+        for r in tracking.find_runs(run.info.experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
+        if r.info.run_id != run.info.run_id and metric in r.data.metrics
+    ]
     value = run.data.metrics[metric]
     return all(value >= r.data.metrics[metric] for r in others)
 
@@ -158,12 +180,20 @@ def log_job_models(model_dir: Path, splits: Any, cfg: Any) -> Optional[str]:
     if mode == "best" and not is_best_so_far(metric):
         log.info("Not logging the model: its %s trails a finished run of this sweep (tracking.log_model=best)", metric)
         return None
-    return log_models(Path(model_dir), splits.train, splits.label_names, k=cfg.eval.k, metric=cfg.eval.metric,
-                      support_per_class=cfg.tracking.support_per_class, seed=cfg.eval.seed,
-                      batch_size=cfg.eval.batch_size)
+    return log_models(
+        Path(model_dir),
+        splits.train,
+        splits.label_names,
+        k=cfg.eval.k,
+        metric=cfg.eval.metric,
+        support_per_class=cfg.tracking.support_per_class,
+        seed=cfg.eval.seed,
+        batch_size=cfg.eval.batch_size,
+    )
 
 
 # ---- embft predict -----------------------------------------------------------------------
+
 
 def file_format(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
@@ -201,14 +231,22 @@ def predict_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="embft predict",
         description="Classify the `text` column of a csv/jsonl/parquet file with a logged classifier; "
-                    "writes the input columns plus label, label_name and score_<name> per class.")
+        "writes the input columns plus label, label_name and score_<name> per class.",
+    )
     parser.add_argument("model_uri", help="models:/NAME@champion, models:/m-..., runs:/RUN_ID/classifier, or a folder")
     parser.add_argument("input", type=Path)
-    parser.add_argument("--out", type=Path, help="output file (format from its suffix); default: stdout, input's format. Input "
-                             "columns named like an output column are kept as <name>_input")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow store for models:/ and runs:/ URIs (default: MLFLOW_TRACKING_URI, "
-                             "else the project's sqlite store)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output file (format from its suffix); default: stdout, input's format. Input "
+        "columns named like an output column are kept as <name>_input",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store for models:/ and runs:/ URIs (default: MLFLOW_TRACKING_URI, "
+        "else the project's sqlite store)",
+    )
     args = parser.parse_args(list(argv))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -239,4 +277,3 @@ def load_classifier(model_uri: str, tracking_uri: Optional[str] = None):
     except (MlflowException, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EmbftError(f"cannot load {model_uri} from {uri}: {first}") from err
-

@@ -85,8 +85,7 @@ def job_parent_key(study_name: Optional[str], sweep: Optional[str]) -> Optional[
 
 def _parents(client: Any, experiment_id: str, key: str) -> list:
     value = key.replace("'", "\\'")
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_KEY}` = '{value}'",
-                              max_results=100)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_KEY}` = '{value}'", max_results=100)
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
@@ -170,8 +169,12 @@ def tag_trials(experiment_id: str, results: Mapping[str, Any]) -> None:
         chosen_run = run.data.tags.get(TRIAL) in chosen
         client.set_tag(run.info.run_id, tag, str(chosen_run).lower())
         if chosen_run and tag == BEST:
-            log.info("Best trial %s (value %s): MLflow run %s", results["best_trial_number"],
-                     results.get("best_value"), run.info.run_id)
+            log.info(
+                "Best trial %s (value %s): MLflow run %s",
+                results["best_trial_number"],
+                results.get("best_value"),
+                run.info.run_id,
+            )
 
 
 def finish_parent_run(experiment_id: str, run_id: str, config: Any, counts: Mapping[str, int]) -> None:
@@ -191,22 +194,36 @@ def finish_parent_run(experiment_id: str, run_id: str, config: Any, counts: Mapp
             results = OmegaConf.to_container(OmegaConf.load(results_file))
             tag_trials(experiment_id, results)
             client.log_artifact(run_id, str(results_file))
-            metrics += [Metric(f"study_{k}", results[k], now, 0) for k in ("n_complete", "n_pruned", "n_failed")
-                        if results.get(k) is not None]
+            metrics += [
+                Metric(f"study_{k}", results[k], now, 0)
+                for k in ("n_complete", "n_pruned", "n_failed")
+                if results.get(k) is not None
+            ]
             if results.get("best_value") is not None:
                 # step = trials finished by then, so a resumed study's parent shows the best over time
-                metrics.append(Metric("best_value", float(results["best_value"]), now,
-                                      int(results["n_complete"]) + int(results.get("n_pruned") or 0)))
+                metrics.append(
+                    Metric(
+                        "best_value",
+                        float(results["best_value"]),
+                        now,
+                        int(results["n_complete"]) + int(results.get("n_pruned") or 0),
+                    )
+                )
                 client.set_tag(run_id, "best_trial_number", str(results["best_trial_number"]))
                 for name, value in (results.get("best_params") or {}).items():
                     client.set_tag(run_id, f"best.{name}", str(value))
             if "best_trials" in results:
-                client.set_tag(run_id, "pareto_trial_numbers",
-                               ",".join(str(t["number"]) for t in results["best_trials"] or []))
+                client.set_tag(
+                    run_id, "pareto_trial_numbers", ",".join(str(t["number"]) for t in results["best_trials"] or [])
+                )
             _log_plots(client, run_id, config)
         client.log_batch(run_id, metrics=metrics)
-        log.info("MLflow parent run %s: %d runs (%s)", run_id, finished,
-                 ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        log.info(
+            "MLflow parent run %s: %d runs (%s)",
+            run_id,
+            finished,
+            ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        )
     finally:
         client.set_terminated(run_id, status="FINISHED")  # never left RUNNING
 

@@ -44,8 +44,13 @@ log = logging.getLogger(__name__)
 LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug", "objectives")
 # Keys added after studies were logged: at these defaults they leave a job's hash as it was, so
 # rerunning an older study's command still skips its finished jobs.
-HASH_NEUTRAL = {("train", "nproc_per_node"): 1, ("train", "negatives_cross_device"): False,
-                ("eval", "every_steps"): None, ("eval", "precision"): "fp32", ("eval", "backend"): "torch"}
+HASH_NEUTRAL = {
+    ("train", "nproc_per_node"): 1,
+    ("train", "negatives_cross_device"): False,
+    ("eval", "every_steps"): None,
+    ("eval", "precision"): "fp32",
+    ("eval", "backend"): "torch",
+}
 
 # Liveness (who is running a config right now). A job's run carries where it runs and a heartbeat
 # (epoch seconds) that a thread refreshes; a RUNNING run is dead, and may be closed as KILLED, only
@@ -92,7 +97,9 @@ def setup(tracking_cfg: TrackingConfig) -> str:
         try:
             probe_writable(db.parent)
         except OSError as err:
-            raise EmbftError(f"tracking.uri={uri}: cannot write to {db.parent} ({err}); choose a writable location.") from err
+            raise EmbftError(
+                f"tracking.uri={uri}: cannot write to {db.parent} ({err}); choose a writable location."
+            ) from err
     elif uri.startswith(("http://", "https://")):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
@@ -147,8 +154,10 @@ def _check_server(uri: str, timeout: float = 10.0) -> None:
         pass
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise EmbftError(f"tracking.uri={uri}: no MLflow server answers ({reason}); start one "
-                         "(`make mlflow-server`) or point tracking.uri / EMBFT_MLFLOW_URI at it.") from err
+        raise EmbftError(
+            f"tracking.uri={uri}: no MLflow server answers ({reason}); start one "
+            "(`make mlflow-server`) or point tracking.uri / EMBFT_MLFLOW_URI at it."
+        ) from err
 
 
 def _versions() -> dict[str, str]:
@@ -187,7 +196,12 @@ def _pid_namespace() -> str:
 
 def process_tags() -> dict[str, str]:
     """Where this job runs, and a first heartbeat."""
-    return {HOST: socket.gethostname(), PID: str(os.getpid()), PID_NS: _pid_namespace(), HEARTBEAT: f"{time.time():.0f}"}
+    return {
+        HOST: socket.gethostname(),
+        PID: str(os.getpid()),
+        PID_NS: _pid_namespace(),
+        HEARTBEAT: f"{time.time():.0f}",
+    }
 
 
 def heartbeat_age(run: Any, now: Optional[float] = None) -> float:
@@ -238,11 +252,16 @@ def live_twin(experiment_id: str, hash_: str, own: Any) -> Optional[Any]:
     that already won its claim beats any other; else the earliest (start time, run id)."""
     now = time.time()
     key = (own.info.start_time, own.info.run_id)
-    rivals = [r for r in find_runs(experiment_id, {CONFIG_HASH: hash_}, statuses=("RUNNING",))
-              if r.info.run_id != own.info.run_id and is_alive(r, now)[0]]
+    rivals = [
+        r
+        for r in find_runs(experiment_id, {CONFIG_HASH: hash_}, statuses=("RUNNING",))
+        if r.info.run_id != own.info.run_id and is_alive(r, now)[0]
+    ]
     won = [r for r in rivals if r.data.tags.get(CLAIM) == "won"]
-    earlier = sorted((r for r in rivals if (r.info.start_time, r.info.run_id) < key),
-                     key=lambda r: (r.info.start_time, r.info.run_id))
+    earlier = sorted(
+        (r for r in rivals if (r.info.start_time, r.info.run_id) < key),
+        key=lambda r: (r.info.start_time, r.info.run_id),
+    )
     return (won or earlier or [None])[0]
 
 
@@ -266,8 +285,14 @@ class Heartbeat:
                 self._last_ok = time.time()
             except Exception as err:  # a busy store: try again next beat, warn before others give up on us
                 if time.time() - self._last_ok > STALE_AFTER_S / 2:
-                    log.warning("Heartbeat of run %s not written for %.0f s (%s); another job may take it for dead "
-                                "after %.0f s", self.run_id, time.time() - self._last_ok, err, STALE_AFTER_S)
+                    log.warning(
+                        "Heartbeat of run %s not written for %.0f s (%s); another job may take it for dead "
+                        "after %.0f s",
+                        self.run_id,
+                        time.time() - self._last_ok,
+                        err,
+                        STALE_AFTER_S,
+                    )
 
     def stop(self) -> None:
         self._stop.set()
@@ -286,22 +311,36 @@ def _back_off(run: Any, twin: Any, note_dir: Optional[Path]) -> None:
     tags = twin.data.tags
     where = f"{tags.get(HOST, '?')} pid {tags.get(PID, '?')}"
     age = heartbeat_age(twin)
-    log.warning("Skipping: this config (%s=%s) is running elsewhere as run %s (%s, heartbeat %.0f s ago); its result "
-                "will be logged there. Run the command again after it ends: it then skips, or retrains if that job "
-                "died (no heartbeat for %.0f s).", CONFIG_HASH, tags.get(CONFIG_HASH), twin.info.run_id, where,
-                max(age, 0), STALE_AFTER_S)
+    log.warning(
+        "Skipping: this config (%s=%s) is running elsewhere as run %s (%s, heartbeat %.0f s ago); its result "
+        "will be logged there. Run the command again after it ends: it then skips, or retrains if that job "
+        "died (no heartbeat for %.0f s).",
+        CONFIG_HASH,
+        tags.get(CONFIG_HASH),
+        twin.info.run_id,
+        where,
+        max(age, 0),
+        STALE_AFTER_S,
+    )
     mlflow.set_tag(BACKED_OFF, twin.info.run_id)
     mlflow.end_run(status="KILLED")
     mlflow.MlflowClient().delete_run(run.info.run_id)
     if note_dir is not None:
         note_dir.mkdir(parents=True, exist_ok=True)
-        (note_dir / RUNNING_ELSEWHERE_FILE).write_text(json.dumps(
-            {"run_id": twin.info.run_id, "host": tags.get(HOST), "pid": tags.get(PID)}))
+        (note_dir / RUNNING_ELSEWHERE_FILE).write_text(
+            json.dumps({"run_id": twin.info.run_id, "host": tags.get(HOST), "pid": tags.get(PID)})
+        )
 
 
 @contextmanager
-def job_run(experiment_id: str, run_name: str, tags: dict[str, str], note_dir: Optional[Path] = None,
-            heartbeat_s: float = HEARTBEAT_INTERVAL_S, settle_s: float = CLAIM_SETTLE_S) -> Iterator[Any]:
+def job_run(
+    experiment_id: str,
+    run_name: str,
+    tags: dict[str, str],
+    note_dir: Optional[Path] = None,
+    heartbeat_s: float = HEARTBEAT_INTERVAL_S,
+    settle_s: float = CLAIM_SETTLE_S,
+) -> Iterator[Any]:
     """An MLflow run that ends FINISHED, or FAILED with the traceback as an artifact, or KILLED;
     its heartbeat is kept fresh while it runs.
 
@@ -314,8 +353,9 @@ def job_run(experiment_id: str, run_name: str, tags: dict[str, str], note_dir: O
     """
     import mlflow
 
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                           tags={**tags, **_versions(), **process_tags(), CLAIM: "pending"})
+    run = mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags={**tags, **_versions(), **process_tags(), CLAIM: "pending"}
+    )
     beat = Heartbeat(run.info.run_id, heartbeat_s)
     try:
         hash_ = tags.get(CONFIG_HASH)
@@ -373,8 +413,9 @@ def log_series(name: str, points: list[tuple[int, float]]) -> None:
         mlflow.MlflowClient().log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
-def ensure_baseline_run(experiment_id: str, key: str, metrics: dict[str, float], scores: dict[str, Any],
-                        params: dict[str, Any]) -> None:
+def ensure_baseline_run(
+    experiment_id: str, key: str, metrics: dict[str, float], scores: dict[str, Any], params: dict[str, Any]
+) -> None:
     """One FINISHED baseline run per (experiment, baseline key), so fine-tuned runs show a delta.
 
     Logged with the client, not the fluent API, so that it never nests in the job's own run.

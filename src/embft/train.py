@@ -58,8 +58,10 @@ def train(
     batch = per_process * nproc
     if v.same_dataset_within_batch and n_records < batch:
         # FlagEmbedding would build no batch at all and the Trainer would fail obscurely.
-        raise EmbftError(f"{n_records} training queries do not fill one step of {batch} queries ({nproc} process(es) x "
-                         f"{per_process}); raise train.max_train_queries or lower the batch size.")
+        raise EmbftError(
+            f"{n_records} training queries do not fill one step of {batch} queries ({nproc} process(es) x "
+            f"{per_process}); raise train.max_train_queries or lower the batch size."
+        )
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)
 
@@ -69,8 +71,15 @@ def train(
         spec = runner_spec(cfg, records_dir, model_path, bare_dir, precision, device)
         log.info(
             "Fine-tuning %s on %d queries: %s, batch %d queries/step%s, group %d, %s on %s, loss %s",
-            m.name, n_records, v.name, batch, f" ({nproc} processes x {per_process})" if nproc > 1 else "",
-            t.train_group_size, precision, device, t.loss,
+            m.name,
+            n_records,
+            v.name,
+            batch,
+            f" ({nproc} processes x {per_process})" if nproc > 1 else "",
+            t.train_group_size,
+            precision,
+            device,
+            t.loss,
         )
         if nproc == 1:
             outcome = run_runner(spec, callbacks)

@@ -22,8 +22,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E_DIR = ROOT / ".e2e"
-START_HINT = ("start them with `make services-up` (scripts/e2e_services.sh start) and "
-              "`eval \"$(scripts/e2e_services.sh env)\"`, or run `make e2e`")
+START_HINT = (
+    "start them with `make services-up` (scripts/e2e_services.sh start) and "
+    '`eval "$(scripts/e2e_services.sh env)"`, or run `make e2e`'
+)
 
 
 @dataclass
@@ -61,8 +63,9 @@ def pg_uri() -> str:
     try:
         psycopg2.connect(f"{uri}/optuna", connect_timeout=10).close()
     except psycopg2.Error as err:
-        pytest.fail(f"No PostgreSQL (database optuna) at EMBFT_PG_URI={uri} ({str(err).strip()}); {START_HINT}.",
-                    pytrace=False)
+        pytest.fail(
+            f"No PostgreSQL (database optuna) at EMBFT_PG_URI={uri} ({str(err).strip()}); {START_HINT}.", pytrace=False
+        )
     return uri
 
 
@@ -84,8 +87,16 @@ def smoke_sweep(mlflow_uri: str, ag_news_dir: Path, tmp_path_factory: pytest.Tem
     name = f"e2e_smoke_{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "EMBFT_ROOT": str(root), "EMBFT_MLFLOW_URI": mlflow_uri, "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "embft", "-m", "experiment=smoke", "tracking=server",
-           f"data.local_dir={ag_news_dir}", f"name={name}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "embft",
+        "-m",
+        "experiment=smoke",
+        "tracking=server",
+        f"data.local_dir={ag_news_dir}",
+        f"name={name}",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     output = done.stdout + done.stderr
     if done.returncode != 0:

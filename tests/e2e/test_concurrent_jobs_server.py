@@ -20,15 +20,28 @@ ROOT = Path(__file__).resolve().parents[2]
 def start(root: Path, mlflow_uri: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "EMBFT_ROOT": str(root), "EMBFT_MLFLOW_URI": mlflow_uri, "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "embft", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "embft", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_args(tmp_path_factory, ag_news_dir) -> list[str]:
     tiny = make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_e2e"))
-    return ["experiment=smoke", "tracking=server", f"data.local_dir={ag_news_dir}", f"model.name_or_path={tiny}",
-            "model.package=null", "eval.max_test_rows=120"]
+    return [
+        "experiment=smoke",
+        "tracking=server",
+        f"data.local_dir={ag_news_dir}",
+        f"model.name_or_path={tiny}",
+        "model.package=null",
+        "eval.max_test_rows=120",
+    ]
 
 
 def finetune_runs(mlflow_uri: str, name: str):

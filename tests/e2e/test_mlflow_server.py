@@ -24,17 +24,22 @@ def test_smoke_sweep_is_tracked_on_the_server(smoke_sweep, mlflow_uri: str, tmp_
     tuned = by_role["finetune"]
     assert 0 <= tuned.data.metrics["accuracy_cosine"] <= 1
     assert tuned.data.metrics["delta_accuracy_cosine"] == pytest.approx(
-        tuned.data.metrics["accuracy_cosine"] - by_role["baseline"].data.metrics["accuracy_cosine"])
+        tuned.data.metrics["accuracy_cosine"] - by_role["baseline"].data.metrics["accuracy_cosine"]
+    )
     assert tuned.data.params["tracking.uri"] == mlflow_uri
     assert tuned.data.tags["embft.sweep"].startswith(f"{smoke_sweep.name}/")
     assert "1 FINISHED" in smoke_sweep.output  # the sweep's own summary, read from the server
 
-    assert {"config.yaml", "mteb_scores.json", "data_notes.json"} <= {a.path for a in client.list_artifacts(tuned.info.run_id)}
-    scores = mlflow.artifacts.download_artifacts(run_id=tuned.info.run_id, artifact_path="mteb_scores.json",
-                                                 dst_path=str(tmp_path), tracking_uri=mlflow_uri)
+    assert {"config.yaml", "mteb_scores.json", "data_notes.json"} <= {
+        a.path for a in client.list_artifacts(tuned.info.run_id)
+    }
+    scores = mlflow.artifacts.download_artifacts(
+        run_id=tuned.info.run_id, artifact_path="mteb_scores.json", dst_path=str(tmp_path), tracking_uri=mlflow_uri
+    )
     assert json.loads(Path(scores).read_text())
-    config = mlflow.artifacts.download_artifacts(run_id=tuned.info.run_id, artifact_path="config.yaml",
-                                                 dst_path=str(tmp_path), tracking_uri=mlflow_uri)
+    config = mlflow.artifacts.download_artifacts(
+        run_id=tuned.info.run_id, artifact_path="config.yaml", dst_path=str(tmp_path), tracking_uri=mlflow_uri
+    )
     assert f"name: {smoke_sweep.name}" in Path(config).read_text()
 
     # Nothing went to a local store.

@@ -40,9 +40,18 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_credentials)
     monkeypatch.setattr(SeleniumManager, "binary_paths", no_downloads)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,900"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1600,900",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(120)
@@ -78,14 +87,17 @@ def test_mlflow_ui_shows_the_smoke_runs(browser, smoke_sweep, mlflow_uri: str, t
         # MLflow 3 opens experiments in its GenAI view; the runs table is the "machine_learning" one.
         browser.get(f"{mlflow_uri}/#/experiments/{smoke_sweep.experiment_id}/runs?workflowType=machine_learning")
         WebDriverWait(browser, 120).until(lambda _: all(n in body_text() for n in names.values()))
-        for close in browser.find_elements(By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"):
+        for close in browser.find_elements(
+            By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"
+        ):
             close.click()  # the assistant panel would hide half of the table in the screenshot
 
         # Metrics are not shown by default: pick accuracy_cosine in "Columns" (and drop the empty
         # Dataset/Source/Models columns so it is in view).
         browser.find_element(By.CSS_SELECTOR, "[data-testid=column-selection-dropdown]").click()
         search = WebDriverWait(browser, 30).until(
-            lambda _: browser.find_element(By.CSS_SELECTOR, "input[placeholder='Search columns']"))
+            lambda _: browser.find_element(By.CSS_SELECTOR, "input[placeholder='Search columns']")
+        )
         for title in ("Dataset", "Source", "Models"):
             if f"attributes.`{title}`" in headers():
                 column_entry(title).click()
@@ -98,7 +110,8 @@ def test_mlflow_ui_shows_the_smoke_runs(browser, smoke_sweep, mlflow_uri: str, t
         for run in runs:  # rows are keyed by run id; each shows its name and its accuracy_cosine
             row = f".ag-row[row-id='{run.info.run_id}']"
             cell = WebDriverWait(browser, 30).until(
-                lambda _, row=row: browser.find_element(By.CSS_SELECTOR, f"{row} [col-id='{METRIC_COL}']"))
+                lambda _, row=row: browser.find_element(By.CSS_SELECTOR, f"{row} [col-id='{METRIC_COL}']")
+            )
             assert float(cell.text) == pytest.approx(run.data.metrics["accuracy_cosine"], abs=1e-9)
             row_text = " ".join(r.text for r in browser.find_elements(By.CSS_SELECTOR, row))
             assert run.info.run_name in row_text

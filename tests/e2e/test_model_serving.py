@@ -17,10 +17,12 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # slow too: `-m "not slow"` must not need the services
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXTS = ["The central bank raised interest rates again as inflation stayed high.",
-         "The striker scored twice as the home side won the cup final.",
-         "A new chip promises faster phones with longer battery life.",
-         "Rebels and government forces agreed to a ceasefire after talks."]
+TEXTS = [
+    "The central bank raised interest rates again as inflation stayed high.",
+    "The striker scored twice as the home side won the cup final.",
+    "A new chip promises faster phones with longer battery life.",
+    "Rebels and government forces agreed to a ceasefire after talks.",
+]
 
 
 def _client_env(mlflow_uri: str) -> dict:
@@ -32,7 +34,8 @@ def champion(smoke_sweep, mlflow_uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri).get_model_version_by_alias(
-        smoke_sweep.name, "champion")
+        smoke_sweep.name, "champion"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +64,37 @@ def test_sweep_logged_and_registered_its_best_model(smoke_sweep, champion, mlflo
     assert "Registered" in smoke_sweep.output and "@champion" in smoke_sweep.output
 
 
-def test_champion_loads_by_alias_in_a_fresh_process(smoke_sweep, in_process_labels, mlflow_uri: str,
-                                                    tmp_path: Path) -> None:
+def test_champion_loads_by_alias_in_a_fresh_process(
+    smoke_sweep, in_process_labels, mlflow_uri: str, tmp_path: Path
+) -> None:
     pd.DataFrame({"text": TEXTS}).to_csv(tmp_path / "in.csv", index=False)
-    done = subprocess.run([sys.executable, "-m", "embft", "predict", f"models:/{smoke_sweep.name}@champion",
-                           str(tmp_path / "in.csv"), "--out", str(tmp_path / "out.csv")],
-                          env=_client_env(mlflow_uri), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embft",
+            "predict",
+            f"models:/{smoke_sweep.name}@champion",
+            str(tmp_path / "in.csv"),
+            "--out",
+            str(tmp_path / "out.csv"),
+        ],
+        env=_client_env(mlflow_uri),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert pd.read_csv(tmp_path / "out.csv")["label_name"].tolist() == in_process_labels
 
     no_auth = {k: v for k, v in _client_env(mlflow_uri).items() if not k.startswith("MLFLOW_TRACKING_PASSWORD")}
-    refused = subprocess.run([sys.executable, "-m", "embft", "predict", f"models:/{smoke_sweep.name}@champion",
-                              str(tmp_path / "in.csv")], env=no_auth, capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(
+        [sys.executable, "-m", "embft", "predict", f"models:/{smoke_sweep.name}@champion", str(tmp_path / "in.csv")],
+        env=no_auth,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert refused.returncode == 1 and "cannot load" in refused.stderr
 
 
@@ -82,14 +104,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_mlflow_models_serve_answers_on_loopback(smoke_sweep, in_process_labels, mlflow_uri: str,
-                                                 tmp_path: Path) -> None:
+def test_mlflow_models_serve_answers_on_loopback(
+    smoke_sweep, in_process_labels, mlflow_uri: str, tmp_path: Path
+) -> None:
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{smoke_sweep.name}@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=_client_env(mlflow_uri), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{smoke_sweep.name}@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=_client_env(mlflow_uri),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     url = f"http://127.0.0.1:{port}"
     try:

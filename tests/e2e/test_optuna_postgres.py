@@ -29,12 +29,27 @@ def test_two_workers_share_one_postgres_study(pg_uri: str, tmp_path: Path) -> No
     no_pgpass = {k: v for k, v in env.items() if k != "PGPASSFILE"}
     workers = []
     for i, (url, worker_env) in enumerate([(storage, env), (with_password, no_pgpass)]):  # as two machines
-        cmd = [sys.executable, str(APP), "-m", f"hydra.sweeper.storage={url}",
-               f"hydra.sweeper.study_name={study_name}", f"hydra.sweeper.n_trials={n_trials}",
-               "hydra.sweep.dir=sweep", "sleep_s=0.5"]
+        cmd = [
+            sys.executable,
+            str(APP),
+            "-m",
+            f"hydra.sweeper.storage={url}",
+            f"hydra.sweeper.study_name={study_name}",
+            f"hydra.sweeper.n_trials={n_trials}",
+            "hydra.sweep.dir=sweep",
+            "sleep_s=0.5",
+        ]
         (tmp_path / f"w{i}").mkdir()
-        workers.append(subprocess.Popen(cmd, cwd=tmp_path / f"w{i}", env=worker_env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True))
+        workers.append(
+            subprocess.Popen(
+                cmd,
+                cwd=tmp_path / f"w{i}",
+                env=worker_env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for worker in workers:
         _, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err[-3000:]

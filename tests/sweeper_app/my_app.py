@@ -76,8 +76,7 @@ def _learning_curve(cfg: DictConfig, final: float) -> Any:
     reporter = TrialReporter.from_config(cfg.optuna)
     if cfg.prune_by == "raise" and reporter is not None:
         reporter.prune = lambda step=None: None  # the sweeper tells PRUNED from the raised TrialPruned
-    callback = LiveTrainingCallback(lambda step, model: final - (cfg.steps - step), every_steps=1,
-                                    reporter=reporter)
+    callback = LiveTrainingCallback(lambda step, model: final - (cfg.steps - step), every_steps=1, reporter=reporter)
     state, control, model = TrainerState(), TrainerControl(), torch.nn.Linear(1, 1)
     for step in range(1, cfg.steps + 1):
         state.global_step = step
@@ -99,9 +98,13 @@ def main(cfg: DictConfig) -> Any:
 
     experiment_id = _experiment_id(cfg.mlflow_uri)
     sweep = names.sweep_id(HydraConfig.get().sweep.dir)
-    tags = {names.ROLE: "finetune", names.SWEEP: sweep,
-            study_runs.STUDY: str(cfg.optuna.study_name), study_runs.TRIAL: str(cfg.optuna.trial_number),
-            **study_runs.job_tags(experiment_id, cfg.optuna.study_name, sweep)}
+    tags = {
+        names.ROLE: "finetune",
+        names.SWEEP: sweep,
+        study_runs.STUDY: str(cfg.optuna.study_name),
+        study_runs.TRIAL: str(cfg.optuna.trial_number),
+        **study_runs.job_tags(experiment_id, cfg.optuna.study_name, sweep),
+    }
     with tracking.job_run(experiment_id, f"trial-{cfg.optuna.trial_number}", tags):
         mlflow.log_params({"x": cfg.x, "y": cfg.y})
         result = objective(cfg)

@@ -143,9 +143,7 @@ def _search_param(override: Override) -> SearchParam:
 
     if override.is_choice_sweep():
         if log_scale:
-            raise ValueError(
-                f"'{override.input_line}': log scale needs interval(...) or range(...)"
-            )
+            raise ValueError(f"'{override.input_line}': log scale needs interval(...) or range(...)")
         if isinstance(value, ChoiceSweep):
             elements = list(value.list)
         else:  # glob(...) over config group options
@@ -163,12 +161,8 @@ def _search_param(override: Override) -> SearchParam:
         assert value.start is not None and value.end is not None
         # Hydra's grammar turns interval bounds into floats; the text tells whether they were ints.
         if _interval_has_int_bounds(override.get_value_string()):
-            return SearchParam(
-                key, IntDistribution(int(value.start), int(value.end), log=log_scale)
-            )
-        return SearchParam(
-            key, FloatDistribution(float(value.start), float(value.end), log=log_scale)
-        )
+            return SearchParam(key, IntDistribution(int(value.start), int(value.end), log=log_scale))
+        return SearchParam(key, FloatDistribution(float(value.start), float(value.end), log=log_scale))
 
     raise ValueError(f"'{override.input_line}': unsupported sweep type {override.value_type}")
 
@@ -181,9 +175,7 @@ def _categorical_choice(element: Any) -> Any:
     return Transformer.str(element)  # lists/dicts: Optuna stores them as their text
 
 
-def _range_distribution(
-    value: RangeSweep, log_scale: bool, line: Optional[str]
-) -> BaseDistribution:
+def _range_distribution(value: RangeSweep, log_scale: bool, line: Optional[str]) -> BaseDistribution:
     start, stop, step = value.start, value.stop, value.step
     assert start is not None and stop is not None
     if all(isinstance(x, int) for x in (start, stop, step)):
@@ -363,11 +355,7 @@ def _make_sampler(conf: Mapping[str, Any], seed: Optional[int]) -> optuna.sample
         return optuna.samplers.RandomSampler(seed=seed)
     if name != "tpe":
         raise ValueError(f"hydra.sweeper.sampler.name must be 'tpe' or 'random', got {name!r}")
-    kwargs = {
-        k: conf[k]
-        for k in ("n_startup_trials", "multivariate", "constant_liar")
-        if conf.get(k) is not None
-    }
+    kwargs = {k: conf[k] for k in ("n_startup_trials", "multivariate", "constant_liar") if conf.get(k) is not None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=seed, **kwargs)
@@ -398,9 +386,7 @@ class _PerTrialSeedSampler(optuna.samplers.BaseSampler):
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self._sampler(trial).before_trial(study, trial)
 
-    def infer_relative_search_space(
-        self, study: optuna.Study, trial: FrozenTrial
-    ) -> dict[str, BaseDistribution]:
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return self._sampler(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(
@@ -415,9 +401,7 @@ class _PerTrialSeedSampler(optuna.samplers.BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        return self._sampler(trial).sample_independent(
-            study, trial, param_name, param_distribution
-        )
+        return self._sampler(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(
         self,
@@ -492,9 +476,7 @@ def _ask_lock(storage_url: Optional[str], study_name: str) -> Iterator[None]:
         else:
             lock = f"embft_optuna_{name[:40]}"  # MySQL lock names are at most 64 characters
             with engine.connect() as conn:
-                got = conn.execute(
-                    sqlalchemy.text("SELECT GET_LOCK(:name, 600)"), {"name": lock}
-                ).scalar()
+                got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:name, 600)"), {"name": lock}).scalar()
                 if got != 1:
                     raise RuntimeError(f"could not take the MySQL lock {lock} in 600 s")
                 try:
@@ -676,9 +658,7 @@ class OptunaSweeperImpl(Sweeper):
         if self.seed is None:
             sampler = _make_sampler(self.sampler_conf, None)
         else:
-            sampler = _PerTrialSeedSampler(
-                functools.partial(_make_sampler, self.sampler_conf), self.seed
-            )
+            sampler = _PerTrialSeedSampler(functools.partial(_make_sampler, self.sampler_conf), self.seed)
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
@@ -727,8 +707,7 @@ class OptunaSweeperImpl(Sweeper):
         info_keys = self._trial_info_keys()
         if self.pruner_spec is not None and (storage is None or "storage" not in info_keys):
             log.warning(
-                "hydra.sweeper.pruner is set, but jobs cannot reach their trials (%s): "
-                "nothing will be pruned",
+                "hydra.sweeper.pruner is set, but jobs cannot reach their trials (%s): nothing will be pruned",
                 "in-memory study" if storage is None else "the job config has no optuna.storage",
             )
         results_path = sweep_dir / RESULTS_FILE
@@ -795,10 +774,7 @@ class OptunaSweeperImpl(Sweeper):
                 if self.pruner_spec is not None:
                     # The job rebuilds its trial's pruner from here (reporting.TrialReporter).
                     trial.set_user_attr(PRUNER_ATTR, self.pruner_spec)
-                batch.append(
-                    overrides
-                    + self._trial_info(trial_info_keys, trial, study.study_name, self.storage_url)
-                )
+                batch.append(overrides + self._trial_info(trial_info_keys, trial, study.study_name, self.storage_url))
             self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=job_idx)
             for trial, ret in zip(trials, results):
@@ -834,9 +810,7 @@ class OptunaSweeperImpl(Sweeper):
         return [k for k in TRIAL_INFO_KEYS if k in node]
 
     @staticmethod
-    def _trial_info(
-        keys: Sequence[str], trial: Trial, study_name: str, storage_url: Optional[str]
-    ) -> list[str]:
+    def _trial_info(keys: Sequence[str], trial: Trial, study_name: str, storage_url: Optional[str]) -> list[str]:
         values = {"trial_number": trial.number, "study_name": study_name, "storage": storage_url}
         return [f"{TRIAL_INFO_NODE}.{k}={format_value(values[k])}" for k in keys]
 

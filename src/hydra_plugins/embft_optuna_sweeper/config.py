@@ -130,9 +130,7 @@ class EmbftOptunaSweeperConf:
 
 
 for _name, _node in PRUNERS.items():
-    ConfigStore.instance().store(
-        group="hydra/sweeper/pruner", name=_name, node=_node, provider="embft"
-    )
+    ConfigStore.instance().store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="embft")
 
 ConfigStore.instance().store(
     group="hydra/sweeper",

@@ -67,9 +67,7 @@ class TrialReporter:
         # Optuna has no public lookup of a live Trial by number: ask/tell code holds the Trial
         # object, which a job in another process (or machine) does not have.
         storage_ = self.study._storage
-        trial_id = storage_.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, self.trial_number
-        )
+        trial_id = storage_.get_trial_id_from_study_id_trial_number(self.study._study_id, self.trial_number)
         self.trial = Trial(self.study, trial_id)
         frozen = storage_.get_trial(trial_id)
         self.study.pruner = make_pruner(frozen.user_attrs.get(PRUNER_ATTR))
