@@ -68,7 +68,7 @@ def make_tiny_bert(folder: Path, dropout: bool = True) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=128,
+        max_position_embeddings=512,
         **no_dropout,
     )
     BertModel(config).save_pretrained(folder)

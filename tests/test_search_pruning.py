@@ -63,6 +63,7 @@ def _val_splits() -> Splits:
     return Splits(
         train=pd.DataFrame({"text": train_texts, "label": train_labels}),
         test=pd.DataFrame({"text": test_texts, "label": test_labels}),
+        validation=pd.DataFrame({"text": test_texts, "label": test_labels}),
         label_names=WORDS,
         source="synthetic",
     )
@@ -126,7 +127,7 @@ def test_a_learning_rate_that_wrecks_the_model_is_pruned(compose, tmp_path, tiny
 
         def score(step, model):
             view = live_sentence_transformer(model, str(tiny_bert), "cls", True, 16)
-            return evaluate(view, splits, cfg.eval, "synthetic").accuracy
+            return evaluate(view, splits, cfg.eval, "synthetic", which=("validation",))["validation"].accuracy
 
         reporter = TrialReporter("s", storage, trial.number)
         callback = LiveTrainingCallback(score, every_steps=4, reporter=reporter)

@@ -152,6 +152,12 @@ def build_encoder(path: str, pooling: str, normalize: bool, settings: EncodeSett
         # "Saving the exported ONNX model is heavily recommended": the export is per job and takes seconds.
         logging.getLogger("sentence_transformers.backend.utils").setLevel(logging.ERROR)
     transformer = Transformer(path, max_seq_length=settings.max_seq_length, backend=settings.backend)
+    positions = getattr(getattr(transformer.auto_model, "config", None), "max_position_embeddings", None)
+    if settings.max_seq_length and positions and settings.max_seq_length > positions:
+        raise EmbftError(
+            f"eval.max_seq_length={settings.max_seq_length} is longer than the {positions} positions of the "
+            f"model in {path}; set eval.max_seq_length={positions} or lower."
+        )
     modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=ST_POOLING[pooling])]
     if normalize:
         modules.append(Normalize())

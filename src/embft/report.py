@@ -190,7 +190,14 @@ def default_metric(df: pd.DataFrame) -> str:
         if isinstance(m, str)
     }
     if len(found) > 1:
-        raise EmbftError(f"the runs use several evaluations ({', '.join(sorted(found))}); choose one with --metric")
+        counts = {m: int(_metric(tuned, m).notna().sum()) for m in found}
+        chosen = max(sorted(found), key=lambda m: counts[m])
+        print(
+            f"note: the runs use several evaluations ({', '.join(sorted(found))}); reporting {chosen}, "
+            "the most common (--metric chooses another)",
+            file=sys.stderr,
+        )
+        return chosen
     return found.pop()
 
 
