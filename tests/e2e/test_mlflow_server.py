@@ -20,8 +20,9 @@ def test_smoke_sweep_is_tracked_on_the_server(smoke_sweep, mlflow_uri: str, tmp_
     runs = client.search_runs([smoke_sweep.experiment_id])
     assert {r.info.status for r in runs} == {"FINISHED"}
     by_role = {r.data.tags["embft.role"]: r for r in runs}
-    assert sorted(r.data.tags["embft.role"] for r in runs) == ["baseline", "finetune"]
+    assert sorted(r.data.tags["embft.role"] for r in runs) == ["baseline", "finetune", "sweep"]
     tuned = by_role["finetune"]
+    assert tuned.data.tags["mlflow.parentRunId"] == by_role["sweep"].info.run_id  # one row per sweep in the UI
     assert 0 <= tuned.data.metrics["accuracy_cosine"] <= 1
     assert tuned.data.metrics["delta_accuracy_cosine"] == pytest.approx(
         tuned.data.metrics["accuracy_cosine"] - by_role["baseline"].data.metrics["accuracy_cosine"]

@@ -70,7 +70,10 @@ def test_mlflow_ui_shows_the_smoke_runs(browser, smoke_sweep, mlflow_uri: str, t
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    runs = MlflowClient(tracking_uri=mlflow_uri).search_runs([smoke_sweep.experiment_id])
+    # The sweep is one row (its parent run) that opens into its fine-tune run; the baseline-* run beside it.
+    everything = MlflowClient(tracking_uri=mlflow_uri).search_runs([smoke_sweep.experiment_id])
+    parent = next(r for r in everything if r.data.tags.get("embft.role") == "sweep")
+    runs = [r for r in everything if r is not parent]
     names = {r.info.run_id: r.info.run_name for r in runs}
     assert len(names) == 2  # the fine-tuned run and its baseline-* run
 
@@ -86,6 +89,9 @@ def test_mlflow_ui_shows_the_smoke_runs(browser, smoke_sweep, mlflow_uri: str, t
     try:
         # MLflow 3 opens experiments in its GenAI view; the runs table is the "machine_learning" one.
         browser.get(f"{mlflow_uri}/#/experiments/{smoke_sweep.experiment_id}/runs?workflowType=machine_learning")
+        parent_row = f".ag-row[row-id='{parent.info.run_id}']"
+        WebDriverWait(browser, 120).until(lambda _: browser.find_elements(By.CSS_SELECTOR, f"{parent_row} button"))
+        browser.find_element(By.CSS_SELECTOR, f"{parent_row} button").click()  # the [+] that opens the sweep
         WebDriverWait(browser, 120).until(lambda _: all(n in body_text() for n in names.values()))
         for close in browser.find_elements(
             By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"

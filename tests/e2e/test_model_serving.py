@@ -26,7 +26,15 @@ TEXTS = [
 
 
 def _client_env(mlflow_uri: str) -> dict:
-    return {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    # The venv's bin first: `mlflow models serve` execs `uvicorn` from PATH (make e2e does not activate it).
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT / "src"),
+        "PATH": path,
+    }
 
 
 @pytest.fixture(scope="module")

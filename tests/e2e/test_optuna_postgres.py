@@ -15,7 +15,11 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "tests" / "sweeper_app" / "my_app.py"
 
 
-def test_two_workers_share_one_postgres_study(pg_uri: str, tmp_path: Path) -> None:
+PRUNING = ["steps=4", "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=2"]
+
+
+@pytest.mark.parametrize("pruning", [False, True], ids=["complete", "median-pruner"])
+def test_two_workers_share_one_postgres_study(pg_uri: str, tmp_path: Path, pruning: bool) -> None:
     import optuna
     from sqlalchemy.engine import make_url
 
@@ -38,6 +42,7 @@ def test_two_workers_share_one_postgres_study(pg_uri: str, tmp_path: Path) -> No
             f"hydra.sweeper.n_trials={n_trials}",
             "hydra.sweep.dir=sweep",
             "sleep_s=0.5",
+            *(PRUNING if pruning else []),
         ]
         (tmp_path / f"w{i}").mkdir()
         workers.append(
@@ -56,7 +61,13 @@ def test_two_workers_share_one_postgres_study(pg_uri: str, tmp_path: Path) -> No
 
     url = _with_installed_pg_driver(make_url(storage)).render_as_string(hide_password=False)
     trials = optuna.load_study(study_name=study_name, storage=url).trials
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * n_trials  # no overshoot
+    states = [t.state for t in trials]
+    assert len(trials) == n_trials  # pruned trials count: no overshoot
+    if pruning:  # each worker reports every step to the shared study and its median pruner stops laggards
+        assert set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}, states
+        assert all(t.intermediate_values for t in trials), "every trial reported its learning curve"
+    else:
+        assert states == [optuna.trial.TrialState.COMPLETE] * n_trials
     assert sorted(t.number for t in trials) == list(range(n_trials))
     params = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(params)) == n_trials, params  # per-trial seeds: no replayed random stream
