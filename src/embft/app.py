@@ -54,6 +54,17 @@ class Job:
         return names.validation(self.metric) if self.cfg.eval.objective == "validation" else self.metric
 
     @property
+    def model_id(self) -> dict[str, Any]:
+        """The base model as cache keys see it (baseline scores, mined negatives)."""
+        m = self.cfg.model
+        return {
+            "path": m.package or m.name_or_path,
+            "revision": m.revision,
+            "pooling": str(m.pooling),
+            "normalize": m.normalize,
+        }
+
+    @property
     def objectives(self) -> list[str]:
         """What the job returns, in order: `objectives` (a search's), else the one objective."""
         return [str(o.metric) for o in self.cfg.objectives] or [self.objective]
@@ -223,13 +234,7 @@ def score_baseline(job: Job, splits: Splits, base_encoder) -> dict[str, EvalResu
     from embft.evaluate import baseline_key, cached_baseline, evaluate
 
     cfg = job.cfg
-    model_id = {
-        "path": cfg.model.package or cfg.model.name_or_path,
-        "revision": cfg.model.revision,
-        "pooling": str(cfg.model.pooling),
-        "normalize": cfg.model.normalize,
-    }
-    key = baseline_key(model_id, splits, cfg.eval, job.encode)
+    key = baseline_key(job.model_id, splits, cfg.eval, job.encode)
     with _lock(job.cache_dir, f"baseline-{key}"):
         baseline, _ = cached_baseline(
             job.cache_dir, key, lambda: evaluate(base_encoder(), splits, cfg.eval, cfg.data.name)
@@ -265,12 +270,6 @@ def build_records(job: Job, splits: Splits, base_encoder) -> tuple[Path, int]:
     from embft.data import prepare_records
 
     cfg = job.cfg
-    model_id = {
-        "path": cfg.model.package or cfg.model.name_or_path,
-        "revision": cfg.model.revision,
-        "pooling": str(cfg.model.pooling),
-        "normalize": cfg.model.normalize,
-    }
     with _lock(job.cache_dir, "records"):
         records_dir = prepare_records(
             splits,
@@ -278,7 +277,7 @@ def build_records(job: Job, splits: Splits, base_encoder) -> tuple[Path, int]:
             dataset_name=cfg.data.name,
             no_in_batch_neg=cfg.variant.no_in_batch_neg,
             encode=lambda texts: base_encoder().encode(texts, batch_size=job.encode.batch_size),
-            model_key=json.dumps(model_id, sort_keys=True),
+            model_key=json.dumps(job.model_id, sort_keys=True),
             group_size=cfg.train.train_group_size,
             seed=cfg.train.seed,
             max_queries=cfg.train.max_train_queries,
