@@ -251,16 +251,15 @@ def test_default_and_relative_storage_resolve_against_launch_dir(tmp_path: Path)
     assert _results(tmp_path, "s2").storage == f"sqlite:///{tmp_path}/nested/dir/study.db"
 
 
-def test_two_workers_share_one_study(tmp_path: Path) -> None:
-    # The same command (seed included) in two places, as on two machines sharing a database.
+def _two_workers(tmp_path: Path, *overrides: str, timeout: int = 120) -> None:
+    """The same command (seed included) in two places, as on two machines sharing one database."""
     cmd = [
         sys.executable,
         str(APP),
         "-m",
         f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
-        "hydra.sweeper.n_trials=6",
         "hydra.sweep.dir=sweep",
-        "sleep_s=0.5",
+        *overrides,
     ]
     workers = []
     for i in range(2):
@@ -276,8 +275,12 @@ def test_two_workers_share_one_study(tmp_path: Path) -> None:
             )
         )
     for w in workers:
-        _, err = w.communicate(timeout=120)
+        _, err = w.communicate(timeout=timeout)
         assert w.returncode == 0, err
+
+
+def test_two_workers_share_one_study(tmp_path: Path) -> None:
+    _two_workers(tmp_path, "hydra.sweeper.n_trials=6", "sleep_s=0.5")
     trials = _study(tmp_path).trials
     # Counting and asking happen under a lock, so the budget holds exactly.
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
@@ -390,32 +393,7 @@ def test_bad_trials_are_pruned_and_count_towards_n_trials(tmp_path: Path, prune_
 
 
 def test_two_workers_with_a_pruner_end_at_exactly_n_trials(tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        str(APP),
-        "-m",
-        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
-        "hydra.sweeper.n_trials=9",
-        "hydra.sweep.dir=sweep",
-        "sleep_s=0.3",
-        *PRUNE,
-    ]
-    workers = []
-    for i in range(2):
-        (tmp_path / f"w{i}").mkdir()
-        workers.append(
-            subprocess.Popen(
-                cmd,
-                cwd=tmp_path / f"w{i}",
-                env=_app_env(),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    for w in workers:
-        _, err = w.communicate(timeout=300)
-        assert w.returncode == 0, err
+    _two_workers(tmp_path, "hydra.sweeper.n_trials=9", "sleep_s=0.3", *PRUNE, timeout=300)
     study = _study(tmp_path)
     assert len(study.trials) == 9
     assert _pruned_ok(study)

@@ -650,6 +650,12 @@ def main(argv: list[str] | None = None) -> int:
     n_configs = len(table) - len(info.baselines)
     delta = "" if math.isnan(best["delta_mean"]) else f" (delta {best['delta_mean']:+.4f})"
     val = "" if math.isnan(best["val_accuracy_mean"]) else f"validation {best['val_accuracy_mean']:.4f}, "
+    if info.ranked_by == info.metric:  # runs from before the validation split: nothing to choose on
+        print(
+            f"note: these runs have no {names.validation(info.metric)}; the ranking is by the test score "
+            "and is not a choice (rerun them to choose on validation)",
+            file=sys.stderr,
+        )
     print(
         f"{title}: {used_sentence(info)}; {n_configs} configuration(s); best by {info.ranked_by}: "
         f"{best['configuration']}: {val}test {best['accuracy_mean']:.4f}{delta}"
