@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,15 @@ def compose(root: Path, overrides: list[str]) -> Any:
         params = dict(cfg.hydra.sweeper.params)
         del cfg["hydra"]
     return cfg, params
+
+
+class StepCounter(TrainerCallback):
+    """The optimizer steps a trial actually trained (pruned or not), read off the Trainer's state."""
+
+    steps = 0
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps = state.global_step
 
 
 def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -74,7 +84,7 @@ def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> 
     space = parse_search_space(params)
     splits = load_splits(cfg.data)  # train without the validation rows; validation for every score
     model_path = resolve_model_path(cfg.model)
-    storage = f"sqlite:///{root}/optuna.db"
+    storage = f"sqlite:///{(args.out or root).resolve()}/optuna.db"
     pruner = {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": args.startup}
     study = optuna.create_study(
         study_name=name,
@@ -114,9 +124,10 @@ def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> 
             args.every_steps if pruned else None,
             reporter=TrialReporter(name, storage, trial.number) if pruned else None,
         )
+        steps = StepCounter()
         start = time.perf_counter()
         result = train(
-            cfg, records, model_path, n_records, root / "out" / f"{name}-{trial.number}", callbacks=[callback]
+            cfg, records, model_path, n_records, root / "out" / f"{name}-{trial.number}", callbacks=[callback, steps]
         )
         value = None
         if callback.pruned_step is None:
@@ -136,6 +147,9 @@ def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> 
                 **trial.params,
                 "train_s": result.seconds - callback.eval_seconds,
                 "wall_s": wall,
+                "steps": steps.steps,
+                # load-independent work: passages encoded per query step (query + group) x steps
+                "passages": steps.steps * (1 + cfg.train.train_group_size),
                 "pruned_step": callback.pruned_step,
                 "val_accuracy": value,
             }
@@ -146,9 +160,26 @@ def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> 
         "name": name,
         "train_s": frame["train_s"].sum(),
         "wall_s": frame["wall_s"].sum(),
+        "passages": frame["passages"].sum(),
         "best": study.best_value,
         "n_pruned": int(frame["pruned_step"].notna().sum()),
     }
+
+
+def write_report(out: Path, study_names: list[str]) -> None:
+    """report.md in out: per study the trial table and Optuna's plots, as `embft report` writes a search."""
+    import optuna
+
+    from embft.search_report import section, write_plots
+
+    md = out / "report.md"
+    text = ["# search_pruning: the same seeded search without (`none`) and with (`median`) pruning", ""]
+    for name in study_names:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{out.resolve()}/optuna.db")
+        plots = write_plots(study, out / name)
+        text.append(section(study, plots, out))
+    md.write_text("\n".join(text) + "\n")
+    print(f"wrote {md}")
 
 
 def main() -> None:
@@ -168,6 +199,9 @@ def main() -> None:
         help="any config override, e.g. model.name_or_path=/a/model model.package=null",
     )
     parser.add_argument("--quick", action="store_true", help="3 trials of 12 queries: checks the script runs")
+    parser.add_argument(
+        "--out", type=Path, help="keep both studies here (optuna.db) with report.md and Optuna's plots (embft report's)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.trials, args.startup, args.queries, args.every_steps, args.val_rows = 3, 1, 12, 4, 40
@@ -175,14 +209,20 @@ def main() -> None:
 
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "optuna.db").unlink(missing_ok=True)  # a rerun starts both studies afresh
     with tempfile.TemporaryDirectory() as tmp:
         studies = [run_study(name, name == "median", args, Path(tmp)) for name in ("none", "median")]
     for s in studies:
         print(
             f"{s['name']:>6}: training {s['train_s']:.0f} s (wall {s['wall_s']:.0f} s, live evaluation "
-            f"included), best val_accuracy_cosine {s['best']:.4f}, {s['n_pruned']} of {args.trials} pruned"
+            f"included), {s['passages']} passage encodings, best val_accuracy_cosine {s['best']:.4f}, {s['n_pruned']} of {args.trials} pruned"
         )
     none, median = studies
+    if args.out:
+        write_report(args.out, [s["name"] for s in studies])
+    print(f"work_ratio={median['passages'] / none['passages']:.3f} (passage encodings; independent of load)")
     print(f"time_ratio={median['train_s'] / none['train_s']:.3f} score_delta={median['best'] - none['best']:+.4f}")
 
 

@@ -2,6 +2,8 @@
 view scored by embft's MTEB evaluation, and an Optuna trial whose learning rate wrecks the model
 pruned early."""
 
+import random
+
 import numpy as np
 import optuna
 import pandas as pd
@@ -74,7 +76,9 @@ def test_live_metrics_and_view_leave_training_unchanged(compose, tmp_path, tiny_
     from sentence_transformers import SentenceTransformer
 
     probe, _ = _texts(8, 3)
-    cfg, records = tiny_job(compose, tiny_bert, tmp_path / "plain", "train.num_train_epochs=1")
+    # Group 2 from records of 3 negatives: FlagEmbedding draws one with Python's random every step.
+    one_epoch = ("train.num_train_epochs=1", "train.train_group_size=2")
+    cfg, records = tiny_job(compose, tiny_bert, tmp_path / "plain", *one_epoch)
     plain = train(cfg, records, str(tiny_bert), 16, tmp_path / "plain")
 
     seen = {}
@@ -84,10 +88,12 @@ def test_live_metrics_and_view_leave_training_unchanged(compose, tmp_path, tiny_
         assert view[0].auto_model is model.model  # the Trainer's encoder itself, not a copy
         seen[step] = view.encode(probe, convert_to_numpy=True)
         torch.randperm(100)  # e.g. sampling validation rows: must not shift training's dropout masks
+        random.seed(0)  # as MTEB's evaluation does: must not replay training's negative sampling
+        np.random.seed(0)
         return float(step)
 
     callback = LiveTrainingCallback(score, every_steps=2)
-    cfg, records = tiny_job(compose, tiny_bert, tmp_path / "live", "train.num_train_epochs=1")
+    cfg, records = tiny_job(compose, tiny_bert, tmp_path / "live", *one_epoch)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     with mlflow.start_run() as run:
         live = train(cfg, records, str(tiny_bert), 16, tmp_path / "live", callbacks=[callback])

@@ -96,18 +96,24 @@ class LiveTrainingCallback(TrainerCallback):
             self._evaluate(state.global_step, model, control)
 
     def _evaluate(self, step: int, model: Any, control: Any) -> None:
+        import random
+
+        import numpy as np
         import torch
 
-        # Scoring must not change training: the same random stream (dropout) as a run without live
-        # evaluation, and train mode back (the Trainer sets it each step too; other hooks may not).
+        # Scoring must not change training: the same random streams as a run without live evaluation
+        # (torch: dropout; Python's random: FlagEmbedding's negative sampling, which MTEB's seeding
+        # would reset; numpy), and train mode back (the Trainer sets it each step; other hooks may not).
         was_training = model.training
-        rng = torch.random.get_rng_state()
+        rng, py_rng, np_rng = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         start = time.perf_counter()
         try:
             score = float(self.score_fn(step, model))  # type: ignore[misc]
         finally:
             torch.random.set_rng_state(rng)
+            random.setstate(py_rng)
+            np.random.set_state(np_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
             model.train(was_training)
