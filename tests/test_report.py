@@ -119,7 +119,8 @@ def store(tmp_path_factory):
         role="finetune",
         sweep="single/1",
         key="k-missing",
-        params=_ft_params("1e-05", 1, 40),
+        # MLflow logs the served classifier's model_config (serving.log_models) as run params.
+        params={**_ft_params("1e-05", 1, 40), "k": 3, "metric": "cosine", "label_names": "['a']", "batch_size": 64},
         metrics=_ft_metrics(0.65, base=0.58),
     )
     return uri, client
@@ -190,6 +191,8 @@ def test_single_seed_and_logged_baseline(store, tmp_path):
     uri, client = store
     table, info = report.summarize(report.load_runs(client, "single"))
     assert info.settings == [] and info.baseline_source == "metric"
+    assert "train.temperature" in info.fixed_settings  # a config key; the classifier's params are not
+    assert not {"k", "metric", "label_names", "batch_size"} & set(info.fixed_settings)
     assert list(table["configuration"]) == ["all runs", "baseline"]
     row = table.iloc[0]
     assert row["n_seeds"] == 1 and math.isnan(row["accuracy_std_seeds"])

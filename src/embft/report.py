@@ -34,6 +34,8 @@ SEED_PARAM = "train.seed"
 NON_SETTING_PREFIXES = ("paths.", "tracking.", "optuna.", "hydra.")
 # Top-level run switches (tracking.LOCATION_KEYS) that never change a result.
 NON_SETTING_KEYS = ("force", "debug", "name")  # `name` labels the study (MLflow experiment)
+# MLflow logs a pyfunc model's model_config as run params: the served classifier's (serving.log_models).
+NON_SETTING_KEYS += ("k", "metric", "label_names", "batch_size")
 TABLE_NUMBERS = [
     "n_seeds",
     "val_accuracy_mean",
