@@ -10,8 +10,8 @@ trial (embft.callbacks.LiveTrainingCallback + the sweeper's TrialReporter). Ever
 to the end is scored once more on the same validation split. Prints per trial, then per study:
 training seconds (live evaluation excluded), wall seconds (included), best validation score; last
 line: time_ratio=<pruned/unpruned training seconds> score_delta=<pruned - unpruned best score>, after
-work_ratio (passage encodings, which load does not change). --out DIR keeps both studies
-(DIR/optuna.db) and writes DIR/report.md with Optuna's plots, as `embft report` does for a search.
+work_ratio (passage encodings, which load does not change). --out DIR writes DIR/report.md with
+both studies' trial tables and Optuna's plots, as `embft report` does for a search.
 Measured in experiments/search/README.md (12 trials of 60 queries: time_ratio=0.403, same best).
 Sized for 2 CPU cores: about 25 minutes a study at the defaults (MiniLM at ~1.4 queries/s, 200
 queries, 1-2 epochs, 8 trials). --quick (3 trials of 12 queries) checks that the script runs; with a
@@ -87,7 +87,7 @@ def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> 
     space = parse_search_space(params)
     splits = load_splits(cfg.data)  # train without the validation rows; validation for every score
     model_path = resolve_model_path(cfg.model)
-    storage = f"sqlite:///{(args.out or root).resolve()}/optuna.db"
+    storage = f"sqlite:///{root}/optuna.db"
     pruner = {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": args.startup}
     study = optuna.create_study(
         study_name=name,
@@ -169,16 +169,17 @@ def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> 
     }
 
 
-def write_report(out: Path, study_names: list[str]) -> None:
+def write_report(out: Path, storage: str, study_names: list[str]) -> None:
     """report.md in out: per study the trial table and Optuna's plots, as `embft report` writes a search."""
     import optuna
 
     from embft.search_report import section, write_plots
 
+    out.mkdir(parents=True, exist_ok=True)
     md = out / "report.md"
     text = ["# search_pruning: the same seeded search without (`none`) and with (`median`) pruning", ""]
     for name in study_names:
-        study = optuna.load_study(study_name=name, storage=f"sqlite:///{out.resolve()}/optuna.db")
+        study = optuna.load_study(study_name=name, storage=storage)
         plots = write_plots(study, out / name)
         text.append(section(study, plots, out))
     md.write_text("\n".join(text) + "\n")
@@ -203,7 +204,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="3 trials of 12 queries: checks the script runs")
     parser.add_argument(
-        "--out", type=Path, help="keep both studies here (optuna.db) with report.md and Optuna's plots (embft report's)"
+        "--out", type=Path, help="write report.md here with both studies' trials and Optuna's plots (embft report's)"
     )
     args = parser.parse_args()
     if args.quick:
@@ -212,19 +213,16 @@ def main() -> None:
 
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "optuna.db").unlink(missing_ok=True)  # a rerun starts both studies afresh
     with tempfile.TemporaryDirectory() as tmp:
         studies = [run_study(name, name == "median", args, Path(tmp)) for name in ("none", "median")]
+        if args.out:
+            write_report(args.out, f"sqlite:///{tmp}/optuna.db", [s["name"] for s in studies])
     for s in studies:
         print(
             f"{s['name']:>6}: training {s['train_s']:.0f} s (wall {s['wall_s']:.0f} s, live evaluation "
             f"included), {s['passages']} passage encodings, best val_accuracy_cosine {s['best']:.4f}, {s['n_pruned']} of {args.trials} pruned"
         )
     none, median = studies
-    if args.out:
-        write_report(args.out, [s["name"] for s in studies])
     print(f"work_ratio={median['passages'] / none['passages']:.3f} (passage encodings; independent of load)")
     print(f"time_ratio={median['train_s'] / none['train_s']:.3f} score_delta={median['best'] - none['best']:+.4f}")
 

@@ -363,14 +363,19 @@ def test_pruner_config_nodes_build_optuna_pruners(name: str, target: type) -> No
 
 
 def _pruned_ok(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The PRUNED trials, after checking each was worse than the median of the trials before it
-    at the step it stopped, and stopped before the end of its curve."""
+    """The PRUNED trials, after checking each was worse than the median, at the step it stopped, of
+    the trials that had completed by then (MedianPruner's reference: with two workers trial numbers
+    do not order completions), and stopped before the end of its curve."""
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     for t in pruned:
         step = t.last_step
         assert step is not None and step < 4
         earlier = [
-            u.intermediate_values[step] for u in study.trials if u.number < t.number and step in u.intermediate_values
+            u.intermediate_values[step]
+            for u in study.trials
+            if u.state == TrialState.COMPLETE
+            and u.datetime_complete <= t.datetime_complete
+            and step in u.intermediate_values
         ]
         assert t.intermediate_values[step] < sorted(earlier)[len(earlier) // 2]
     return pruned

@@ -17,7 +17,7 @@ import datetime as dt
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import pandas as pd
 from scipy import stats
 
 from embft import names
+from embft.config import Config
 from embft.errors import EmbftError
 
 DEFAULT_METRIC = names.score_metric("knn", "cosine")  # older runs without eval params
@@ -34,8 +35,9 @@ SEED_PARAM = "train.seed"
 NON_SETTING_PREFIXES = ("paths.", "tracking.", "optuna.", "hydra.")
 # Top-level run switches (tracking.LOCATION_KEYS) that never change a result.
 NON_SETTING_KEYS = ("force", "debug", "name")  # `name` labels the study (MLflow experiment)
-# MLflow logs a pyfunc model's model_config as run params: the served classifier's (serving.log_models).
-NON_SETTING_KEYS += ("k", "metric", "label_names", "batch_size")
+# A setting is a key of the job's config; other params a library logs into the run are not (MLflow
+# logs a pyfunc model's model_config as params: the served classifier's, serving.log_models).
+CONFIG_KEYS = frozenset(f.name for f in fields(Config))
 TABLE_NUMBERS = [
     "n_seeds",
     "val_accuracy_mean",
@@ -204,7 +206,12 @@ def default_metric(df: pd.DataFrame) -> str:
 
 
 def _is_setting(key: str) -> bool:
-    return key != SEED_PARAM and key not in NON_SETTING_KEYS and not key.startswith(NON_SETTING_PREFIXES)
+    return (
+        key.partition(".")[0] in CONFIG_KEYS
+        and key != SEED_PARAM
+        and key not in NON_SETTING_KEYS
+        and not key.startswith(NON_SETTING_PREFIXES)
+    )
 
 
 def varying_settings(runs: pd.DataFrame) -> list[str]:
