@@ -220,6 +220,26 @@ def test_n_jobs_launches_batches(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["0", "1", "2"]
 
 
+def test_grid_sampler_runs_every_combination_once(tmp_path: Path) -> None:
+    _run(
+        tmp_path,
+        "s",
+        "hydra.sweeper.sampler.name=grid",
+        "hydra.sweeper.n_trials=10",  # capped to the 6 points of the grid
+        "x=choice(0.5, 1.5)",
+        "y=choice(-1, 0, 2)",
+    )
+    trials = _study(tmp_path).trials
+    assert sorted((t.params["x"], t.params["y"]) for t in trials) == [(x, y) for x in (0.5, 1.5) for y in (-1, 0, 2)]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_grid_sampler_refuses_a_range(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "s", "hydra.sweeper.sampler.name=grid", check=False)
+    assert proc.returncode != 0
+    assert "sampler.name=grid searches choice(...) params only; x, y is a range" in proc.stderr
+
+
 def test_stale_running_trial_is_failed_and_counted(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

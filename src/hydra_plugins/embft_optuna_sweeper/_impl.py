@@ -354,11 +354,19 @@ def _make_sampler(conf: Mapping[str, Any], seed: Optional[int]) -> optuna.sample
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name != "tpe":
-        raise ValueError(f"hydra.sweeper.sampler.name must be 'tpe' or 'random', got {name!r}")
+        raise ValueError(f"hydra.sweeper.sampler.name must be 'tpe', 'random' or 'grid', got {name!r}")
     kwargs = {k: conf[k] for k in ("n_startup_trials", "multivariate", "constant_liar") if conf.get(k) is not None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=seed, **kwargs)
+
+
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler whose after_trial does not call study.stop(), which raises outside study.optimize;
+    this sweeper's ask/tell loop stops at n_trials, capped to the grid's size."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        pass
 
 
 class _PerTrialSeedSampler(optuna.samplers.BaseSampler):
@@ -654,8 +662,26 @@ class OptunaSweeperImpl(Sweeper):
                 time.sleep(0.2 * attempt + random.random() * 0.2)
         raise AssertionError("unreachable")
 
-    def _open_study(self, study_name: str, storage: Optional[RDBStorage]) -> optuna.Study:
-        if self.seed is None:
+    def _grid_sampler(self, space: SearchSpace) -> _AskTellGridSampler:
+        """Every combination of the choice() params once (in an order seeded by hydra.sweeper.seed)."""
+        ranges = [n for n, d in space.distributions.items() if not isinstance(d, CategoricalDistribution)]
+        if ranges:
+            raise ValueError(
+                f"hydra.sweeper.sampler.name=grid searches choice(...) params only; {', '.join(ranges)} "
+                "is a range: write it as choice(a, b, ...) or use sampler.name=tpe"
+            )
+        grid = {n: list(d.choices) for n, d in space.distributions.items()}  # type: ignore[attr-defined]
+        size = math.prod(len(v) for v in grid.values())
+        if self.n_trials > size:
+            log.info("Grid of %d points: n_trials %d capped to %d", size, self.n_trials, size)
+            self.n_trials = size
+        return _AskTellGridSampler(grid, seed=self.seed)
+
+    def _open_study(self, study_name: str, storage: Optional[RDBStorage], space: SearchSpace) -> optuna.Study:
+        if str(self.sampler_conf.get("name", "tpe")).lower() == "grid":
+            # GridSampler keeps which points are taken in the study itself, so workers share one grid.
+            sampler: optuna.samplers.BaseSampler = self._grid_sampler(space)
+        elif self.seed is None:
             sampler = _make_sampler(self.sampler_conf, None)
         else:
             sampler = _PerTrialSeedSampler(functools.partial(_make_sampler, self.sampler_conf), self.seed)
@@ -692,7 +718,7 @@ class OptunaSweeperImpl(Sweeper):
 
         study_name = self.study_name or str(self.config.hydra.job.name)
         storage = self._make_storage()
-        study = self._open_study(study_name, storage)
+        study = self._open_study(study_name, storage, space)
         for trial in study.get_trials(deepcopy=False):
             for name, dist in trial.distributions.items():
                 if name in space.params:

@@ -15,7 +15,7 @@ SWEEPER_TARGET = "hydra_plugins.embft_optuna_sweeper.embft_optuna_sweeper.EmbftO
 class SamplerConf:
     """Sampler choice. ``None`` fields keep Optuna's own default for that argument."""
 
-    name: str = "tpe"  # "tpe" | "random"
+    name: str = "tpe"  # "tpe" | "random" | "grid" (every combination of choice() params once)
     n_startup_trials: Optional[int] = None  # TPE only
     multivariate: Optional[bool] = None  # TPE only
     constant_liar: Optional[bool] = None  # TPE only; helps when n_jobs > 1 or several workers
