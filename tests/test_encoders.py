@@ -208,3 +208,34 @@ def test_mteb_evaluation_runs_the_chosen_path(tiny_st, monkeypatch):
         if settings.backend == "onnx":
             assert type(model[0].auto_model).__name__ == "ORTModelForFeatureExtraction"
         assert abs(result.accuracy - fp32.accuracy) <= 1 / len(splits.test), settings
+
+
+def test_evaluation_encodes_each_text_once_and_scores_as_plain_mteb(tiny_st):
+    """Validation and test share the kNN's support texts: one evaluation encodes every text once
+    (MTEB's embedding cache), and its scores equal a plain mteb.evaluate of the same task."""
+    import mteb
+
+    from embft.config import EvalConfig
+    from embft.evaluate import evaluate, make_task
+
+    eval_cfg = EvalConfig(samples_per_label=4, n_experiments=3, batch_size=8)
+    splits = tiny_splits()
+    splits.validation = splits.test.assign(text=splits.test["text"].str.replace("today", "yesterday"))
+    model = build_encoder(tiny_st, "mean", True, EncodeSettings(max_seq_length=32))
+    encoded, encode = [], model.encode
+
+    def counting_encode(sentences, *args, **kwargs):
+        encoded.extend(sentences)
+        return encode(sentences, *args, **kwargs)
+
+    model.encode = counting_encode
+    ours = evaluate(model, splits, eval_cfg, "tiny")
+    assert len(encoded) == len(set(encoded)), "a text was encoded twice"
+    assert set(splits.validation["text"]) | set(splits.test["text"]) <= set(encoded)
+
+    model.encode = encode
+    plain = mteb.evaluate(model, make_task(splits, eval_cfg, "tiny"), cache=None, overwrite_strategy="always")
+    for split in ("validation", "test"):
+        want = plain.task_results[0].scores[split][0]["scores_per_experiment"]
+        got = ours[split].scores["scores_per_experiment"]
+        assert [e["accuracy"] for e in got] == [e["accuracy"] for e in want], split
