@@ -82,10 +82,12 @@ def compare(args: argparse.Namespace) -> None:
 
 def evaluation(args: argparse.Namespace) -> None:
     import statistics
+    import types
 
     import mteb
     import torch
     from hydra import compose, initialize_config_dir
+    from mteb.abstasks.classification import AbsTaskClassification
 
     from embft.config import register_configs
     from embft.embedder import resolve_model_path
@@ -118,9 +120,11 @@ def evaluation(args: argparse.Namespace) -> None:
         return {s: r.accuracy for s, r in evaluate(model, splits, cfg.eval, "ag_news").items()}
 
     def plain() -> dict:
+        shipped = make_task(splits, cfg.eval, "ag_news")
+        shipped._calculate_scores = types.MethodType(AbsTaskClassification._calculate_scores, shipped)  # MTEB's own
         result = mteb.evaluate(
             model,
-            make_task(splits, cfg.eval, "ag_news"),
+            shipped,
             cache=None,
             overwrite_strategy="always",
             encode_kwargs={"batch_size": 64},

@@ -14,14 +14,15 @@ Prints the machine (CPU flags, native bf16, threads, ONNX Runtime), per job wall
 seconds and scores, per arm totals, per variant the today arm's mean with its 95% t-interval over
 seeds and the fast arm's mean, and as its last line study_time_ratio=<fast arm wall / today arm wall>
 (arm wall: the arm's app processes from start to exit, imports and baselines included).
+--arms today,no_bf16 times the path `fast` takes on a CPU without native bf16 (fp32 training, ONNX
+Runtime evaluation) on this one; with more arms the last line is the last arm's ratio to the first.
 
     python benchmarks/study_time.py            # defaults: 4 variants x 3 seeds, 32 train queries, 1,500 test rows
     python benchmarks/study_time.py --quick    # 2 variants x 2 seeds, 4 queries, 100 test rows: proves it works
+    python benchmarks/study_time.py --arms today,no_bf16   # the fast path of a CPU without native bf16
 
-Sizing of the defaults (an estimate from component rates on an idle 2-vCPU EPYC, not yet a timed run):
-a today job trains 64 query-steps at ~1.4 queries/s (~46 s) and encodes 1,564 texts at ~85 texts/s
-(~20 s) plus ~6 s fixed cost, ~72 s; 12 jobs ~15 min; the fast arm ~10 min; 6 process starts per
-arm ~2 min: under 30 minutes together. --quick took 13 minutes on a machine loaded 5-7x over.
+Sizing of the defaults: the full run took 29 minutes on an idle 2-vCPU EPYC (2026-11-30; README
+"Performance"); --quick took 13 minutes on a machine loaded 5-7x over.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ sys.path.insert(0, str(ROOT / "src"))
 ARMS = {
     "today": ["train.precision=fp32", "eval.precision=fp32", "eval.backend=torch"],
     "fast": ["train.precision=auto", "eval.precision=auto", "eval.backend=auto"],
+    # what `fast` resolves to on a CPU without native bf16 (fp32 training, ONNX Runtime evaluation),
+    # forced, so that its cost can be timed on any CPU
+    "no_bf16": ["train.precision=fp32", "eval.precision=fp32", "eval.backend=onnx"],
 }
 VARIANTS = "same_nib,same,no_same_nib,no_same"
 
@@ -51,10 +55,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--queries", type=int, default=32, help="train.max_train_queries per job (2 epochs)")
     parser.add_argument("--test-rows", type=int, default=1500, help="eval.max_test_rows (stratified)")
+    parser.add_argument(
+        "--arms", default="today,fast", help=f"two or more of {', '.join(ARMS)}; the first is the reference"
+    )
     parser.add_argument("--quick", action="store_true", help="2 variants x 2 seeds, 4 queries, 100 test rows")
     parser.add_argument("--keep", action="store_true", help="keep the temporary root (MLflow store) and print it")
     parser.add_argument("extra", nargs="*", help="more Hydra overrides for both arms")
     args = parser.parse_args()
+    args.arms = args.arms.split(",")
+    if len(args.arms) < 2 or not set(args.arms) <= set(ARMS):
+        parser.error(f"--arms {','.join(args.arms)}: two or more of {', '.join(ARMS)}")
     if args.quick:
         args.variants, args.seeds, args.queries, args.test_rows = "same_nib,same", "1,2", 4, 100
     return args
@@ -128,14 +138,14 @@ def run_sweep(arm: str, seed: str, args: argparse.Namespace, root: Path) -> floa
     return seconds
 
 
-def read_runs(root: Path) -> list[dict]:
+def read_runs(root: Path, arms: list[str]) -> list[dict]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
     client = MlflowClient()
     rows = []
-    for arm in ARMS:
+    for arm in arms:
         experiment = client.get_experiment_by_name(f"study_time_{arm}")
         for run in client.search_runs([experiment.experiment_id], max_results=1000):
             tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
@@ -171,15 +181,15 @@ def main() -> None:
         f"scale: variants {args.variants} x seeds {args.seeds}; train.max_train_queries={args.queries} x 2 epochs; "
         f"eval.max_test_rows={args.test_rows}; {n_variants * len(seeds)} jobs per arm"
     )
-    for arm, overrides in ARMS.items():
-        print(f"arm {arm}: {' '.join(overrides)}")
+    for arm in args.arms:
+        print(f"arm {arm}: {' '.join(ARMS[arm])}")
     root = Path(tempfile.mkdtemp(prefix="embft-study-time-"))
-    walls = {arm: 0.0 for arm in ARMS}
+    walls = {arm: 0.0 for arm in args.arms}
     try:
         for i, seed in enumerate(seeds):
-            for arm in list(ARMS) if i % 2 == 0 else list(ARMS)[::-1]:
+            for arm in args.arms if i % 2 == 0 else args.arms[::-1]:
                 walls[arm] += run_sweep(arm, seed, args, root)
-        runs = pd.DataFrame(read_runs(root))
+        runs = pd.DataFrame(read_runs(root, args.arms))
     finally:
         if args.keep:
             print(f"kept {root}")
@@ -190,9 +200,9 @@ def main() -> None:
 
     jobs = runs[runs["role"] == "finetune"].sort_values(["arm", "seed", "variant"])
     bad = runs[runs["status"] != "FINISHED"]
-    if len(jobs) != 2 * n_variants * len(seeds) or len(bad):
+    if len(jobs) != len(args.arms) * n_variants * len(seeds) or len(bad):
         raise SystemExit(
-            f"expected {2 * n_variants * len(seeds)} FINISHED jobs, got {len(jobs)} ({len(bad)} not FINISHED)"
+            f"expected {len(args.arms) * n_variants * len(seeds)} FINISHED jobs, got {len(jobs)} ({len(bad)} not FINISHED)"
         )
     jobs["other"] = jobs["wall"] - jobs["train"] - jobs["eval"]
     print(
@@ -210,23 +220,25 @@ def main() -> None:
         f"\n{'arm':<6}{'processes s':>12}{'jobs s':>8}{'train s':>9}{'eval s':>8}{'other s':>9}  (other: baseline, "
         "records, loading, tracking)"
     )
-    for arm in ARMS:
+    for arm in args.arms:
         a = jobs[jobs["arm"] == arm]
         print(
             f"{arm:<6}{walls[arm]:>12.1f}{a.wall.sum():>8.1f}{a.train.sum():>9.1f}{a['eval'].sum():>8.1f}"
             f"{a.other.sum():>9.1f}"
         )
-    print("\nper variant: today mean [95% t-interval over seeds] vs fast mean")
+    ref, others = args.arms[0], args.arms[1:]
+    print(f"\nper variant: {ref} mean [95% t-interval over seeds] vs each other arm's mean")
     for variant in args.variants.split(","):
-        today = jobs[(jobs["arm"] == "today") & (jobs["variant"] == variant)]["accuracy"]
-        fast = jobs[(jobs["arm"] == "fast") & (jobs["variant"] == variant)]["accuracy"]
-        low, high = t_interval(today.to_numpy()) if len(today) > 1 else (float("nan"), float("nan"))
-        inside = low <= fast.mean() <= high
-        print(
-            f"  {variant:<12} today {today.mean():.4f} [{low:.4f}, {high:.4f}]  fast {fast.mean():.4f}  "
-            f"{'within' if inside else 'OUTSIDE'}"
-        )
-    print(f"study_time_ratio={walls['fast'] / walls['today']:.2f}")
+        base = jobs[(jobs["arm"] == ref) & (jobs["variant"] == variant)]["accuracy"]
+        low, high = t_interval(base.to_numpy()) if len(base) > 1 else (float("nan"), float("nan"))
+        line = f"  {variant:<12} {ref} {base.mean():.4f} [{low:.4f}, {high:.4f}]"
+        for arm in others:
+            mean = jobs[(jobs["arm"] == arm) & (jobs["variant"] == variant)]["accuracy"].mean()
+            line += f"  {arm} {mean:.4f} {'within' if low <= mean <= high else 'OUTSIDE'}"
+        print(line)
+    for arm in others[:-1]:
+        print(f"study_time_ratio_{arm}={walls[arm] / walls[ref]:.2f}")
+    print(f"study_time_ratio={walls[others[-1]] / walls[ref]:.2f}  ({others[-1]} / {ref})")
 
 
 if __name__ == "__main__":

@@ -508,6 +508,22 @@ def test_pruned_runs_are_tagged_and_nest_under_one_parent_run_across_resumes(tmp
     assert all(p.stat().st_size > 10_000 for p in written)
 
 
+def test_report_of_two_studies_keeps_each_studys_plots(tmp_path: Path) -> None:
+    from embft.search_report import add_search_section
+
+    for study in ("first", "second"):
+        _run(tmp_path, study, f"hydra.sweeper.study_name={study}", f"mlflow_uri=sqlite:///{tmp_path}/mlflow.db")
+    client, parents, _ = _mlflow(tmp_path)
+    assert len(parents) == 2
+    md = tmp_path / "report.md"
+    md.write_text("# report\n")
+    written = {p.name for p in add_search_section(client, ["sweeper_app"], md)}
+    text = md.read_text()
+    for study in ("first", "second"):
+        plot = f"search_{study}_optimization_history.png"
+        assert plot in written and f"]({plot})" in text and f"Optuna study `{study}`" in text
+
+
 def test_multi_objective_names_objectives_and_tags_the_pareto_set(tmp_path: Path) -> None:
     from embft.search_report import write_plots
 

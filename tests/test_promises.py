@@ -139,7 +139,7 @@ def test_ctrl_c_marks_the_run_killed_and_force_reruns_a_finished_job(root, tiny_
 
 
 def test_train_fast_and_logreg_end_to_end_recompute_the_baseline(root, tiny_args, twin_jobs):
-    """train=fast (groupwise loss, batches of 16) with eval=logreg: a new eval setting, so the
+    """train=fast (groupwise loss, batches of 8) with eval=logreg: a new eval setting, so the
     baseline is recomputed under another key, and the logreg metric is logged with its delta."""
     code, output = finish(start(root, *tiny_args, "train=fast", "eval=logreg", "train.max_train_queries=32"))
     assert code == 0, output[-4000:]
@@ -147,8 +147,8 @@ def test_train_fast_and_logreg_end_to_end_recompute_the_baseline(root, tiny_args
     run = next(r for r in tuned(root) if r.data.params["eval.method"] == "logreg")
     assert run.info.status == "FINISHED"
     metrics, params = run.data.metrics, run.data.params
-    assert params["train.loss"] == "groupwise" and metrics["effective_batch_size"] == 16
-    assert metrics["train_queries"] == 32  # two full batches of 16: the fast path really batched
+    assert params["train.loss"] == "groupwise" and metrics["effective_batch_size"] == 8
+    assert metrics["train_queries"] == 32  # four full batches of 8: the fast path really batched
     assert 0 <= metrics["accuracy_logreg"] <= 1 and "accuracy_cosine" not in metrics
     baselines = {
         r.data.tags["embft.baseline_key"]: r for r in runs(root, NAME) if r.data.tags["embft.role"] == "baseline"

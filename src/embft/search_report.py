@@ -50,8 +50,8 @@ def _plotters(study: Any) -> dict[str, Callable[[], Any]]:
     return {name: plots[name] for name in PLOTS if name in plots}
 
 
-def write_plots(study: Any, out_dir: Path) -> dict[str, Path]:
-    """One PNG per applicable plot in out_dir (`search_<plot>.png`); returns them by plot name."""
+def write_plots(study: Any, out_dir: Path, prefix: str = "search") -> dict[str, Path]:
+    """One PNG per applicable plot in out_dir (`<prefix>_<plot>.png`); returns them by plot name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +71,7 @@ def write_plots(study: Any, out_dir: Path) -> dict[str, Path]:
         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
         fig.set_size_inches(9, 5.5)
         fig.tight_layout()
-        path = out_dir / f"search_{name}.png"
+        path = out_dir / f"{prefix}_{name}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written[name] = path
@@ -149,7 +149,8 @@ def add_search_section(
     from embft.errors import EmbftError
 
     written: list[Path] = []
-    for parent in find_studies(client, experiment_names):
+    parents = find_studies(client, experiment_names)
+    for parent in parents:
         name = parent.data.tags["embft.parent_key"].partition(":")[2]
         url = storage or parent.data.tags.get(names.OPTUNA_STORAGE)
         if not url:
@@ -161,7 +162,8 @@ def add_search_section(
                 f"study {name!r} at {url}: cannot load it ({type(err).__name__}: {err}); "
                 "pass --storage URL (with its password)"
             ) from err
-        plots = write_plots(study, md_path.parent)
+        # several studies in one report: each its own files, or the last would overwrite the others'
+        plots = write_plots(study, md_path.parent, "search" if len(parents) == 1 else f"search_{name}")
         with md_path.open("a") as md:
             md.write("\n" + section(study, plots, md_path.parent) + "\n")
         for path in plots.values():
