@@ -21,7 +21,7 @@ Runtime evaluation) on this one; with more arms the last line is the last arm's 
     python benchmarks/study_time.py --quick    # 2 variants x 2 seeds, 4 queries, 100 test rows: proves it works
     python benchmarks/study_time.py --arms today,no_bf16   # the fast path of a CPU without native bf16
 
-Sizing of the defaults: the full run took 29 minutes on an idle 2-vCPU EPYC (2026-11-30; README
+Sizing of the defaults: the full run took 24 minutes on an idle 2-vCPU EPYC (2026-11-30; README
 "Performance"); --quick took 13 minutes on a machine loaded 5-7x over.
 """
 
