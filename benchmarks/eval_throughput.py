@@ -98,10 +98,16 @@ def evaluation(args: argparse.Namespace) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(
             "config",
-            overrides=["experiment=seed_grid", f"eval.max_test_rows={args.rows}", f"data.local_dir={args.data}"],
+            overrides=[
+                "experiment=seed_grid",
+                f"eval.max_test_rows={args.rows}",
+                f"eval.batch_size={args.batch_size}",
+                f"data.local_dir={args.data}",
+            ],
         )
     splits = load_splits(cfg.data)
-    settings = EncodeSettings(precision=args.precision, max_seq_length=cfg.eval.max_seq_length, batch_size=64)
+    batch_size = cfg.eval.batch_size  # one batch size for all three ways
+    settings = EncodeSettings(precision=args.precision, max_seq_length=cfg.eval.max_seq_length, batch_size=batch_size)
     model = build_encoder(resolve_model_path(cfg.model), cfg.model.pooling, cfg.model.normalize, settings, "cpu")
     task = make_task(splits, cfg.eval, "ag_news")
     idxs, support = None, set()  # every experiment's support rows, as MTEB samples them (same for both splits)
@@ -127,13 +133,13 @@ def evaluation(args: argparse.Namespace) -> None:
             shipped,
             cache=None,
             overwrite_strategy="always",
-            encode_kwargs={"batch_size": 64},
+            encode_kwargs={"batch_size": batch_size},
             show_progress_bar=False,
         )
         return {s: result.task_results[0].scores[s][0]["accuracy"] for s in ("validation", "test")}
 
     def bare() -> dict:
-        model.encode(texts, batch_size=64)
+        model.encode(texts, batch_size=batch_size)
         return {}
 
     seconds: dict[str, list[float]] = {"embft evaluate": [], "plain mteb.evaluate": [], "bare encode": []}

@@ -151,9 +151,7 @@ def evaluate(
     logging.getLogger("mteb.models.cache_wrappers.cache_backends.numpy_cache").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="embft-embeddings-") as cache_dir, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="(No existing files found|Dimension file not found|Hash collision)")
-        cached = CachedEmbeddingWrapper(
-            model if hasattr(model, "mteb_model_meta") else SentenceTransformerEncoderWrapper(model), cache_dir
-        )
+        cached = CachedEmbeddingWrapper(SentenceTransformerEncoderWrapper(model), cache_dir)
         result = mteb.evaluate(
             cached,
             task,

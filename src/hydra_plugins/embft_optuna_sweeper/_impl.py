@@ -663,7 +663,8 @@ class OptunaSweeperImpl(Sweeper):
         raise AssertionError("unreachable")
 
     def _grid_sampler(self, space: SearchSpace) -> _AskTellGridSampler:
-        """Every combination of the choice() params once (in an order seeded by hydra.sweeper.seed)."""
+        """Every combination of the choice() params once, in an order seeded by hydra.sweeper.seed;
+        n_trials is capped to the grid's size (asking past it would repeat points)."""
         ranges = [n for n, d in space.distributions.items() if not isinstance(d, CategoricalDistribution)]
         if ranges:
             raise ValueError(
