@@ -1,8 +1,14 @@
-"""Time to a study: the seed grid (4 variants x seeds) at a reduced scale, in two arms, through the real app.
+"""Time to a study: the seed grid (4 variants x seeds) at a reduced scale, in two or more arms, through the real app.
 
-  today  train.precision=fp32 eval.precision=fp32 eval.backend=torch (the committed settings)
-  fast   train.precision=auto eval.precision=auto eval.backend=auto: bf16 training and evaluation
-         where the device runs bf16 natively, else fp32 training and ONNX Runtime evaluation
+  today     fp32 training and evaluation, every variant trained: the study as committed
+  fast      the fastest exact settings: train.precision=auto eval.precision=auto eval.backend=auto
+            (bf16 where the device runs it natively, else fp32 training and ONNX Runtime
+            evaluation), and the default train.reuse_twin (a variant whose no_in_batch_neg suffix
+            cannot change training takes its twin's run instead of training the same weights)
+  bf16      fast without reuse_twin: what precision alone buys
+  parallel  fast with the variants run two at a time by Hydra's joblib launcher (one thread each on
+            2 cores): the same settings, scores equal up to thread-order rounding
+  no_bf16   what fast resolves to on a CPU without native bf16, forced: timed on any CPU
 
 Each arm runs `python -m embft -m experiment=seed_grid ...` once per seed (4 variant jobs in one warm
 process), the arms interleaved seed by seed, alternating which goes first, so that drift in other
@@ -14,15 +20,16 @@ Prints the machine (CPU flags, native bf16, threads, ONNX Runtime), per job wall
 seconds and scores, per arm totals, per variant the today arm's mean with its 95% t-interval over
 seeds and the fast arm's mean, and as its last line study_time_ratio=<fast arm wall / today arm wall>
 (arm wall: the arm's app processes from start to exit, imports and baselines included).
---arms today,no_bf16 times the path `fast` takes on a CPU without native bf16 (fp32 training, ONNX
-Runtime evaluation) on this one; with more arms the last line is the last arm's ratio to the first.
+With more than two arms each prints study_time_ratio_<arm>= and the last line is the last arm's.
 
-    python benchmarks/study_time.py            # defaults: 4 variants x 3 seeds, 32 train queries, 1,500 test rows
+    python benchmarks/study_time.py            # today,fast: 4 variants x 3 seeds, 32 train queries, 1,500 test rows
     python benchmarks/study_time.py --quick    # 2 variants x 2 seeds, 4 queries, 100 test rows: proves it works
+    python benchmarks/study_time.py --arms today,bf16,fast,parallel   # each step's share
     python benchmarks/study_time.py --arms today,no_bf16   # the fast path of a CPU without native bf16
 
-Sizing of the defaults: the full run took 24 minutes on an idle 2-vCPU EPYC (2026-11-30; README
-"Performance"); --quick took 13 minutes on a machine loaded 5-7x over.
+Sizing of the defaults: today's and the fast arm take 832 + 338 s (20 minutes) on an idle 2-vCPU
+EPYC, all four of today,bf16,fast,parallel 36 minutes (2026-11-30; README "Performance",
+experiments/seed_grid/study_time.txt); --quick took 13 minutes on a machine loaded 5-7x over.
 """
 
 from __future__ import annotations
@@ -39,13 +46,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 ARMS = {
-    "today": ["train.precision=fp32", "eval.precision=fp32", "eval.backend=torch"],
+    # the study as committed: fp32 throughout, every variant trained
+    "today": ["train.precision=fp32", "eval.precision=fp32", "eval.backend=torch", "train.reuse_twin=false"],
+    # bf16 alone: where the device runs it natively (else fp32 training and ONNX Runtime evaluation)
+    "bf16": ["train.precision=auto", "eval.precision=auto", "eval.backend=auto", "train.reuse_twin=false"],
+    # the defaults' reuse of a twin's training on top: a variant whose no_in_batch_neg suffix cannot
+    # change training (one query per step, or mixed batches) takes its twin's run
     "fast": ["train.precision=auto", "eval.precision=auto", "eval.backend=auto"],
+    # fast, with the variants run side by side by Hydra's joblib launcher; joblib gives each worker
+    # cores // n_jobs threads (one-query steps use two threads poorly)
+    "parallel": ["train.precision=auto", "eval.precision=auto", "eval.backend=auto", "hydra/launcher=parallel"],
     # what `fast` resolves to on a CPU without native bf16 (fp32 training, ONNX Runtime evaluation),
     # forced, so that its cost can be timed on any CPU
     "no_bf16": ["train.precision=fp32", "eval.precision=fp32", "eval.backend=onnx"],
 }
-VARIANTS = "same_nib,same,no_same_nib,no_same"
+# Twins last: a variant that can take its twin's training finds it finished (and a parallel
+# launcher's two workers start on the two that train).
+VARIANTS = "same,no_same,same_nib,no_same_nib"
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     if len(args.arms) < 2 or not set(args.arms) <= set(ARMS):
         parser.error(f"--arms {','.join(args.arms)}: two or more of {', '.join(ARMS)}")
     if args.quick:
-        args.variants, args.seeds, args.queries, args.test_rows = "same_nib,same", "1,2", 4, 100
+        args.variants, args.seeds, args.queries, args.test_rows = "same,same_nib", "1,2", 4, 100
     return args
 
 
@@ -117,7 +134,13 @@ def run_sweep(arm: str, seed: str, args: argparse.Namespace, root: Path) -> floa
         f"eval.max_test_rows={args.test_rows}",
         f"data.local_dir={args.data}",
         f"paths.root_dir={root}",
+        f"paths.cache_dir={root}/cache-{arm}",  # each arm pays for its own baseline
         *ARMS[arm],
+        *(
+            [f"hydra.launcher.n_jobs={min(os.cpu_count() or 1, len(args.variants.split(',')))}"]
+            if arm == "parallel"
+            else []
+        ),
         *args.extra,
     ]
     env = {
@@ -134,13 +157,15 @@ def run_sweep(arm: str, seed: str, args: argparse.Namespace, root: Path) -> floa
     if done.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
         raise SystemExit(f"{arm} seed {seed} failed (exit {done.returncode}); log {log}:\n{tail}")
-    print(f"  {arm:<5} seed {seed}: {seconds:6.1f} s", flush=True)
+    print(f"  {arm:<9} seed {seed}: {seconds:6.1f} s", flush=True)
     return seconds
 
 
 def read_runs(root: Path, arms: list[str]) -> list[dict]:
     import mlflow
     from mlflow.tracking import MlflowClient
+
+    from embft import names
 
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
     client = MlflowClient()
@@ -150,6 +175,7 @@ def read_runs(root: Path, arms: list[str]) -> list[dict]:
         for run in client.search_runs([experiment.experiment_id], max_results=1000):
             tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
             role = tags.get("embft.role")
+            took_twin = names.TRAINED_AS in tags
             rows.append(
                 {
                     "arm": arm,
@@ -158,8 +184,10 @@ def read_runs(root: Path, arms: list[str]) -> list[dict]:
                     "variant": params.get("variant.name"),
                     "seed": params.get("train.seed"),
                     "wall": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else float("nan"),
-                    "train": metrics.get("train_seconds", float("nan")),
-                    "eval": metrics.get("eval_seconds", float("nan")),
+                    # a run that took its twin's training carries the twin's seconds: none spent here
+                    "train": 0.0 if took_twin else metrics.get("train_seconds", float("nan")),
+                    "eval": 0.0 if took_twin else metrics.get("eval_seconds", float("nan")),
+                    "took_twin": took_twin,
                     "accuracy": metrics.get("accuracy_cosine", float("nan")),
                     "train_precision": tags.get("precision", "-"),
                     "eval_path": f"{params.get('eval.precision')}/{params.get('eval.backend')}",
@@ -206,24 +234,24 @@ def main() -> None:
         )
     jobs["other"] = jobs["wall"] - jobs["train"] - jobs["eval"]
     print(
-        f"\n{'arm':<6}{'variant':<13}{'seed':>5}{'wall s':>8}{'train s':>9}{'eval s':>8}{'other s':>9}"
+        f"\n{'arm':<9}{'variant':<13}{'seed':>5}{'wall s':>8}{'train s':>9}{'eval s':>8}{'other s':>9}"
         f"{'accuracy':>10}  train prec  eval prec/backend"
     )
     for _, j in jobs.iterrows():
         print(
-            f"{j.arm:<6}{j.variant:<13}{j.seed:>5}{j.wall:>8.1f}{j.train:>9.1f}{j.eval:>8.1f}{j.other:>9.1f}"
-            f"{j.accuracy:>10.4f}  {j.train_precision:<10}  {j.eval_path}"
+            f"{j.arm:<9}{j.variant:<13}{j.seed:>5}{j.wall:>8.1f}{j.train:>9.1f}{j.eval:>8.1f}{j.other:>9.1f}"
+            f"{j.accuracy:>10.4f}  {j.train_precision:<10}  {j.eval_path}{'  (took its twin run)' if j.took_twin else ''}"
         )
     for _, b in runs[runs["role"] == "baseline"].iterrows():
         print(f"baseline {b.arm}: accuracy_cosine {b.accuracy:.4f} ({b.eval_path})")
     print(
-        f"\n{'arm':<6}{'processes s':>12}{'jobs s':>8}{'train s':>9}{'eval s':>8}{'other s':>9}  (other: baseline, "
+        f"\n{'arm':<9}{'processes s':>12}{'jobs s':>8}{'train s':>9}{'eval s':>8}{'other s':>9}  (other: baseline, "
         "records, loading, tracking)"
     )
     for arm in args.arms:
         a = jobs[jobs["arm"] == arm]
         print(
-            f"{arm:<6}{walls[arm]:>12.1f}{a.wall.sum():>8.1f}{a.train.sum():>9.1f}{a['eval'].sum():>8.1f}"
+            f"{arm:<9}{walls[arm]:>12.1f}{a.wall.sum():>8.1f}{a.train.sum():>9.1f}{a['eval'].sum():>8.1f}"
             f"{a.other.sum():>9.1f}"
         )
     ref, others = args.arms[0], args.arms[1:]

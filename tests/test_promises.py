@@ -5,6 +5,7 @@ training), sharing jobs between assertions to keep CI short:
 - Ctrl-C marks the run KILLED, and `force=true` reruns a finished job to completion;
 - the baseline cache is reused for equal eval settings and recomputed when one changes;
 - `train=fast` and `eval=logreg` end to end; `embft report NAME` with its default output folder;
+- a variant whose no_in_batch_neg suffix cannot change training takes its twin's run (reuse_twin);
 - Optuna trials in parallel through the joblib launcher.
 """
 
@@ -156,6 +157,51 @@ def test_train_fast_and_logreg_end_to_end_recompute_the_baseline(root, tiny_args
     assert len(baselines) == 2 and run.data.tags["embft.baseline_key"] in baselines
     baseline = baselines[run.data.tags["embft.baseline_key"]].data.metrics["accuracy_logreg"]
     assert metrics["delta_accuracy_logreg"] == pytest.approx(metrics["accuracy_logreg"] - baseline)
+
+
+def test_a_variant_whose_suffix_cannot_change_training_takes_its_twins_training(root, tiny_args, tmp_path):
+    """Mixed batches never read the suffix: a sweep over no_same,no_same_nib, both jobs started
+    together by the joblib launcher, trains once (the later waits for the earlier), the other run
+    carries the trained run's scores and names it, the registry picks the run with the model;
+    train.reuse_twin=false trains the twin for real, to the same scores."""
+    from mlflow.tracking import MlflowClient
+
+    from embft import report
+
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    code, output = finish(
+        start(
+            root,
+            "-m",
+            *tiny_args,
+            "name=twins",
+            "variant=no_same,no_same_nib",
+            "hydra/launcher=parallel",
+            "hydra.launcher.n_jobs=2",
+        )
+    )
+    assert code == 0, output[-4000:]
+    took = [r for r in tuned(root, "twins") if "embft.trained_as" in r.data.tags]
+    trained = [r for r in tuned(root, "twins") if "embft.trained_as" not in r.data.tags]
+    assert len(took) == 1 and len(trained) == 1, output[-3000:]
+    took, trained = took[0], trained[0]
+    assert took.data.tags["embft.trained_as"] == trained.info.run_id
+    assert {took.data.params["variant.name"], trained.data.params["variant.name"]} == {"no_same", "no_same_nib"}
+    assert "never reads the suffix" in took.data.tags["embft.twin_reason"]
+    assert took.data.metrics == trained.data.metrics and "embft.classifier_uri" not in took.data.tags
+    assert MlflowClient(uri).get_model_version_by_alias("twins", "champion").run_id == trained.info.run_id
+    assert report.main(["twins", "--tracking-uri", uri, "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "twins" / "report.md").read_text()
+    took_lines = [line for line in text.splitlines() if "took a twin run's training" in line]
+    assert len(took_lines) == 1 and took.data.params["variant.name"] in took_lines[0], text
+
+    variant = took.data.params["variant.name"]
+    code, output = finish(start(root, *tiny_args, "name=twins", f"variant={variant}", "train.reuse_twin=false"))
+    assert code == 0 and "Not training" not in output, output[-4000:]
+    again = [r for r in tuned(root, "twins") if r.data.params.get("train.reuse_twin") == "False"]
+    assert len(again) == 1 and "embft.trained_as" not in again[0].data.tags
+    for metric in ("accuracy_cosine", "val_accuracy_cosine"):
+        assert again[0].data.metrics[metric] == trained.data.metrics[metric]
 
 
 def test_report_command_writes_into_experiments_by_default(root, twin_jobs, tmp_path):

@@ -10,7 +10,7 @@ from conftest import make_tiny_bert
 from embft.data import build_records, write_records
 from embft.embedder import resolve_model_path
 from embft.errors import EmbftError
-from embft.runner import effective_batch_size
+from embft.runner import effective_batch_size, inert_suffix_reason
 from embft.train import train
 
 
@@ -59,6 +59,48 @@ def test_cls_pooling_survives_save_and_reload(compose, tmp_path, tiny_bert):
     cls = torch.nn.functional.normalize(hidden[:, 0], dim=-1).numpy()
     np.testing.assert_allclose(reloaded.encode(sentences), cls, atol=1e-5)
     assert result.effective_batch_size == 3 and result.losses
+
+
+@pytest.mark.parametrize(
+    "variant, overrides, inert",
+    [
+        ("same", [], True),  # the study's batch 3 -> 1 query per step
+        ("no_same", [], True),  # mixed batches of 3: the suffix is never read
+        ("same", ["train.same_dataset_batch_size=2"], False),  # 2 queries per step: the suffix counts
+    ],
+)
+def test_the_no_in_batch_neg_suffix_changes_training_only_where_the_twin_rule_says(
+    compose, tmp_path, tiny_bert, variant, overrides, inert
+):
+    """What train.reuse_twin relies on: where inert_suffix_reason gives a reason, FlagEmbedding trains
+    bit-identical weights with and without the suffix; where it gives none, they differ."""
+    from transformers import AutoModel
+
+    texts = [f"{['sport', 'market', 'science', 'war'][i % 4]} story {i * 7919 % 1000}" for i in range(24)]
+    weights = {}
+    for suffix in ("", "_nib"):
+        cfg = compose(
+            [
+                f"model.name_or_path={tiny_bert}",
+                "model.package=null",
+                f"variant={variant}{suffix}",
+                "train.num_train_epochs=1",
+                "train.learning_rate=1e-3",
+                "train.device=cpu",
+                *overrides,
+            ]
+        )
+        records_dir = tmp_path / f"records{'-no_in_batch_neg' if suffix else ''}"
+        records_dir.mkdir()
+        records = build_records(
+            texts, [i % 4 for i in range(24)], group_size=4, seed=0, batch_size=cfg.train.same_dataset_batch_size
+        )
+        write_records(records, records_dir / "train.jsonl")
+        result = train(cfg, records_dir, str(tiny_bert), 24, tmp_path / f"job{suffix}")
+        weights[suffix] = AutoModel.from_pretrained(result.model_dir).state_dict()
+        assert (inert_suffix_reason(cfg.train, cfg.variant) is not None) == inert
+    identical = all(torch.equal(weights[""][k], weights["_nib"][k]) for k in weights[""])
+    assert identical == inert
 
 
 def test_effective_batch_size_says_what_flagembedding_does(compose):

@@ -47,6 +47,10 @@ class Job:
     out_dir: Path
     device: str  # cpu | cuda, for training and for both encoders
     encode: EncodeSettings  # how both sides of the comparison are encoded (auto resolved)
+    # Set where the variant's no_in_batch_neg suffix cannot change training (train.reuse_twin):
+    # the hash shared with the twin variant, and why.
+    twin_key: Optional[str] = None
+    twin_reason: Optional[str] = None
 
     @property
     def objective(self) -> str:
@@ -133,6 +137,7 @@ def start(cfg: Config) -> Job:
     from embft.encoders import pin_eval_settings
     from embft.evaluate import metric_name
     from embft.precision import pick_device, pick_precision
+    from embft.runner import inert_suffix_reason
 
     check_values(cfg)
     quiet_libraries()
@@ -149,6 +154,7 @@ def start(cfg: Config) -> Job:
             f"objectives lists {test_metric}, the test score: choose on {names.validation(test_metric)} "
             "(the test split is for the final figure), or set eval.objective=test to allow it."
         )
+    twin_reason = inert_suffix_reason(cfg.train, cfg.variant) if cfg.train.reuse_twin else None
     return Job(
         cfg=cfg,
         params=tracking.flatten(resolved),
@@ -159,6 +165,8 @@ def start(cfg: Config) -> Job:
         out_dir=Path(cfg.paths.output_dir),
         device=device,
         encode=encode,
+        twin_key=tracking.twin_key(resolved) if twin_reason else None,
+        twin_reason=twin_reason,
     )
 
 
@@ -206,7 +214,76 @@ def run_tags(job: Job) -> tuple[str, dict[str, str]]:
     if cfg.optuna.study_name is not None:
         tags.update({names.OPTUNA_STUDY: cfg.optuna.study_name, names.OPTUNA_TRIAL: str(cfg.optuna.trial_number)})
     tags.update(study_runs.job_tags(job.experiment_id, cfg.optuna.study_name, sweep))  # nested under the parent
+    if job.twin_key:
+        tags[names.TWIN_KEY] = job.twin_key
     return run_name, tags
+
+
+def finished_twin(job: Job, own: Any) -> Optional[Any]:
+    """A FINISHED run that trained what this job would train (see Job.twin_key), with its scores;
+    none under force=true or live validation scoring (a search's pruner wants its own reports).
+
+    While a twin that started earlier is still running (a parallel launcher starts twins together),
+    wait for it: its result comes sooner than this job's own training would."""
+    if not job.twin_key or job.cfg.force or job.cfg.eval.every_steps:
+        return None
+    waiting_for = None
+    while True:
+        runs = tracking.find_runs(
+            job.experiment_id,
+            {names.TWIN_KEY: job.twin_key, names.ROLE: names.ROLE_FINETUNE},
+            statuses=("FINISHED", "RUNNING"),
+        )
+        usable = (
+            r
+            for r in runs
+            if r.info.status == "FINISHED"
+            and r.data.tags.get(names.OPTUNA_PRUNED) != "true"
+            and all(m in r.data.metrics for m in job.objectives)
+        )
+        found = next(usable, None)
+        ahead = tracking.earlier_live_runs(runs, own)
+        if found is not None or not ahead:
+            return found
+        if waiting_for != ahead[0].info.run_id:
+            waiting_for = ahead[0].info.run_id
+            log.info("Waiting for run %s, which trains the same weights (%s)", waiting_for, job.twin_reason)
+        time.sleep(tracking.TWIN_POLL_S)
+
+
+def take_twin(job: Job, twin: Any) -> dict[str, float]:
+    """Log the twin's metrics (with their histories) and scores as this run's: the same weights,
+    evaluated the same way, would give the same numbers. Tagged with the run that trained."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    source = twin.data.tags.get(names.TRAINED_AS, twin.info.run_id)
+    history = [point for key in twin.data.metrics for point in client.get_metric_history(twin.info.run_id, key)]
+    run_id = mlflow.active_run().info.run_id
+    for start_at in range(0, len(history), 1000):
+        client.log_batch(run_id, metrics=history[start_at : start_at + 1000])
+    mlflow.log_text(
+        mlflow.artifacts.load_text(f"runs:/{twin.info.run_id}/{names.SCORES_ARTIFACT}"), names.SCORES_ARTIFACT
+    )
+    mlflow.set_tags(
+        {
+            names.TRAINED_AS: source,
+            names.TWIN_REASON: job.twin_reason,
+            **{k: twin.data.tags[k] for k in (names.PRECISION, names.DEVICE) if k in twin.data.tags},
+        }
+    )
+    log.info(
+        "Not training: variant=%s trains the same weights as run %s (%s; train.reuse_twin=false trains anyway). "
+        "Its scores are this run's: %s = %.4f, %s = %.4f.",
+        job.cfg.variant.name,
+        source,
+        job.twin_reason,
+        names.validation(job.metric),
+        twin.data.metrics[names.validation(job.metric)],
+        job.metric,
+        twin.data.metrics[job.metric],
+    )
+    return twin.data.metrics
 
 
 def load_data(job: Job) -> Splits:
@@ -421,6 +498,9 @@ def run_job(cfg: Config) -> float | list[float] | Any:
         tracking.log_params(job.params)
         mlflow.log_text(OmegaConf.to_yaml(to_container(cfg)), names.CONFIG_ARTIFACT)
         check_parallel(cfg.train, cfg.variant)  # in the run, so a sweep counts it; before minutes of baseline
+        twin = finished_twin(job, run)
+        if twin is not None:
+            return job.returned(take_twin(job, twin))
         splits = load_data(job)
         model_path = resolve_model_path(cfg.model)
         base_encoder = functools.cache(

@@ -161,6 +161,10 @@ class TrainConfig:
     # Only for in-batch variants (same, no_same) with nproc_per_node > 1.
     negatives_cross_device: bool = False
     keep_model: bool = True
+    # A job whose variant differs from a finished run's only by a no_in_batch_neg suffix that cannot
+    # change training (embft.runner.inert_suffix_reason) takes that run's model scores instead of
+    # training the same weights again. false: train anyway.
+    reuse_twin: bool = True
 
 
 @dataclass

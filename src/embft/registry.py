@@ -44,7 +44,8 @@ def best_run(experiment_id: str, group: dict[str, str], metric: str) -> Optional
         for r in tracking.find_runs(experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
         if metric in r.data.metrics
     ]
-    return max(runs, key=lambda r: r.data.metrics[metric], default=None)
+    # Of tied runs, one that logged a classifier (a run that took its twin's training logs none).
+    return max(runs, key=lambda r: (r.data.metrics[metric], CLASSIFIER_URI in r.data.tags), default=None)
 
 
 def register_best(experiment_id: str, group: dict[str, str], study: str, name: str, metric: str) -> Optional[Any]:

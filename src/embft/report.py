@@ -33,8 +33,9 @@ DEFAULT_METRIC = names.score_metric("knn", "cosine")  # older runs without eval 
 ROLE_TAG, SWEEP_TAG, KEY_TAG, HASH_TAG = names.ROLE, names.SWEEP, names.BASELINE_KEY, names.CONFIG_HASH
 SEED_PARAM = "train.seed"
 NON_SETTING_PREFIXES = ("paths.", "tracking.", "optuna.", "hydra.")
-# Top-level run switches (tracking.LOCATION_KEYS) that never change a result.
-NON_SETTING_KEYS = ("force", "debug", "name")  # `name` labels the study (MLflow experiment)
+# Run switches that never change a result (tracking.LOCATION_KEYS, keeping the model folder,
+# taking a twin's training); `name` labels the study (MLflow experiment).
+NON_SETTING_KEYS = ("force", "debug", "name", "train.keep_model", "train.reuse_twin")
 # A setting is a key of the job's config; other params a library logs into the run are not (MLflow
 # logs a pyfunc model's model_config as params: the served classifier's, serving.log_models).
 CONFIG_KEYS = frozenset(f.name for f in fields(Config))
@@ -96,6 +97,7 @@ def _rows(runs: list, exp_names: dict[str, str]) -> list[dict[str, Any]]:
             "sweep": tags.get(SWEEP_TAG),
             "baseline_key": tags.get(KEY_TAG),
             "config_hash": tags.get(HASH_TAG),
+            "twin_reason": tags.get(names.TWIN_REASON),  # took a twin run's training (app.take_twin)
             "start_time": run.info.start_time,
             "end_time": run.info.end_time,
         }
@@ -166,6 +168,7 @@ class StudyInfo:
     baseline_source: str
     first_start: str | None
     last_start: str | None
+    twins: dict[str, str]  # configuration label -> "n of m runs took a twin's training (why)"
 
 
 def _metric(df: pd.DataFrame, name: str) -> pd.Series:
@@ -354,7 +357,7 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
     delta = _metric(used, names.delta(metric))
     delta = delta.where(delta.notna(), acc - used["_key"].map(base_acc))
 
-    rows, accuracies = [], {}
+    rows, accuracies, twins = [], {}, {}
     groups = used.groupby(settings, sort=False) if settings else [((), used)]
     for values, group in groups:
         values = values if isinstance(values, tuple) else (values,)
@@ -378,6 +381,9 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
             }
         )
         accuracies[label] = acc[ix].tolist()
+        took = group["twin_reason"].dropna() if "twin_reason" in group else pd.Series(dtype=str)
+        if len(took):
+            twins[label] = f"{len(took)} of {len(group)} runs took a twin run's training ({'; '.join(took.unique())})"
 
     table = pd.DataFrame(rows + base_rows, columns=["configuration", *settings, *TABLE_NUMBERS])
     has_val = bool(val_acc.notna().any())
@@ -404,6 +410,7 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
         baseline_source=" and ".join(sorted(sources)) or "none",
         first_start=_ms_to_str(start.min()) if len(start) else None,
         last_start=_ms_to_str(start.max()) if len(start) else None,
+        twins=twins,
     )
     return table, info
 
@@ -493,6 +500,10 @@ def write_markdown(table: pd.DataFrame, info: StudyInfo, name: str, path: Path, 
     }
     source = " / ".join(baseline_note.get(s, s) for s in info.baseline_source.split(" and "))
     metric = info.metric
+    twin_lines = "".join(
+        f"- `{label}`: {note}: the same weights, so the same scores and training time (train.reuse_twin=false trains)\n"
+        for label, note in info.twins.items()
+    )
     text = f"""# Study report: {name}
 
 - Experiment(s): {", ".join(info.experiments)}
@@ -503,7 +514,7 @@ def write_markdown(table: pd.DataFrame, info: StudyInfo, name: str, path: Path, 
 - Ranked by: `{info.ranked_by}` (choices are made on validation; the test score is reported beside it)
 - Varying settings: {", ".join(f"`{s}`" for s in info.settings) or "none (one configuration)"}
 - Fixed settings: {fixed or "none"}
-
+{twin_lines}
 {format_table(table, info.settings, info.baselines)}
 
 Notes: accuracy is MTEB classification (`{metric}` on the test split, "validation mean" is

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from embft.config import Config, TrainConfig, VariantConfig
+from embft.config import Config, Loss, TrainConfig, VariantConfig
 from embft.errors import EmbftError
 
 
@@ -48,6 +48,21 @@ def per_process_batch_size(train_cfg: TrainConfig, same_dataset: bool) -> int:
 def effective_batch_size(train_cfg: TrainConfig, same_dataset: bool) -> int:
     """Queries per optimizer step over all processes (DDP averages the processes' gradients)."""
     return per_process_batch_size(train_cfg, same_dataset) * train_cfg.nproc_per_node
+
+
+def inert_suffix_reason(train_cfg: TrainConfig, variant_cfg: VariantConfig) -> Optional[str]:
+    """Why the training folder's no_in_batch_neg suffix cannot change the trained weights under these
+    settings (FlagEmbedding 1.4.2, one process), or None where it can or we have not shown it cannot.
+
+    tests/test_train.py trains both twins of each case and compares their weights."""
+    if train_cfg.nproc_per_node != 1 or train_cfg.negatives_cross_device:
+        return None
+    if not variant_cfg.same_dataset_within_batch:
+        # AbsEmbedderCollator, the mixed-batch collator, always sends no_in_batch_neg_flag=False
+        return "outside same-dataset mode FlagEmbedding never reads the suffix"
+    if train_cfg.loss == Loss.stock and per_process_batch_size(train_cfg, True) == 1:
+        return "one query per step, where FlagEmbedding's in-batch and per-query losses are the same sum"
+    return None
 
 
 def check_parallel(train_cfg: TrainConfig, variant_cfg: VariantConfig) -> None:

@@ -47,6 +47,7 @@ LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug", "objectives")
 HASH_NEUTRAL = {
     ("train", "nproc_per_node"): 1,
     ("train", "negatives_cross_device"): False,
+    ("train", "reuse_twin"): True,
     ("eval", "every_steps"): None,
     ("eval", "precision"): "fp32",
     ("eval", "backend"): "torch",
@@ -58,6 +59,7 @@ HASH_NEUTRAL = {
 HEARTBEAT_INTERVAL_S = 30.0
 STALE_AFTER_S = 4 * HEARTBEAT_INTERVAL_S  # missed beats tolerated: a loaded store or a busy GIL delays one
 CLAIM_SETTLE_S = 1.0  # wait between claiming and checking, longer than a store write takes to show
+TWIN_POLL_S = 5.0  # how often a job looks again for a twin run that trains its weights right now
 RUNNING_ELSEWHERE_FILE = "running_elsewhere.json"  # in a skipped job's output folder, for the sweep summary
 
 
@@ -85,6 +87,14 @@ def config_hash(resolved: dict) -> str:
         if isinstance(chosen.get(group), dict) and chosen[group].get(key, neutral) == neutral:
             chosen[group] = {k: v for k, v in chosen[group].items() if k != key}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def twin_key(resolved: dict) -> str:
+    """config_hash with the variant reduced to its batching mode, for a job whose no_in_batch_neg
+    suffix cannot change training (embft.runner.inert_suffix_reason); FlagEmbedding's version is in
+    it because that argument is about its code."""
+    variant = {"same_dataset_within_batch": resolved["variant"]["same_dataset_within_batch"]}
+    return config_hash({**resolved, "variant": variant, "FlagEmbedding": metadata.version("FlagEmbedding")})
 
 
 def setup(tracking_cfg: TrackingConfig) -> str:
@@ -263,6 +273,18 @@ def live_twin(experiment_id: str, hash_: str, own: Any) -> Optional[Any]:
         key=lambda r: (r.info.start_time, r.info.run_id),
     )
     return (won or earlier or [None])[0]
+
+
+def earlier_live_runs(runs: list, own: Any) -> list:
+    """The RUNNING runs of `runs` started before `own` (start time, then run id) that are alive: the
+    same strict order as live_twin, so two runs never wait for each other."""
+    now = time.time()
+    key = (own.info.start_time, own.info.run_id)
+    return [
+        r
+        for r in runs
+        if r.info.status == "RUNNING" and (r.info.start_time, r.info.run_id) < key and is_alive(r, now)[0]
+    ]
 
 
 class Heartbeat:
