@@ -83,7 +83,9 @@ def test_config_hash_ignores_new_keys_at_their_defaults(compose):
     now = resolved()
     before = {
         **now,
-        "train": {k: v for k, v in now["train"].items() if k not in ("nproc_per_node", "negatives_cross_device", "reuse_twin")},
+        "train": {
+            k: v for k, v in now["train"].items() if k not in ("nproc_per_node", "negatives_cross_device", "reuse_twin")
+        },
     }
     assert config_hash(now) == config_hash(before)
     assert config_hash(resolved(["train.nproc_per_node=2"])) != config_hash(now)

@@ -255,36 +255,29 @@ def close_stale_runs(experiment_id: str, hash_: str) -> None:
             client.set_terminated(run.info.run_id, status="KILLED")
 
 
+def _start_order(run: Any) -> tuple:
+    return (run.info.start_time, run.info.run_id)
+
+
+def earlier_live_runs(runs: list, own: Any) -> list:
+    """The RUNNING runs of `runs` started before `own` that are alive, earliest first: a strict
+    order (start time, then run id), so two runs never wait for each other."""
+    now = time.time()
+    earlier = (r for r in runs if r.info.status == "RUNNING" and _start_order(r) < _start_order(own))
+    return sorted((r for r in earlier if is_alive(r, now)[0]), key=_start_order)
+
+
 def live_twin(experiment_id: str, hash_: str, own: Any) -> Optional[Any]:
     """The live run of this config that goes ahead of `own` (a just-created RUNNING run), or None.
 
     Every contender decides from the same list by the same rule, so exactly one goes ahead: a run
     that already won its claim beats any other; else the earliest (start time, run id)."""
     now = time.time()
-    key = (own.info.start_time, own.info.run_id)
-    rivals = [
-        r
-        for r in find_runs(experiment_id, {CONFIG_HASH: hash_}, statuses=("RUNNING",))
-        if r.info.run_id != own.info.run_id and is_alive(r, now)[0]
+    runs = find_runs(experiment_id, {CONFIG_HASH: hash_}, statuses=("RUNNING",))
+    won = [
+        r for r in runs if r.info.run_id != own.info.run_id and r.data.tags.get(CLAIM) == "won" and is_alive(r, now)[0]
     ]
-    won = [r for r in rivals if r.data.tags.get(CLAIM) == "won"]
-    earlier = sorted(
-        (r for r in rivals if (r.info.start_time, r.info.run_id) < key),
-        key=lambda r: (r.info.start_time, r.info.run_id),
-    )
-    return (won or earlier or [None])[0]
-
-
-def earlier_live_runs(runs: list, own: Any) -> list:
-    """The RUNNING runs of `runs` started before `own` (start time, then run id) that are alive: the
-    same strict order as live_twin, so two runs never wait for each other."""
-    now = time.time()
-    key = (own.info.start_time, own.info.run_id)
-    return [
-        r
-        for r in runs
-        if r.info.status == "RUNNING" and (r.info.start_time, r.info.run_id) < key and is_alive(r, now)[0]
-    ]
+    return (won or earlier_live_runs(runs, own) or [None])[0]
 
 
 class Heartbeat:
