@@ -53,8 +53,8 @@ ARMS = {
     # the defaults' reuse of a twin's training on top: a variant whose no_in_batch_neg suffix cannot
     # change training (one query per step, or mixed batches) takes its twin's run
     "fast": ["train.precision=auto", "eval.precision=auto", "eval.backend=auto"],
-    # fast, with the variants run side by side by Hydra's joblib launcher; joblib gives each worker
-    # cores // n_jobs threads (one-query steps use two threads poorly)
+    # fast, with the variants run side by side by Hydra's joblib launcher (conf/hydra/launcher/parallel:
+    # 2 jobs); joblib gives each worker cores // n_jobs threads (one-query steps use two threads poorly)
     "parallel": ["train.precision=auto", "eval.precision=auto", "eval.backend=auto", "hydra/launcher=parallel"],
     # what `fast` resolves to on a CPU without native bf16 (fp32 training, ONNX Runtime evaluation),
     # forced, so that its cost can be timed on any CPU
@@ -136,11 +136,6 @@ def run_sweep(arm: str, seed: str, args: argparse.Namespace, root: Path) -> floa
         f"paths.root_dir={root}",
         f"paths.cache_dir={root}/cache-{arm}",  # each arm pays for its own baseline
         *ARMS[arm],
-        *(
-            [f"hydra.launcher.n_jobs={min(os.cpu_count() or 1, len(args.variants.split(',')))}"]
-            if arm == "parallel"
-            else []
-        ),
         *args.extra,
     ]
     env = {

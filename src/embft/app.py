@@ -73,6 +73,10 @@ class Job:
         """What the job returns, in order: `objectives` (a search's), else the one objective."""
         return [str(o.metric) for o in self.cfg.objectives] or [self.objective]
 
+    def scored(self, run: Any) -> bool:
+        """Does `run` hold every objective this job returns?"""
+        return all(m in run.data.metrics for m in self.objectives)
+
     def returned(self, metrics: dict[str, float]) -> float | list[float]:
         return study_runs.objective_values(metrics, [{"metric": m} for m in self.objectives])
 
@@ -154,7 +158,9 @@ def start(cfg: Config) -> Job:
             f"objectives lists {test_metric}, the test score: choose on {names.validation(test_metric)} "
             "(the test split is for the final figure), or set eval.objective=test to allow it."
         )
-    twin_reason = inert_suffix_reason(cfg.train, cfg.variant) if cfg.train.reuse_twin else None
+    # Not under live validation scoring: a search's pruner wants each trial's own reports.
+    reuse = cfg.train.reuse_twin and not cfg.eval.every_steps
+    twin_reason = inert_suffix_reason(cfg.train, cfg.variant) if reuse else None
     return Job(
         cfg=cfg,
         params=tracking.flatten(resolved),
@@ -175,11 +181,7 @@ def finished_run(job: Job) -> Optional[Any]:
     if job.cfg.force:
         return None
     done = tracking.find_runs(job.experiment_id, {names.CONFIG_HASH: job.config_hash})
-    usable = (
-        run
-        for run in done
-        if run.data.tags.get(names.OPTUNA_PRUNED) == "true" or all(m in run.data.metrics for m in job.objectives)
-    )
+    usable = (run for run in done if run.data.tags.get(names.OPTUNA_PRUNED) == "true" or job.scored(run))
     return next(usable, None)
 
 
@@ -221,11 +223,11 @@ def run_tags(job: Job) -> tuple[str, dict[str, str]]:
 
 def finished_twin(job: Job, own: Any) -> Optional[Any]:
     """A FINISHED run that trained what this job would train (see Job.twin_key), with its scores;
-    none under force=true or live validation scoring (a search's pruner wants its own reports).
+    none under force=true.
 
     While a twin that started earlier is still running (a parallel launcher starts twins together),
     wait for it: its result comes sooner than this job's own training would."""
-    if not job.twin_key or job.cfg.force or job.cfg.eval.every_steps:
+    if not job.twin_key or job.cfg.force:
         return None
     waiting_for = None
     while True:
@@ -234,14 +236,7 @@ def finished_twin(job: Job, own: Any) -> Optional[Any]:
             {names.TWIN_KEY: job.twin_key, names.ROLE: names.ROLE_FINETUNE},
             statuses=("FINISHED", "RUNNING"),
         )
-        usable = (
-            r
-            for r in runs
-            if r.info.status == "FINISHED"
-            and r.data.tags.get(names.OPTUNA_PRUNED) != "true"
-            and all(m in r.data.metrics for m in job.objectives)
-        )
-        found = next(usable, None)
+        found = next((r for r in runs if r.info.status == "FINISHED" and job.scored(r)), None)
         ahead = tracking.earlier_live_runs(runs, own)
         if found is not None or not ahead:
             return found
