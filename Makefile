@@ -10,8 +10,10 @@ DATA ?= ../shared/data/ag_news
 export HF_HUB_OFFLINE ?= 1
 
 # Services of scripts/e2e_services.sh (loopback only); the script reads the same variables.
-E2E_PG_PORT ?= 5433
-E2E_MLFLOW_PORT ?= 5055
+# Empty (the default): the script picks free ports itself and `scripts/e2e_services.sh env` says
+# which; set them (make e2e E2E_PG_PORT=5433 E2E_MLFLOW_PORT=5055) to pin them.
+E2E_PG_PORT ?=
+E2E_MLFLOW_PORT ?=
 export E2E_PG_PORT E2E_MLFLOW_PORT
 SERVICES := VENV=$(VENV) scripts/e2e_services.sh
 # The clients' settings (URIs, MLflow user and password, PGPASSFILE) come from the script, which
@@ -55,19 +57,21 @@ format: install
 	$(BIN)/ruff check --fix .
 
 # MLflow 3.17 opens an experiment in its GenAI overview: the runs table is #/experiments/<id>/runs.
+# The port is EMBFT_MLFLOW_UI_PORT's, which a job's closing link reads too (tracking.ui_url).
+export EMBFT_MLFLOW_UI_PORT ?= 5000
 mlflow-ui:
 	@[ -f mlruns/mlflow.db ] && $(BIN)/python -c "import mlflow; \
-	[print(f'{e.name}: http://127.0.0.1:5000/#/experiments/{e.experiment_id}/runs') \
+	[print(f'{e.name}: http://127.0.0.1:$(EMBFT_MLFLOW_UI_PORT)/#/experiments/{e.experiment_id}/runs') \
 	 for e in mlflow.MlflowClient('sqlite:///$(CURDIR)/mlruns/mlflow.db').search_experiments()]" || true
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port $(EMBFT_MLFLOW_UI_PORT)
 
 # An MLflow tracking server (basic-auth app) on PostgreSQL (scram passwords), artifacts proxied
 # into .e2e/mlartifacts; it keeps running (make services-down stops it). Admin credentials:
 # E2E_MLFLOW_USER / E2E_MLFLOW_PASSWORD from the environment, else generated into .e2e/secrets.env.
 # Then: eval "$$(scripts/e2e_services.sh env)"; python -m embft tracking=server ...
 mlflow-server: services-up
-	@echo "MLflow server: http://127.0.0.1:$(E2E_MLFLOW_PORT)  (eval \"\$$(scripts/e2e_services.sh env)\"; python -m embft tracking=server ...)"
-	@echo "Optuna storage: hydra.sweeper.storage=postgresql://embft@127.0.0.1:$(E2E_PG_PORT)/optuna (password: PGPASSFILE=.e2e/pgpass)"
+	@$(E2E_ENV) && echo "MLflow server: $$EMBFT_MLFLOW_URI  (eval \"\$$(scripts/e2e_services.sh env)\"; python -m embft tracking=server ...)" \
+	  && echo "Optuna storage: hydra.sweeper.storage=$$EMBFT_PG_URI/optuna (password: PGPASSFILE=.e2e/pgpass)"
 
 services-up: $(BIN)/python
 	$(SERVICES) start

@@ -9,23 +9,31 @@
 # `env` prints what a client needs: EMBFT_MLFLOW_URI, MLFLOW_TRACKING_USERNAME/PASSWORD,
 # EMBFT_PG_URI (no password in it) and PGPASSFILE (.e2e/pgpass, read by libpq).
 #
+# Ports: E2E_PG_PORT / E2E_MLFLOW_PORT when given (a taken one is an error); otherwise `start` tries
+# random loopback ports (PORT_MIN..PORT_MAX: below Linux's ephemeral range) until a server binds
+# one itself (taken: another try, so two checkouts or CI jobs on one machine never collide), and
+# records the ports in .e2e/ports.env, which `env` and `status` read.
+#
 # Secrets never go into the repository: E2E_MLFLOW_USER (admin), E2E_MLFLOW_PASSWORD,
 # E2E_PG_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY are taken from the environment, or else
 # generated at the first start, and kept in .e2e/secrets.env (mode 600, git-ignored) together with
 # the basic-auth ini (.e2e/basic_auth.ini) and .e2e/pgpass. The MLflow admin and the database
 # password are set when the stores are created: to change them, `clean` and start again.
 #
-# Settings (environment): E2E_DIR (.e2e), E2E_PG_PORT (5433: beside a system cluster on 5432),
-# E2E_MLFLOW_PORT (5055), E2E_MLFLOW_WORKERS (2), PG_BIN (PostgreSQL's bin folder; found in
-# /usr/lib/postgresql/*/bin or on PATH), VENV (.venv). As root, PostgreSQL (which refuses to run
-# as root) runs as the `postgres` user that Debian's package creates.
+# Settings (environment): E2E_DIR (.e2e), E2E_PG_PORT and E2E_MLFLOW_PORT (default: free ones, see
+# above), E2E_PORT_MIN / E2E_PORT_MAX (20000 / 32767), E2E_MLFLOW_WORKERS (2), PG_BIN (PostgreSQL's
+# bin folder; found in /usr/lib/postgresql/*/bin or on PATH), VENV (.venv). As root, PostgreSQL
+# (which refuses to run as root) runs as the `postgres` user that Debian's package creates.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 E2E_DIR=${E2E_DIR:-$ROOT/.e2e}
 case $E2E_DIR in /*) ;; *) E2E_DIR=$PWD/$E2E_DIR ;; esac  # server commands run from /
-PG_PORT=${E2E_PG_PORT:-5433}
-MLFLOW_PORT=${E2E_MLFLOW_PORT:-5055}
+PG_PORT=${E2E_PG_PORT:-}          # empty: chosen at start, then read from $PORTS
+MLFLOW_PORT=${E2E_MLFLOW_PORT:-}
+PORT_MIN=${E2E_PORT_MIN:-20000}
+PORT_MAX=${E2E_PORT_MAX:-32767}
+PORT_TRIES=20
 MLFLOW_WORKERS=${E2E_MLFLOW_WORKERS:-2}
 VENV=${VENV:-$ROOT/.venv}
 HOST=127.0.0.1
@@ -37,9 +45,10 @@ ARTIFACTS=$E2E_DIR/mlartifacts
 SECRETS=$E2E_DIR/secrets.env
 AUTH_INI=$E2E_DIR/basic_auth.ini
 PGPASS=$E2E_DIR/pgpass
+PORTS=$E2E_DIR/ports.env
 
-MLFLOW_URI=http://$HOST:$MLFLOW_PORT
-PG_URI=postgresql://$PG_USER@$HOST:$PG_PORT
+mlflow_uri() { echo "http://$HOST:$MLFLOW_PORT"; }
+pg_uri() { echo "postgresql://$PG_USER@$HOST:$PG_PORT"; }
 
 die() { echo "e2e_services: $*" >&2; exit 1; }
 say() { echo "e2e_services: $*"; }
@@ -56,6 +65,23 @@ pg_bin() {
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
 random_secret() { "$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))'; }
+
+# The ports of the running services, as `start` recorded them (PG_PORT / MLFLOW_PORT).
+load_ports() {
+    # shellcheck disable=SC1090
+    if [ -f "$PORTS" ]; then . "$PORTS"; fi
+}
+
+recorded_port() { (PG_PORT= MLFLOW_PORT= && load_ports && echo "${!1:-}"); }  # PG_PORT or MLFLOW_PORT
+
+# record_port PG_PORT|MLFLOW_PORT PORT: update one of the two in $PORTS, keep the other.
+record_port() {
+    local pg mlflow
+    pg=$(recorded_port PG_PORT)
+    mlflow=$(recorded_port MLFLOW_PORT)
+    case $1 in PG_PORT) pg=$2 ;; MLFLOW_PORT) mlflow=$2 ;; esac
+    printf '%s\n' "# scripts/e2e_services.sh: ports of the running services" "PG_PORT=$pg" "MLFLOW_PORT=$mlflow" >"$PORTS"
+}
 
 # Credentials: the environment's, else those of an earlier start (.e2e/secrets.env), else new
 # random ones; written back so that `env`, later starts and the clients agree.
@@ -74,10 +100,18 @@ load_secrets() {
         printf '%s\n' "# scripts/e2e_services.sh: credentials of the local services (not for the repository)" \
             "E2E_MLFLOW_USER='$E2E_MLFLOW_USER'" "E2E_MLFLOW_PASSWORD='$E2E_MLFLOW_PASSWORD'" \
             "E2E_PG_PASSWORD='$E2E_PG_PASSWORD'" "MLFLOW_FLASK_SERVER_SECRET_KEY='$MLFLOW_FLASK_SERVER_SECRET_KEY'" >"$SECRETS"
-        # libpq's password file: host:port:database:user:password
-        echo "$HOST:$PG_PORT:*:$PG_USER:$E2E_PG_PASSWORD" >"$PGPASS"
-        # MLflow's basic-auth app, its users in PostgreSQL too. An authenticated user may read
-        # everything (READ); only who created an experiment or model (or the admin) may change it.
+        # libpq's password file: host:port:database:user:password (any port: it is chosen at start)
+        echo "$HOST:*:*:$PG_USER:$E2E_PG_PASSWORD" >"$PGPASS"
+    )
+    export PGPASSFILE=$PGPASS
+}
+
+# MLflow's basic-auth app, its users in PostgreSQL too (on PG_PORT, known once it runs). An
+# authenticated user may read everything (READ); only who created an experiment or model (or the
+# admin) may change it.
+write_auth_ini() {
+    (
+        umask 077
         cat >"$AUTH_INI" <<EOF
 [mlflow]
 default_permission = READ
@@ -87,7 +121,6 @@ admin_password = $E2E_MLFLOW_PASSWORD
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 EOF
     )
-    export PGPASSFILE=$PGPASS
 }
 
 # Run a PostgreSQL server command as its owner (from a folder it can enter: initdb and postgres
@@ -162,12 +195,33 @@ EOF
         die "the cluster in $dir/data allows trust logins; remove it with \`$0 clean\` and start again"
     fi
     if pg_running "$dir"; then
-        say "PostgreSQL already running ($PG_URI)"
+        # The port it listens on: line 4 of postmaster.pid.
+        local running
+        running=$(sed -n 4p "$dir/data/postmaster.pid")
+        if [ -n "$PG_PORT" ] && [ "$PG_PORT" != "$running" ]; then
+            die "PostgreSQL already runs on port $running, not E2E_PG_PORT=$PG_PORT: \`$0 stop\` first"
+        fi
+        PG_PORT=$running
+        say "PostgreSQL already running ($(pg_uri))"
     else
-        as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -o "-p $PG_PORT" -w -t 60 start >/dev/null \
-            || { tail -n 20 "$dir/postgres.log" >&2 || true; die "PostgreSQL did not start (is port $PG_PORT taken? E2E_PG_PORT=...)"; }
+        local explicit=$PG_PORT try log_lines out
+        for try in $(seq 1 "$PORT_TRIES"); do
+            PG_PORT=${explicit:-$((PORT_MIN + RANDOM % (PORT_MAX - PORT_MIN + 1)))}
+            log_lines=$(wc -l <"$dir/postgres.log" 2>/dev/null || echo 0)
+            if out=$(as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -o "-p $PG_PORT" -w -t 60 start 2>&1); then
+                break
+            fi
+            # Taken (the server's own bind failed): another port, unless this one was asked for.
+            if [ -z "$explicit" ] && tail -n "+$((log_lines + 1))" "$dir/postgres.log" | grep -qi "address already in use"; then
+                say "port $PG_PORT is taken; trying another ($try/$PORT_TRIES)"
+                [ "$try" -lt "$PORT_TRIES" ] && continue
+            fi
+            { echo "$out"; tail -n 20 "$dir/postgres.log"; } >&2 || true
+            die "PostgreSQL did not start on port $PG_PORT (log $dir/postgres.log)"
+        done
         say "PostgreSQL up on $HOST:$PG_PORT (log $dir/postgres.log)"
     fi
+    record_port PG_PORT "$PG_PORT"
     local db
     for db in mlflow mlflow_auth optuna; do
         if [ -z "$(psql_ -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; then
@@ -177,7 +231,8 @@ EOF
 }
 
 mlflow_healthy() {
-    "$VENV/bin/python" - "$MLFLOW_URI/health" <<'EOF' >/dev/null 2>&1
+    [ -n "$MLFLOW_PORT" ] || return 1
+    "$VENV/bin/python" - "$(mlflow_uri)/health" <<'EOF' >/dev/null 2>&1
 import sys, urllib.request
 # No proxy: a CI's http_proxy must not intercept a loopback address.
 urllib.request.build_opener(urllib.request.ProxyHandler({})).open(sys.argv[1], timeout=2).close()
@@ -194,12 +249,44 @@ mlflow_pid() {
 
 start_mlflow() {
     [ -x "$VENV/bin/mlflow" ] || die "$VENV/bin/mlflow not found: run make install first"
-    if mlflow_healthy; then
-        say "MLflow server already answers at $MLFLOW_URI"
+    local explicit=$MLFLOW_PORT try
+    if mlflow_pid >/dev/null; then  # ours, started earlier: on the port recorded then
+        MLFLOW_PORT=$(recorded_port MLFLOW_PORT)
+        if [ -n "$explicit" ] && [ "$explicit" != "$MLFLOW_PORT" ]; then
+            die "the MLflow server already runs on port $MLFLOW_PORT, not E2E_MLFLOW_PORT=$explicit: \`$0 stop\` first"
+        fi
+        local waited=0  # a loaded machine may keep a 2 s /health waiting
+        until mlflow_healthy; do
+            [ "$waited" -lt 30 ] || die "MLflow server (pid $(cat "$MLFLOW_PID")) runs but does not answer at $(mlflow_uri); see $MLFLOW_LOG, or stop it"
+            sleep 1
+            waited=$((waited + 1))
+        done
+        say "MLflow server already answers at $(mlflow_uri)"
         return
     fi
-    mlflow_pid >/dev/null && die "MLflow server (pid $(cat "$MLFLOW_PID")) runs but does not answer; see $MLFLOW_LOG, or stop it"
     mkdir -p "$ARTIFACTS"
+    write_auth_ini
+    for try in $(seq 1 "$PORT_TRIES"); do
+        MLFLOW_PORT=${explicit:-$((PORT_MIN + RANDOM % (PORT_MAX - PORT_MIN + 1)))}
+        if launch_mlflow; then
+            record_port MLFLOW_PORT "$MLFLOW_PORT"
+            return
+        fi
+        # Taken (the server's own bind failed): another port, unless this one was asked for.
+        if [ -z "$explicit" ] && grep -aqi "address already in use" "$MLFLOW_LOG"; then
+            say "port $MLFLOW_PORT is taken; trying another ($try/$PORT_TRIES)"
+            [ "$try" -lt "$PORT_TRIES" ] && continue
+        fi
+        tail -n 30 "$MLFLOW_LOG" >&2 || true
+        die "MLflow server did not come up at $(mlflow_uri) (log $MLFLOW_LOG)"
+    done
+}
+
+# Start the server on MLFLOW_PORT and wait until it answers; fails (the server stopped) when it
+# exits first, e.g. because the port is taken. Only uvicorn's line "Uvicorn running on
+# http://HOST:PORT" in our own log says that this server holds the port: until then a /health
+# that answers may be another one's.
+launch_mlflow() {
     # basic-auth: every request but /health needs a user (HTTP basic auth; the admin from the ini).
     # setsid: the server and its workers form one process group, which stop() ends together.
     # The pid file is written by the group leader itself (exec keeps the pid).
@@ -213,16 +300,15 @@ start_mlflow() {
         >"$MLFLOW_LOG" 2>&1 </dev/null &
     local waited=0
     # The first start migrates the database schema: allow a few minutes on a slow machine.
-    until mlflow_healthy; do
+    until grep -aq "Uvicorn running on $(mlflow_uri)" "$MLFLOW_LOG" && mlflow_healthy; do
         if [ "$waited" -ge 300 ] || { [ "$waited" -ge 2 ] && ! mlflow_pid >/dev/null; }; then
-            tail -n 30 "$MLFLOW_LOG" >&2 || true
-            stop_mlflow
-            die "MLflow server did not come up at $MLFLOW_URI (log $MLFLOW_LOG)"
+            stop_mlflow >/dev/null
+            return 1
         fi
         sleep 1
         waited=$((waited + 1))
     done
-    say "MLflow server up at $MLFLOW_URI in ${waited}s (pid $(cat "$MLFLOW_PID"), log $MLFLOW_LOG, artifacts $ARTIFACTS)"
+    say "MLflow server up at $(mlflow_uri) in ${waited}s (pid $(cat "$MLFLOW_PID"), log $MLFLOW_LOG, artifacts $ARTIFACTS)"
 }
 
 stop_mlflow() {
@@ -251,10 +337,10 @@ stop_pg() {
 }
 
 print_env() {
-    echo "export EMBFT_MLFLOW_URI=$MLFLOW_URI"
+    echo "export EMBFT_MLFLOW_URI=$(mlflow_uri)"
     echo "export MLFLOW_TRACKING_USERNAME='$E2E_MLFLOW_USER'"
     echo "export MLFLOW_TRACKING_PASSWORD='$E2E_MLFLOW_PASSWORD'"
-    echo "export EMBFT_PG_URI=$PG_URI"
+    echo "export EMBFT_PG_URI=$(pg_uri)"
     echo "export PGPASSFILE=$PGPASS"
 }
 
@@ -263,25 +349,29 @@ case "${1:-}" in
         load_secrets
         start_pg
         start_mlflow
-        say "Optuna storage: hydra.sweeper.storage=$PG_URI/optuna (password from PGPASSFILE=$PGPASS)"
+        say "Optuna storage: hydra.sweeper.storage=$(pg_uri)/optuna (password from PGPASSFILE=$PGPASS)"
         say "clients: eval \"\$($0 env)\"  (MLflow user $E2E_MLFLOW_USER; passwords in $SECRETS)"
         ;;
     stop)
         stop_mlflow
         stop_pg
+        rm -f "$PORTS"  # the next start chooses again
         ;;
     status)
         up=0
+        load_ports
         if [ -e "$E2E_DIR/pg" ] && pg_running "$(readlink -f "$E2E_DIR/pg")"; then
-            say "PostgreSQL: running at $PG_URI (databases mlflow, optuna)"
+            say "PostgreSQL: running at $(pg_uri) (databases mlflow, optuna)"
         else
             say "PostgreSQL: not running"; up=1
         fi
-        if mlflow_healthy; then say "MLflow server: up at $MLFLOW_URI"; else say "MLflow server: down"; up=1; fi
+        if mlflow_pid >/dev/null && mlflow_healthy; then say "MLflow server: up at $(mlflow_uri)"; else say "MLflow server: down"; up=1; fi
         exit $up
         ;;
     env)
         [ -f "$SECRETS" ] || die "no $SECRETS yet: run \`$0 start\` first"
+        load_ports
+        { [ -n "$PG_PORT" ] && [ -n "$MLFLOW_PORT" ]; } || die "no ports in $PORTS: the services are not running; run \`$0 start\` first"
         load_secrets
         print_env
         ;;

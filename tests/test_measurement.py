@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import mlflow
 import numpy as np
@@ -148,16 +147,57 @@ def test_wrong_choice_fails_at_composition(compose, override):
     ],
 )
 def test_command_line_refuses_a_bad_value_in_seconds_with_one_line(tmp_path, override, expected):
+    """Refused before any work: no data, model or MLflow store is opened (each records a call in
+    the job's process and fails), and the error is one line."""
     env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    opened = tmp_path / "opened.txt"
     done = subprocess.run(
-        [sys.executable, "-m", "embft", override], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _REFUSED_BEFORE_ANY_WORK, str(opened), override],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    elapsed = time.perf_counter() - start
     output = done.stdout + done.stderr
-    assert done.returncode == 1 and expected in output and "Traceback" not in output
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert not opened.exists(), f"opened before refusing {override}: {opened.read_text().split()}\n{output[-2000:]}"
+    assert done.returncode == 1 and expected in output and "Traceback" not in output, output[-2000:]
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+# `python -m embft ARGS` (argv: RECORD ARGS) in which whatever opens the data, a model or the MLflow
+# store appends its name to the file RECORD and raises.
+_REFUSED_BEFORE_ANY_WORK = """
+import runpy, sys
+from pathlib import Path
+
+import mlflow
+import embft.data, embft.embedder, embft.encoders, embft.tracking
+
+record = Path(sys.argv.pop(1))
+
+
+def opened(name):
+    def call(*args, **kwargs):
+        with record.open("a") as out:
+            out.write(name + "\\n")
+        raise RuntimeError(f"{name} was called")
+
+    return call
+
+
+for owner, names in [
+    (embft.data, ["load_splits"]),
+    (embft.embedder, ["resolve_model_path", "sentence_transformer"]),
+    (embft.encoders, ["build_encoder"]),
+    (embft.tracking, ["setup"]),
+    (mlflow, ["set_tracking_uri", "start_run", "get_experiment_by_name", "create_experiment"]),
+    (mlflow.MlflowClient, ["__init__"]),
+]:
+    for name in names:
+        setattr(owner, name, opened(f"{owner.__name__}.{name}"))
+runpy.run_module("embft", run_name="__main__", alter_sys=True)
+"""
 
 
 @pytest.mark.slow

@@ -476,8 +476,8 @@ def test_pruned_runs_are_tagged_and_nest_under_one_parent_run_across_resumes(tmp
             assert run.data.tags["optuna.pruned_step"] == str(t.last_step)
         else:
             assert "optuna.pruned" not in run.data.tags
-        # The intermediate scores are logged by step, as in Optuna.
-        history = client.get_metric_history(run.info.run_id, "val_accuracy_cosine")
+        # The intermediate scores are logged by step, as in Optuna, under their own name (never the final one's).
+        history = client.get_metric_history(run.info.run_id, "live_val_accuracy_cosine")
         assert {m.step: m.value for m in history} == t.intermediate_values
     n_pruned = sum(t.state == TrialState.PRUNED for t in study.trials)
     assert n_pruned >= 1

@@ -13,13 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_bert
+from conftest import make_tiny_bert, start_held_in_training, wait_until_held_in_training
 from test_pipeline import runs
 
 pytestmark = pytest.mark.slow
@@ -96,30 +94,39 @@ def test_two_identical_jobs_train_once_and_kill_nothing(root, twin_jobs):
     assert len(withdrawn) == 1 and withdrawn[0].data.tags["embft.backed_off_to"] == finished[0].info.run_id
 
 
-def test_ctrl_c_marks_the_run_killed_and_force_reruns_a_finished_job(root, tiny_args, twin_jobs):
+def test_ctrl_c_marks_the_run_killed_and_force_reruns_a_finished_job(root, tiny_args, twin_jobs, tmp_path):
     """force=true retrains a FINISHED config; Ctrl-C in that training ends its run KILLED and the
     rerun completes, reusing the cached baseline (equal eval settings)."""
+    from mlflow.tracking import MlflowClient
+
     more = [*tiny_args, "force=true", "train.max_train_queries=48"]  # same config hash: force is a location key
-    job = start(root, *more)
-    seen = []
-    for line in job.stdout:
-        seen.append(line)
-        if "Fine-tuning" in line:
-            break
-    reader = threading.Thread(target=lambda: seen.extend(job.stdout), daemon=True)
-    reader.start()
-    time.sleep(1)
-    code = None
-    for _ in range(5):  # Ctrl-C, again if Python swallowed it ("Exception ignored in" a weakref callback)
-        job.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
-        try:
-            code = job.wait(timeout=20)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    reader.join(timeout=30)
-    output = "".join(seen)
-    assert code != 0 and "KeyboardInterrupt" in output, output[-3000:]
+    env = {**os.environ, "EMBFT_ROOT": str(root), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    marker, log = tmp_path / "in_training", tmp_path / "job.log"
+    job = start_held_in_training(more, env, marker, log)
+    try:
+        step = wait_until_held_in_training(job, marker, log)
+        # The store agrees: this job's run won its claim, is RUNNING and has logged a loss.
+        (live,) = [r for r in tuned(root) if r.data.params["train.max_train_queries"] == "48"]
+        assert live.info.status == "RUNNING" and live.data.tags["embft.claim"] == "won", live
+        loss = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db").get_metric_history(live.info.run_id, "train_loss")
+        assert [m.step for m in loss] == [step], loss
+        code = None
+        for _ in range(5):  # Ctrl-C, again if Python swallowed it ("Exception ignored in" a weakref callback)
+            job.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+            try:
+                code = job.wait(timeout=60)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    output = log.read_text()
+    assert code is not None, f"the job did not end after 5 SIGINTs:\n{output[-3000:]}"
+    # An uncaught KeyboardInterrupt: Python ends by SIGINT itself (-2 here, 130 in a shell).
+    assert code == -signal.SIGINT and "KeyboardInterrupt" in output, f"exit code {code}\n{output[-3000:]}"
     statuses = sorted(r.info.status for r in tuned(root) if r.data.params["train.max_train_queries"] == "48")
     assert statuses == ["KILLED"], output[-3000:]
     leftovers = list((root / "outputs" / NAME).rglob("model")) + list((root / "outputs" / NAME).rglob(".*.*"))

@@ -60,6 +60,7 @@ def _ft_params(lr, seed, run_no):
 def _ft_metrics(acc, base=BASELINE, seconds=120.0):
     return {
         "accuracy_cosine": acc,
+        "val_accuracy_cosine": acc - 0.01,  # the ranking's score: validation
         "accuracy_cosine_std": 0.01,
         "f1": acc - 0.02,
         "baseline_accuracy_cosine": base,
@@ -167,11 +168,11 @@ def test_cli_writes_report(store, tmp_path, capsys):
     assert png.stat().st_size > 1000
     text = md.read_text()
     assert "used 6 runs, skipped 2: 1 FAILED, 1 RUNNING" in text
-    assert "| 1 | 2e-05 | 3 | n/a | 0.6900 | 0.0265 | 0.0100 | +0.0900 |" in text
+    assert "| 1 | 2e-05 | 3 | 0.6800 | 0.6900 | 0.0265 | 0.0100 | +0.0900 |" in text
     assert "![accuracy per configuration](report.png)" in text
     assert SWEEP in text
     out = capsys.readouterr().out
-    assert str(md) in out and str(png) in out and "best by accuracy_cosine: learning_rate=2e-05" in out
+    assert str(md) in out and str(png) in out and "best by val_accuracy_cosine: learning_rate=2e-05" in out
 
 
 def test_select_by_sweep_tag(store, tmp_path):
@@ -200,7 +201,7 @@ def test_single_seed_and_logged_baseline(store, tmp_path):
     assert table.iloc[1]["accuracy_mean"] == pytest.approx(0.58)
     assert report.main(["single", "--tracking-uri", uri, "--out-dir", str(tmp_path)]) == 0
     text = (tmp_path / "single" / "report.md").read_text()
-    assert "| 1 | 1 | n/a | 0.6500 | n/a | 0.0100 | +0.0700 | n/a | 2.00 | 50.00 |" in text
+    assert "| 1 | 1 | 0.6400 | 0.6500 | n/a | 0.0100 | +0.0700 | n/a | 2.00 | 50.00 |" in text
     assert "| **baseline** | (logged) | n/a | 0.5800 |" in text
 
 
@@ -286,3 +287,65 @@ def test_ranked_on_validation_with_test_beside_it_and_metric_from_eval_settings(
     assert info.metric == "accuracy_logreg" and table.iloc[0]["accuracy_mean"] == pytest.approx(0.9)
     with pytest.raises(report.EmbftError, match="accuracy_cosine"):
         report.summarize(report.load_runs(client, "logreg"), "accuracy_cosine")
+
+
+def test_runs_without_a_validation_score_are_not_ranked_on_test(tmp_path, capsys):
+    """Runs from before the validation split: the report shows their test scores but ranks nothing
+    and claims no choice (the worse test score appears first, as logged, and gets no rank)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("old", artifact_location=(tmp_path / "a").as_uri())
+    for run_no, (lr, test) in enumerate({"2e-05": 0.75, "1e-05": 0.70}.items()):  # newest first: 1e-05
+        metrics = {k: v for k, v in _ft_metrics(test).items() if not k.startswith("val_")}
+        _run(client, exp, role="finetune", params=_ft_params(lr, 1, run_no), metrics=metrics)
+    table, info = report.summarize(report.load_runs(client, "old"))
+    assert info.ranked_by is None
+    assert list(table["train.learning_rate"])[:2] == ["1e-05", "2e-05"], "not sorted by the test score"
+    assert report.main(["old", "--tracking-uri", uri, "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "old" / "report.md").read_text()
+    assert "| - | 1e-05 | 1 | n/a | 0.7000 |" in text and "| - | 2e-05 | 1 | n/a | 0.7500 |" in text
+    assert "Ranked by: not ranked" in text and "choices are made on validation" in text
+    out = capsys.readouterr().out
+    assert "best by" not in out and "not ranked" in out
+
+
+def test_a_pruned_trial_is_listed_apart_and_never_ranked(tmp_path):
+    """A pruned run ends FINISHED with a partial (live) validation score: it must not lead the table."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("search", artifact_location=(tmp_path / "a").as_uri())
+    complete = _run(client, exp, role="finetune", params=_ft_params("1e-05", 1, 0), metrics=_ft_metrics(0.70))
+    pruned = _run(client, exp, role="finetune", params=_ft_params("2e-05", 1, 1), metrics=_ft_metrics(0.90))
+    client.set_tag(pruned, "optuna.pruned", "true")
+    table, info = report.summarize(report.load_runs(client, "search"))
+    assert info.n_used == 1 and list(table["configuration"])[0] == "all runs"
+    assert table.iloc[0]["accuracy_mean"] == pytest.approx(0.70), complete
+    assert [k for k in info.skipped_by_status if k.startswith("PRUNED")] and info.n_skipped == 1
+    assert "PRUNED" in report.used_sentence(info)
+
+
+def test_a_run_that_took_its_twins_training_shares_its_baseline(tmp_path):
+    """A twin run logged without embft.baseline_key (before twins copied it) is grouped with the run
+    that trained, not under a second baseline "(none)"."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("grid", artifact_location=(tmp_path / "a").as_uri())
+    _run(client, exp, role="baseline", params={}, metrics={"accuracy_cosine": BASELINE, "val_accuracy_cosine": 0.6})
+    trained = _run(
+        client,
+        exp,
+        role="finetune",
+        params={**_ft_params("1e-05", 1, 0), "variant.name": "same"},
+        metrics=_ft_metrics(0.7),
+    )
+    twin = _run(
+        client,
+        exp,
+        role="finetune",
+        params={**_ft_params("1e-05", 1, 1), "variant.name": "same_nib"},
+        metrics=_ft_metrics(0.7),
+    )
+    client.delete_tag(twin, "embft.baseline_key")
+    client.set_tag(twin, "embft.trained_as", trained)
+    client.set_tag(twin, "embft.twin_reason", "one query per step")
+    table, info = report.summarize(report.load_runs(client, "grid"))
+    assert list(info.baselines) == ["baseline"], info.baselines
+    assert (table["configuration"] == "baseline").sum() == 1

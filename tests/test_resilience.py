@@ -1,13 +1,12 @@
 """Never lose a sweep: SIGKILL mid-job then rerun, parallel joblib workers, CPU determinism."""
 
+import contextlib
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
+from conftest import start_held_in_training, wait_until_held_in_training
 from test_pipeline import embft, runs
 
 pytestmark = pytest.mark.slow
@@ -20,21 +19,15 @@ def finetune_runs(root, experiment):
 def test_killed_job_is_finished_by_rerunning_the_same_command(tmp_path, ag_news_dir):
     args = ["experiment=smoke", f"data.local_dir={ag_news_dir}", "name=killed", "train.max_train_queries=64"]
     env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    job = subprocess.Popen(
-        [sys.executable, "-m", "embft", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 600
-    for line in job.stdout:  # wait until training is under way, then kill without warning
-        if "Fine-tuning" in line or time.time() > deadline:
-            break
-    time.sleep(3)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    marker, log = tmp_path / "in_training", tmp_path / "killed.log"
+    job = start_held_in_training(args, env, marker, log)
+    try:
+        wait_until_held_in_training(job, marker, log)  # training is under way (a train_loss is logged)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # gone already if it failed before training
+            os.killpg(job.pid, signal.SIGKILL)  # without warning
+        job.wait()
     assert [r.info.status for r in finetune_runs(tmp_path, "killed")] == ["RUNNING"]
     # Killed mid-training: no folder under a final name; only hidden temporary ones may remain.
     job_dirs = list((tmp_path / "outputs" / "killed").iterdir())

@@ -66,3 +66,61 @@ def test_jobs_find_the_parent_key_their_multirun_created(sweeper_of):
 
     runs = [run("FINISHED"), run("FINISHED", **{"optuna.pruned": "true"}), run("FAILED")]
     assert study_runs.count_runs(runs) == {"FINISHED": 1, "PRUNED": 1, "FAILED": 1}
+
+
+def _multirun(root, *overrides: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EMBFT_ROOT": str(root), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "embft", "-m", "experiment=search", *overrides],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "instead"),
+    [
+        ("hydra.sweeper.pruner=median", "write hydra/sweeper/pruner=median (choices: none, median, successive_halving"),
+        ("hydra.sweeper.sampler=tpe", "write hydra.sweeper.sampler.name=tpe (choices: tpe, random, grid)"),
+    ],
+)
+def test_a_sweeper_node_of_the_wrong_shape_stops_before_any_run_in_one_line(tmp_path, override, instead):
+    done = _multirun(tmp_path, override)
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == 1, output
+    assert len(output.splitlines()) == 1 and override in output and instead in output, output
+    assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
+    # Checked before the MLflow store, the study's parent run or the Optuna study exist.
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists(), list(tmp_path.rglob("*"))
+
+
+def test_the_sweeper_built_without_the_app_gives_the_same_one_line_fix(sweeper_of):
+    from hydra.errors import InstantiationException
+
+    cfg, _ = sweeper_of("search", build=False)
+    # Imported after Hydra's plugin scan, which re-executes the plugin's modules.
+    from hydra_plugins.embft_optuna_sweeper.checks import check_sweeper_node
+
+    check_sweeper_node(cfg.hydra.sweeper)  # the search as shipped is well formed
+    with pytest.raises(InstantiationException, match="write hydra/sweeper/pruner=median"):
+        sweeper_of("search", "hydra.sweeper.pruner=median")
+    for overrides, message in [
+        (["hydra.sweeper.sampler.name=cmaes"], "sampler.name must be one of tpe, random, grid, got 'cmaes'"),
+        (["hydra.sweeper.direction=max"], "'max' is not maximize or minimize"),
+        (["hydra.sweeper.direction=[{metric:val_accuracy_cosine,goal:maximize}]"], "direction entry"),
+        (["hydra.sweeper.pruner.n_startup_trials=-1"], "MedianPruner.*ValueError: Number of startup trials"),
+        (["hydra/sweeper/pruner=hyperband", "hydra.sweeper.direction=[maximize,minimize]"], "single-objective"),
+    ]:
+        cfg, _ = sweeper_of("search", *overrides, build=False)
+        with pytest.raises(ValueError, match=message) as raised:
+            check_sweeper_node(cfg.hydra.sweeper)
+        assert raised.typename == "SweeperConfigError" and "\n" not in str(raised.value)

@@ -109,7 +109,7 @@ def test_live_metrics_and_view_leave_training_unchanged(compose, tmp_path, tiny_
     loss = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in loss] == [step for step, _ in live.losses]
     assert [m.value for m in loss] == pytest.approx([value for _, value in live.losses])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy_cosine")] == [2, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "live_val_accuracy_cosine")] == [2, 4]
     assert callback.logged_loss
     assert "{'loss'" not in capsys.readouterr().out  # one progress bar, no dict per logging step
 
@@ -153,3 +153,72 @@ def test_a_learning_rate_that_wrecks_the_model_is_pruned(compose, tmp_path, tiny
     # The wrecked model scores well under the good one at the same step (chance is 0.25).
     assert bad_cb.scores[0][1] < good_cb.scores[0][1] - 0.2, (bad_cb.scores, good_cb.scores)
     assert bad_run.data.tags["optuna.pruned"] == "true" and bad_run.data.tags["optuna.pruned_step"] == "4"
+
+
+def test_a_real_search_prunes_a_trial_and_never_takes_it_for_the_best(tmp_path, ag_news_dir):
+    """`python -m embft -m experiment=search` end to end, on MiniLM (a random tiny BERT scores at chance on
+    AG News, so a gap the pruner must act on would not be certain): the grid runs learning rate 1e-5 first
+    (seed 42) and then 50, which wrecks the model; MedianPruner(n_startup_trials=1) must prune it at its
+    first live score."""
+    import re
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from embft import names
+    from test_pipeline import embft, runs
+
+    done = embft(
+        tmp_path,
+        "-m",
+        "experiment=search",
+        f"data.local_dir={ag_news_dir}",
+        "train.max_train_queries=12",
+        "train.logging_steps=2",
+        "train.num_train_epochs=1",
+        "train.train_group_size=4",
+        "train.temperature=0.05",
+        "train.learning_rate=choice(50.0,1e-5)",  # fixed values above replace the config's search space
+        "eval.max_test_rows=120",
+        "eval.max_validation_rows=120",
+        "eval.samples_per_label=8",
+        "eval.n_experiments=1",
+        "eval.every_steps=4",
+        "eval.max_seq_length=64",
+        "hydra.sweeper.sampler.name=grid",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner.n_startup_trials=1",
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    good, bad = study.trials
+    assert good.params == {"train.learning_rate": 1e-5} and good.state == TrialState.COMPLETE, good
+    assert bad.params == {"train.learning_rate": 50.0} and bad.state == TrialState.PRUNED, bad
+    assert bad.last_step == 4 and bad.intermediate_values[4] < good.intermediate_values[4] - 0.2
+    assert re.search(r"Sweep search/\S+: 1 FINISHED, 1 PRUNED\n", output), output[-3000:]
+    assert "FAILED" not in output
+
+    tuned = {
+        int(r.data.tags[names.OPTUNA_TRIAL]): r
+        for r in runs(tmp_path, "search")
+        if r.data.tags[names.ROLE] == "finetune"
+    }
+    assert sorted(tuned) == [0, 1] and all(r.info.status == "FINISHED" for r in tuned.values())
+    pruned, best = tuned[bad.number], tuned[good.number]
+    assert pruned.data.tags[names.OPTUNA_PRUNED] == "true" and pruned.data.tags[names.OPTUNA_PRUNED_STEP] == "4"
+    assert names.OPTUNA_PRUNED not in best.data.tags
+    # The pruned run is never the best: not tagged so, no classifier logged, not the registered champion.
+    assert pruned.data.tags.get(names.OPTUNA_BEST) != "true" and best.data.tags[names.OPTUNA_BEST] == "true"
+    assert names.CLASSIFIER_URI not in pruned.data.tags and names.CLASSIFIER_URI in best.data.tags
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    champion = client.get_model_version_by_alias("search", names.CHAMPION)
+    assert champion.tags[names.VERSION_RUN] == champion.run_id == best.info.run_id
+    assert not client.search_model_versions(f"name = 'search' and run_id = '{pruned.info.run_id}'")
+
+    parent = next(r for r in runs(tmp_path, "search") if r.data.tags.get(names.ROLE) == "study")
+    assert parent.data.metrics["study_n_pruned"] == 1 and parent.data.metrics["study_n_failed"] == 0
+    (sweep_dir,) = (tmp_path / "multirun" / "search").iterdir()
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["n_pruned"] == 1 and results["best_trial_number"] == good.number

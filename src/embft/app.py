@@ -51,6 +51,7 @@ class Job:
     # the hash shared with the twin variant, and why.
     twin_key: Optional[str] = None
     twin_reason: Optional[str] = None
+    weights: Optional[str] = None  # the base model's weights fingerprint, once its folder is resolved
 
     @property
     def objective(self) -> str:
@@ -66,6 +67,7 @@ class Job:
             "revision": m.revision,
             "pooling": str(m.pooling),
             "normalize": m.normalize,
+            "weights": self.weights,
         }
 
     @property
@@ -147,7 +149,8 @@ def start(cfg: Config) -> Job:
     quiet_libraries()
     device = pick_device(cfg.train.device)
     encode = pin_eval_settings(cfg, device)
-    with open_dict(cfg):
+    with open_dict(cfg):  # concrete, so a CPU run and a GPU run never share a config hash (skip, twins)
+        cfg.train.device = device
         cfg.train.precision = pick_precision(cfg.train.precision, device)
     resolved = to_container(cfg)
     study_runs.mask_storage(resolved)  # the study URL's password stays out of MLflow
@@ -181,7 +184,7 @@ def finished_run(job: Job) -> Optional[Any]:
     if job.cfg.force:
         return None
     done = tracking.find_runs(job.experiment_id, {names.CONFIG_HASH: job.config_hash})
-    usable = (run for run in done if run.data.tags.get(names.OPTUNA_PRUNED) == "true" or job.scored(run))
+    usable = (run for run in done if tracking.is_pruned(run) or job.scored(run))
     return next(usable, None)
 
 
@@ -194,7 +197,7 @@ def skip(job: Job, run: Any) -> float | list[float] | Any:
     )
     job.out_dir.mkdir(parents=True, exist_ok=True)
     (job.out_dir / SKIPPED_MARKER).write_text(run.info.run_id)
-    if run.data.tags.get(names.OPTUNA_PRUNED) == "true":
+    if tracking.is_pruned(run):
         import optuna
 
         return optuna.TrialPruned(f"pruned at step {run.data.tags.get(names.OPTUNA_PRUNED_STEP)}")
@@ -264,7 +267,10 @@ def take_twin(job: Job, twin: Any) -> dict[str, float]:
         {
             names.TRAINED_AS: source,
             names.TWIN_REASON: job.twin_reason,
-            **{k: twin.data.tags[k] for k in (names.PRECISION, names.DEVICE) if k in twin.data.tags},
+            # the baseline it was compared with, so a report groups the twin with the run that trained
+            **{
+                k: twin.data.tags[k] for k in (names.PRECISION, names.DEVICE, names.BASELINE_KEY) if k in twin.data.tags
+            },
         }
     )
     log.info(
@@ -306,7 +312,7 @@ def score_baseline(job: Job, splits: Splits, base_encoder) -> dict[str, EvalResu
     from embft.evaluate import baseline_key, cached_baseline, evaluate
 
     cfg = job.cfg
-    key = baseline_key(job.model_id, splits, cfg.eval, job.encode)
+    key = baseline_key(job.model_id, splits, cfg.eval, job.encode, job.device)
     with _lock(job.cache_dir, f"baseline-{key}"):
         baseline, _ = cached_baseline(
             job.cache_dir, key, lambda: evaluate(base_encoder(), splits, cfg.eval, cfg.data.name)
@@ -382,7 +388,7 @@ def fine_tune(job: Job, splits: Splits, records_dir: Path, n_records: int, model
         score if every else None,
         every,
         TrialReporter.from_config(cfg.optuna) if every else None,
-        metric=names.validation(job.metric),
+        metric=names.live(names.validation(job.metric)),
     )
     result = train(cfg, records_dir, model_path, n_records, job.out_dir, job.encode.as_dict(), callbacks=(live,))
     if live.eval_seconds:  # live scoring ran inside the Trainer's time: training alone is the rest
@@ -441,7 +447,8 @@ def summarize(job: Job, run_id: str, result: JobResult) -> None:
     m = result.metrics(job.metric)
     val = names.validation(job.metric)
     uri = job.cfg.tracking.uri
-    ui = "http://127.0.0.1:5000" if uri.startswith("sqlite:") else uri.rstrip("/")  # `make mlflow-ui` serves it
+    # A local store is served by `make mlflow-ui` on tracking.ui_url's port (EMBFT_MLFLOW_UI_PORT, both read it).
+    ui = (job.cfg.tracking.ui_url if uri.startswith("sqlite:") else uri).rstrip("/")
     log.info(
         "Done. %s = %.4f on %d test rows (baseline %.4f, delta %+.4f); %s = %.4f on %d validation rows "
         "(baseline %.4f, delta %+.4f, the objective%s). Trained %d queries in %.0f s (%.2f queries/s). "
@@ -478,7 +485,7 @@ def run_job(cfg: Config) -> float | list[float] | Any:
     import mlflow
 
     from embft import encoders
-    from embft.embedder import resolve_model_path
+    from embft.embedder import resolve_model_path, weights_fingerprint
     from embft.runner import check_parallel
 
     job = start(cfg)
@@ -498,6 +505,7 @@ def run_job(cfg: Config) -> float | list[float] | Any:
             return job.returned(take_twin(job, twin))
         splits = load_data(job)
         model_path = resolve_model_path(cfg.model)
+        job.weights = weights_fingerprint(model_path)
         base_encoder = functools.cache(
             lambda: encoders.build_encoder(model_path, cfg.model.pooling, cfg.model.normalize, job.encode, job.device)
         )
@@ -528,6 +536,9 @@ class SweepSummary(Callback):
     """Create the MLflow store before parallel jobs race to; at the end, count the sweep's runs."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra_plugins.embft_optuna_sweeper.checks import exit_on_bad_sweeper_config
+
+        exit_on_bad_sweeper_config(config)  # before any store or run: Hydra builds the sweeper after this
         try:
             experiment_id = tracking.setup(config.tracking)
         except EmbftError as err:

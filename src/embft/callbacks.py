@@ -17,11 +17,11 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from embft.names import OPTUNA_PRUNED as PRUNED
 from embft.names import OPTUNA_PRUNED_STEP as PRUNED_STEP
-from embft.names import score_metric, validation
+from embft.names import live, score_metric, validation
 
 log = logging.getLogger(__name__)
 
-VAL_METRIC = validation(score_metric("knn", "cosine"))
+LIVE_VAL_METRIC = live(validation(score_metric("knn", "cosine")))
 # score_fn(step, model) -> validation score; `model` is the Trainer's model (FlagEmbedding's
 # embedder: .model is the Hugging Face encoder being trained), see live_sentence_transformer.
 ScoreFn = Callable[[int, Any], float]
@@ -50,8 +50,9 @@ def use_progress_bar(trainer: Any) -> None:
 
 class LiveTrainingCallback(TrainerCallback):
     """Logs `train_loss` to the active MLflow run as the Trainer logs it; every `every_steps`
-    steps scores the live model with `score_fn`, logs `val_accuracy_cosine` by step, reports it
-    to the Optuna trial and stops training when the trial's pruner says so.
+    steps scores the live model with `score_fn`, logs it by step as `live_val_accuracy_cosine` (never
+    under the final score's name: MLflow would show the live value at the highest step instead of the
+    final one), reports it to the Optuna trial and stops training when the trial's pruner says so.
 
     The active MLflow run is the job's own run in this process. After training, `scores` holds
     (step, score) pairs and `pruned_step` the step training was stopped at (None: ran to the end).
@@ -62,7 +63,7 @@ class LiveTrainingCallback(TrainerCallback):
         score_fn: Optional[ScoreFn] = None,
         every_steps: Optional[int] = None,
         reporter: Any = None,  # hydra_plugins.embft_optuna_sweeper.reporting.TrialReporter
-        metric: str = VAL_METRIC,
+        metric: str = LIVE_VAL_METRIC,
     ) -> None:
         if every_steps is not None and every_steps < 1:
             from embft.errors import EmbftError

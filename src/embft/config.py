@@ -211,6 +211,9 @@ class TrackingConfig:
     # The classifier's support set: this many train rows per class (seeded by eval.seed), or
     # null for the whole train split (120k AG News texts: many minutes to embed on a CPU).
     support_per_class: Optional[int] = 256
+    # Where the job's closing paragraph links to for a local store: the UI `make mlflow-ui` starts,
+    # on the port both read from EMBFT_MLFLOW_UI_PORT (default 5000). A server's links use its URI.
+    ui_url: str = "http://127.0.0.1:${oc.env:EMBFT_MLFLOW_UI_PORT,5000}"
 
 
 @dataclass

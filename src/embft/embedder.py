@@ -3,6 +3,8 @@ exactly the job's pooling, normalization and evaluation length, save a trained o
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import json
 import os
@@ -50,6 +52,26 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
             f"point model.name_or_path at a complete model folder."
         )
     return str(path)
+
+
+def weights_fingerprint(path: str) -> str:
+    """A hash of the model folder's weight files (names and bytes): what a cache key needs to tell two
+    models apart that share a name or a path (a re-downloaded revision, a folder trained over)."""
+    folder = Path(path)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _fingerprint(str(folder), stats)
+
+
+@functools.cache
+def _fingerprint(folder: str, stats: tuple) -> str:  # cached per (folder, sizes, mtimes): hashed once a process
+    digest = hashlib.sha256()
+    for name, _, _ in stats:
+        digest.update(name.encode())
+        with open(Path(folder) / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _download(repo_id: str, revision: Optional[str]) -> Path:

@@ -175,15 +175,45 @@ def evaluate(
     return out
 
 
-def baseline_key(model_id: dict[str, Any], splits: Splits, eval_cfg: EvalConfig, settings: EncodeSettings) -> str:
-    """Identifies an untrained model's score: model, data content, eval and encode settings."""
+# The libraries whose code computes a score: a new version may change it, so it is part of the key.
+EVAL_LIBRARIES = ("torch", "transformers", "sentence-transformers", "mteb", "scikit-learn")
+ONNX_LIBRARIES = ("onnxruntime", "optimum")
+
+
+def evaluator_versions(settings: EncodeSettings) -> dict[str, str]:
+    from importlib import metadata
+
+    packages = EVAL_LIBRARIES + (ONNX_LIBRARIES if settings.backend == "onnx" else ())
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "missing"
+    return versions
+
+
+def baseline_key(
+    model_id: dict[str, Any], splits: Splits, eval_cfg: EvalConfig, settings: EncodeSettings, device: str
+) -> str:
+    """Identifies an untrained model's score: the model (its weights' fingerprint included), the data's
+    content, the eval and encode settings, the device and the evaluating libraries' versions; a cached
+    score is reused only by a job that would compute the same one."""
     from omegaconf import OmegaConf
 
     cfg = (
         OmegaConf.to_container(eval_cfg, resolve=True, enum_to_str=True) if not isinstance(eval_cfg, dict) else eval_cfg
     )
     payload = json.dumps(
-        {"model": model_id, "data": splits.fingerprint(), "eval": cfg, "encode": settings.as_dict()}, sort_keys=True
+        {
+            "model": model_id,
+            "data": splits.fingerprint(),
+            "eval": cfg,
+            "encode": settings.as_dict(),
+            "device": device,
+            "versions": evaluator_versions(settings),
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -60,6 +60,9 @@ EVAL_SECONDS = "eval_seconds"
 F1 = "f1"
 
 VALIDATION_PREFIX = "val_"
+# Scores of the model while it trains (eval.every_steps), by step. Their own name: MLflow shows a
+# metric's value at its highest step, so live scores under the final score's name would hide it.
+LIVE_PREFIX = "live_"
 
 
 def score_metric(method: str, metric: str = "cosine") -> str:
@@ -70,6 +73,11 @@ def score_metric(method: str, metric: str = "cosine") -> str:
 def validation(metric: str) -> str:
     """The same score on the validation split: `val_accuracy_cosine`."""
     return f"{VALIDATION_PREFIX}{metric}"
+
+
+def live(metric: str) -> str:
+    """The score of the model while it trains, logged by step: `live_val_accuracy_cosine`."""
+    return f"{LIVE_PREFIX}{metric}"
 
 
 def std(metric: str) -> str:

@@ -28,24 +28,32 @@ CLASSIFIER_URI = names.CLASSIFIER_URI
 
 
 def objective_metric(config: Any) -> str:
-    """The metric the job returns to a sweeper: `val_accuracy_cosine` under eval.objective=validation."""
+    """The metric the job returns to a sweeper: `val_accuracy_cosine` unless eval.objective=test says
+    otherwise (a config without the key chooses on validation too: never on test by default)."""
     from omegaconf import OmegaConf
 
     from embft.evaluate import metric_name
 
     metric = metric_name(config.eval)
-    objective = OmegaConf.select(config, "eval.objective", default="test")
-    return names.validation(metric) if str(objective) == "validation" else metric
+    objective = OmegaConf.select(config, "eval.objective", default="validation")
+    return metric if str(objective) == "test" else names.validation(metric)
 
 
 def best_run(experiment_id: str, group: dict[str, str], metric: str) -> Optional[Any]:
+    """The group's best complete run by `metric`: pruned runs and runs without a validation score
+    never compete (tracking.eligible_for_best)."""
     runs = [
         r
         for r in tracking.find_runs(experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
-        if metric in r.data.metrics
+        if tracking.eligible_for_best(r, metric)
     ]
-    # Of tied runs, one that logged a classifier (a run that took its twin's training logs none).
-    return max(runs, key=lambda r: (r.data.metrics[metric], CLASSIFIER_URI in r.data.tags), default=None)
+    # Of tied runs, one that logged a classifier (a run that took its twin's training logs none), then
+    # the earliest: Optuna's best trial among equal values is the first one, and so is the champion.
+    return max(
+        runs,
+        key=lambda r: (r.data.metrics[metric], CLASSIFIER_URI in r.data.tags, -r.info.start_time, r.info.run_id),
+        default=None,
+    )
 
 
 def register_best(experiment_id: str, group: dict[str, str], study: str, name: str, metric: str) -> Optional[Any]:
@@ -58,7 +66,12 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
     client = mlflow.MlflowClient()
     best = best_run(experiment_id, group, metric)
     if best is None:
-        log.warning("Registry: no finished run of %s has %s; nothing registered", study, metric)
+        log.warning(
+            "Registry: no complete run of %s has %s and a validation score (pruned runs never compete); "
+            "nothing registered",
+            study,
+            metric,
+        )
         return None
     uri = best.data.tags.get(CLASSIFIER_URI)
     if not uri:

@@ -98,6 +98,8 @@ def _rows(runs: list, exp_names: dict[str, str]) -> list[dict[str, Any]]:
             "baseline_key": tags.get(KEY_TAG),
             "config_hash": tags.get(HASH_TAG),
             "twin_reason": tags.get(names.TWIN_REASON),  # took a twin run's training (app.take_twin)
+            "trained_as": tags.get(names.TRAINED_AS),
+            "pruned": tags.get(names.OPTUNA_PRUNED) == "true",  # stopped by the study's pruner: a partial score
             "start_time": run.info.start_time,
             "end_time": run.info.end_time,
         }
@@ -152,7 +154,7 @@ class StudyInfo:
     """What a report says about a study besides its table."""
 
     metric: str  # the test score reported, e.g. accuracy_cosine
-    ranked_by: str  # val_<metric> where the runs have it, else <metric>
+    ranked_by: str | None  # val_<metric>; None where no run has it (nothing is chosen on test)
     experiments: list[str]
     sweeps: list[str]
     n_used: int
@@ -176,13 +178,21 @@ def _metric(df: pd.DataFrame, name: str) -> pd.Series:
     return pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(np.nan, df.index)
 
 
+def _pruned(df: pd.DataFrame) -> pd.Series:
+    return df["pruned"].fillna(False).astype(bool) if "pruned" in df else pd.Series(False, df.index)
+
+
 def _usable(df: pd.DataFrame, role: str, metric: str) -> pd.Series:
-    return (df["role"] == role) & (df["status"] == "FINISHED") & _metric(df, metric).notna()
+    """FINISHED runs of `role` with `metric`; a pruned trial's run (a partial score) is never one."""
+    return (df["role"] == role) & (df["status"] == "FINISHED") & ~_pruned(df) & _metric(df, metric).notna()
 
 
 def _skip_reason(row: pd.Series, metric: str) -> str:
     if row["status"] != "FINISHED":
         return str(row["status"])
+    pruned = row.get("pruned")
+    if pd.notna(pruned) and bool(pruned):
+        return "PRUNED (stopped by the study's pruner: listed apart, never ranked)"
     return f"FINISHED without {metric}" if row["role"] in ("finetune", "baseline") else "untagged"
 
 
@@ -309,6 +319,16 @@ def _baselines(df: pd.DataFrame, used: pd.DataFrame, settings: list[str], metric
     return rows, by_key, {f[4] for f in found}
 
 
+def _baseline_keys(used: pd.DataFrame, selected: pd.DataFrame) -> pd.Series:
+    """Each used run's `embft.baseline_key`; a run that took its twin's training (logged before twins
+    carried the key) takes the key of the run that trained, so it never makes a baseline of its own."""
+    keys = used["baseline_key"]
+    if "trained_as" in used:
+        by_run = selected.set_index("run_id")["baseline_key"].dropna().to_dict()
+        keys = keys.where(keys.notna(), used["trained_as"].map(by_run))
+    return keys.fillna("(none)")
+
+
 def _fixed_settings(used: pd.DataFrame, settings: list[str]) -> dict[str, str]:
     """Params with one value across the used runs (non-setting prefixes and seed excluded)."""
     fixed = {}
@@ -350,7 +370,7 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
     # Setting columns under their plain key; missing params count as a value of their own.
     for key in settings:
         used[key] = used[f"params.{key}"].fillna("(unset)").astype(str)
-    used["_key"] = used["baseline_key"].fillna("(none)")
+    used["_key"] = _baseline_keys(used, selected)
     base_rows, base_acc, sources = _baselines(df, used, settings, metric)
     acc = _metric(used, metric)
     val_acc = _metric(used, names.validation(metric))
@@ -387,14 +407,14 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
 
     table = pd.DataFrame(rows + base_rows, columns=["configuration", *settings, *TABLE_NUMBERS])
     has_val = bool(val_acc.notna().any())
-    rank_by = ["val_accuracy_mean", "accuracy_mean"] if has_val else ["accuracy_mean"]
-    table = table.sort_values(rank_by, ascending=False, kind="stable", na_position="last")
+    if has_val:  # runs without a validation score are never ranked on test: they come last, unranked
+        table = table.sort_values(["val_accuracy_mean"], ascending=False, kind="stable", na_position="last")
     table = table.reset_index(drop=True).astype({"n_seeds": int})
     seeds = [len(v) for v in accuracies.values()]
     start = pd.to_numeric(selected["start_time"], errors="coerce").dropna()
     info = StudyInfo(
         metric=metric,
-        ranked_by=names.validation(metric) if has_val else metric,
+        ranked_by=names.validation(metric) if has_val else None,
         experiments=sorted(set(selected["experiment"].dropna())),
         sweeps=sorted(set(selected["sweep"].dropna())),
         n_used=len(used),
@@ -429,6 +449,16 @@ def used_sentence(info: StudyInfo) -> str:
     return text
 
 
+def ranked_line(info: StudyInfo) -> str:
+    """What the ranking rests on; where no run has a validation score, that nothing was ranked."""
+    if info.ranked_by is None:
+        return (
+            f"not ranked: these runs have no `{names.validation(info.metric)}`, and choices are made on "
+            "validation, never on the test score (rerun them to choose)"
+        )
+    return f"`{info.ranked_by}` (choices are made on validation; the test score is reported beside it)"
+
+
 def seeds_text(info: StudyInfo) -> str:
     lo, hi = info.n_seeds_min, info.n_seeds_max
     return f"n seeds = {lo}" if lo == hi else f"n seeds = {lo}-{hi}"
@@ -444,7 +474,8 @@ def _fmt(value: Any, digits: int) -> str:
 
 
 def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
-    """The summary table as a markdown pipe table; rows labelled in `baselines` get no deltas."""
+    """The summary table as a markdown pipe table; rows labelled in `baselines` get no deltas, rows
+    without a validation score no rank (a rank would be a choice made on test)."""
     header = [
         "rank",
         *settings,
@@ -463,7 +494,8 @@ def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
     rank = 0
     for _, r in table.iterrows():
         baseline = r["configuration"] in baselines
-        rank += not baseline
+        ranked = not baseline and not math.isnan(r["val_accuracy_mean"])
+        rank += ranked
         if baseline:
             ci = ""
         elif r["n_seeds"] < 2 or math.isnan(r["delta_ci95_low"]):
@@ -472,7 +504,7 @@ def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
             ci = f"[{r['delta_ci95_low']:+.4f}, {r['delta_ci95_high']:+.4f}]"
         delta = "n/a" if math.isnan(r["delta_mean"]) else f"{r['delta_mean']:+.4f}"
         cells = [
-            f"**{r['configuration']}**" if baseline else str(rank),
+            f"**{r['configuration']}**" if baseline else (str(rank) if ranked else "-"),
             *(str(r[k]) for k in settings),
             str(r["n_seeds"]) if not baseline or r["n_seeds"] else "(logged)",
             _fmt(r["val_accuracy_mean"], 4),
@@ -511,7 +543,7 @@ def write_markdown(table: pd.DataFrame, info: StudyInfo, name: str, path: Path, 
 - Runs started: {when}
 - Generated: {now}
 - Runs: {used_sentence(info)}; usable = FINISHED fine-tune runs with `{metric}`.
-- Ranked by: `{info.ranked_by}` (choices are made on validation; the test score is reported beside it)
+- Ranked by: {ranked_line(info)}
 - Varying settings: {", ".join(f"`{s}`" for s in info.settings) or "none (one configuration)"}
 - Fixed settings: {fixed or "none"}
 {twin_lines}
@@ -670,12 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     n_configs = len(table) - len(info.baselines)
     delta = "" if math.isnan(best["delta_mean"]) else f" (delta {best['delta_mean']:+.4f})"
     val = "" if math.isnan(best["val_accuracy_mean"]) else f"validation {best['val_accuracy_mean']:.4f}, "
-    if info.ranked_by == info.metric:  # runs from before the validation split: nothing to choose on
-        print(
-            f"note: these runs have no {names.validation(info.metric)}; the ranking is by the test score "
-            "and is not a choice (rerun them to choose on validation)",
-            file=sys.stderr,
-        )
+    if info.ranked_by is None:  # runs from before the validation split: nothing to choose on
+        print(f"{title}: {used_sentence(info)}; {n_configs} configuration(s); {ranked_line(info)}")
+        return 0
     print(
         f"{title}: {used_sentence(info)}; {n_configs} configuration(s); best by {info.ranked_by}: "
         f"{best['configuration']}: {val}test {best['accuracy_mean']:.4f}{delta}"

@@ -156,10 +156,10 @@ def is_best_so_far(metric: str) -> bool:
     group = _group_tags(run)
     if not group:
         return True  # a single job is the best of its own
-    others = [
+    others = [  # a pruned leader, or one without a validation score, never blocks a complete winner
         r
         for r in tracking.find_runs(run.info.experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
-        if r.info.run_id != run.info.run_id and metric in r.data.metrics
+        if r.info.run_id != run.info.run_id and tracking.eligible_for_best(r, metric)
     ]
     value = run.data.metrics[metric]
     return all(value >= r.data.metrics[metric] for r in others)

@@ -30,11 +30,13 @@ from embft.names import (
     GIT_COMMIT,
     HEARTBEAT,
     HOST,
+    OPTUNA_PRUNED,
     PID,
     PID_NS,
     ROLE,
     ROLE_BASELINE,
     SCORES_ARTIFACT,
+    VALIDATION_PREFIX,
 )
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,20 @@ def find_runs(experiment_id: str, tags: dict[str, str], statuses: tuple[str, ...
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     runs = MlflowClient().search_runs([experiment_id], filter_string=query, max_results=1000)
     return [r for r in runs if r.info.status in statuses]
+
+
+def is_pruned(run: Any) -> bool:
+    """A run of a trial that the study's pruner stopped: FINISHED, but with a partial score and no model."""
+    return run.data.tags.get(OPTUNA_PRUNED) == "true"
+
+
+def eligible_for_best(run: Any, metric: str) -> bool:
+    """May `run` be chosen as a "best" by `metric` (log_model=best, the registry's champion)? Only a
+    FINISHED run that trained to the end (not pruned) and was scored on validation: a choice is never
+    made on the test split alone, nor against a trial that stopped half-way."""
+    validation = metric if metric.startswith(VALIDATION_PREFIX) else f"{VALIDATION_PREFIX}{metric}"
+    metrics = run.data.metrics
+    return run.info.status == "FINISHED" and not is_pruned(run) and metric in metrics and validation in metrics
 
 
 def _pid_namespace() -> str:

@@ -1,7 +1,7 @@
 """Fixtures of the e2e tests: live services that `make e2e` (scripts/e2e_services.sh) starts.
 
-The services are found through EMBFT_MLFLOW_URI and EMBFT_PG_URI (defaults: the script's ports);
-their credentials through MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (MLflow's
+The services are found through EMBFT_MLFLOW_URI and EMBFT_PG_URI, never at a guessed port (the
+script picks free ones and prints them); their credentials through MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (MLflow's
 basic-auth app) and PGPASSFILE (PostgreSQL's scram passwords), all of which
 `scripts/e2e_services.sh env` prints. A service that does not answer fails the test with what
 to run: these tests exist to exercise the services, so a missing one is an error, not a reason
@@ -28,6 +28,15 @@ START_HINT = (
 )
 
 
+def _service_uri(name: str) -> str:
+    uri = os.environ.get(name, "").rstrip("/")
+    if not uri:
+        pytest.fail(
+            f"{name} is not set (the services run on ports chosen at their start); {START_HINT}.", pytrace=False
+        )
+    return uri
+
+
 @dataclass
 class Credentials:
     user: str
@@ -44,7 +53,7 @@ def mlflow_credentials() -> Credentials:
 
 @pytest.fixture(scope="session")
 def mlflow_uri(mlflow_credentials: Credentials) -> str:
-    uri = os.environ.get("EMBFT_MLFLOW_URI", "http://127.0.0.1:5055").rstrip("/")
+    uri = _service_uri("EMBFT_MLFLOW_URI")
     try:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         opener.open(f"{uri}/health", timeout=10).close()
@@ -55,11 +64,11 @@ def mlflow_uri(mlflow_credentials: Credentials) -> str:
 
 @pytest.fixture(scope="session")
 def pg_uri() -> str:
-    """Server URI without a database, e.g. postgresql://embft@127.0.0.1:5433 (libpq syntax); the
+    """Server URI without a database, e.g. postgresql://embft@127.0.0.1:PORT (libpq syntax); the
     password comes from PGPASSFILE."""
     import psycopg2
 
-    uri = os.environ.get("EMBFT_PG_URI", "postgresql://embft@127.0.0.1:5433").rstrip("/")
+    uri = _service_uri("EMBFT_PG_URI")
     try:
         psycopg2.connect(f"{uri}/optuna", connect_timeout=10).close()
     except psycopg2.Error as err:

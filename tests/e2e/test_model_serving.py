@@ -1,10 +1,11 @@
 """The smoke sweep's model through the authenticated server: logged through the artifact proxy,
 registered as NAME@champion, loaded by alias in a fresh process, and served by `mlflow models serve`."""
 
+import contextlib
 import json
 import os
+import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -106,40 +107,71 @@ def test_champion_loads_by_alias_in_a_fresh_process(
     assert refused.returncode == 1 and "cannot load" in refused.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVE_PORTS = range(20000, 32768)  # below Linux's ephemeral ports: no client connection holds one
+PICK = random.SystemRandom()  # not the test run's seeded `random`: two runs of this test pick apart
+
+
+def _stop(server: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def _serve(model_uri: str, env: dict, log: Path, tries: int = 10) -> tuple[subprocess.Popen, str]:
+    """`mlflow models serve` on a random loopback port, another one while the port is taken;
+    (server, URL) once the server's own log says "Uvicorn running on URL": it holds the port then
+    (a /ping that answers could be another server's). No port is probed and released first, so
+    nothing can take it between the check and the bind."""
+    for _ in range(tries):
+        url = f"http://127.0.0.1:{PICK.choice(SERVE_PORTS)}"
+        with log.open("w") as out:
+            server = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("mlflow")),
+                    "models",
+                    "serve",
+                    "-m",
+                    model_uri,
+                    "--env-manager",
+                    "local",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    url.rsplit(":", 1)[1],
+                    "--workers",
+                    "1",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 300
+        while f"Uvicorn running on {url}" not in log.read_text(errors="replace"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        else:
+            return server, url
+        code = server.poll()
+        _stop(server)
+        output = log.read_text(errors="replace")
+        if "address already in use" not in output.lower():
+            why = f"exited ({code})" if code is not None else "did not start in 300 s"
+            pytest.fail(f"mlflow models serve on {url} {why}:\n{output[-3000:]}", pytrace=False)
+    pytest.fail(f"mlflow models serve found every port taken in {tries} tries:\n{output[-3000:]}", pytrace=False)
 
 
 def test_mlflow_models_serve_answers_on_loopback(
     smoke_sweep, in_process_labels, mlflow_uri: str, tmp_path: Path
 ) -> None:
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "models",
-            "serve",
-            "-m",
-            f"models:/{smoke_sweep.name}@champion",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=_client_env(mlflow_uri),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server, url = _serve(f"models:/{smoke_sweep.name}@champion", _client_env(mlflow_uri), tmp_path / "serve.log")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -157,10 +189,4 @@ def test_mlflow_models_serve_answers_on_loopback(
         assert [p["label_name"] for p in predictions] == in_process_labels
         assert {"label", *(f"score_{name}" for name in in_process_labels)} <= set(predictions[0])
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        _stop(server)

@@ -15,7 +15,18 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "tests" / "sweeper_app" / "my_app.py"
 
 
-PRUNING = ["steps=4", "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=2"]
+# A pruned trial is certain, whatever the two workers' timing: the random sampler draws trial n's
+# params from seed 42 + n alone, so the trials' values are known up front, and the worst of them
+# (trial 6, x=-2.86 y=2) comes after trials 0 and 1. Each worker asks its next trial only once its
+# previous one ended, and the study's first trial to end is COMPLETE (nothing to compare with), so
+# when any trial from number 2 on reports, at least one other trial is COMPLETE; the median pruner
+# (n_startup_trials=1) then stops the worst trial at its first step, below every other trial there.
+PRUNING = [
+    "steps=4",
+    "hydra/sweeper/pruner=median",
+    "hydra.sweeper.pruner.n_startup_trials=1",
+    "hydra.sweeper.sampler.name=random",
+]
 
 
 @pytest.mark.parametrize("pruning", [False, True], ids=["complete", "median-pruner"])
@@ -66,6 +77,11 @@ def test_two_workers_share_one_postgres_study(pg_uri: str, tmp_path: Path, pruni
     if pruning:  # each worker reports every step to the shared study and its median pruner stops laggards
         assert set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}, states
         assert all(t.intermediate_values for t in trials), "every trial reported its learning curve"
+        # The app's objective from the params: the worst trial, after trials 0 and 1, is pruned at step 1.
+        worst = min(trials, key=lambda t: -((t.params["x"] - 2) ** 2) - (t.params["y"] + 1) ** 2)
+        assert worst.number >= 2, [(t.number, t.params) for t in trials]  # the premise of the certainty
+        assert worst.state == optuna.trial.TrialState.PRUNED and worst.last_step == 1, (worst, states)
+        assert optuna.trial.TrialState.COMPLETE in states
     else:
         assert states == [optuna.trial.TrialState.COMPLETE] * n_trials
     assert sorted(t.number for t in trials) == list(range(n_trials))

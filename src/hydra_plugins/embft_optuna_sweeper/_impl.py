@@ -48,6 +48,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.engine import make_url
 
+from .checks import NOP_PRUNER, check_pruner, check_sampler, parse_directions
 from .reporting import PRUNER_ATTR, make_pruner
 
 log = logging.getLogger(__name__)
@@ -497,39 +498,15 @@ def _ask_lock(storage_url: Optional[str], study_name: str) -> Iterator[None]:
 
 def _parse_directions(direction: Any) -> tuple[list[str], Optional[list[str]]]:
     """Directions, and metric names when given as ``{metric, direction}`` entries."""
-    if isinstance(direction, str) or isinstance(direction, Mapping):
-        entries = [direction]
-    else:
-        entries = list(direction)
-    directions, names = [], []
-    for entry in entries:
-        if isinstance(entry, Mapping):
-            directions.append(str(entry.get("direction", "maximize")))
-            names.append(entry.get("metric"))
-        else:
-            directions.append(entry)
-            names.append(None)
-    if not directions or any(d not in ("maximize", "minimize") for d in directions):
-        raise ValueError(f"hydra.sweeper.direction: expected maximize/minimize, got {direction!r}")
-    if all(n is None for n in names):
-        return directions, None
-    if any(n is None for n in names):
-        raise ValueError(f"hydra.sweeper.direction: name every objective or none, got {direction!r}")
-    return directions, [str(n) for n in names]
+    return parse_directions(direction)
 
 
 def _pruner_spec(pruner: Any) -> Optional[dict[str, Any]]:
     """The pruner config as plain data (None for none/NopPruner), checked by building it."""
-    if pruner is None:
+    spec = check_pruner(pruner)
+    if spec is None or spec.get("_target_") == NOP_PRUNER:
         return None
-    spec = OmegaConf.to_container(pruner, resolve=True) if isinstance(pruner, DictConfig) else dict(pruner)
-    if spec.get("_target_") == "optuna.pruners.NopPruner":
-        return None
-    try:
-        make_pruner(spec)
-    except Exception as e:
-        raise ValueError(f"hydra.sweeper.pruner: {e}") from e
-    return spec  # type: ignore[return-value]
+    return spec
 
 
 def _check_compatible(name: str, old: BaseDistribution, new: BaseDistribution) -> None:
@@ -583,7 +560,7 @@ class OptunaSweeperImpl(Sweeper):
         self.n_trials = n_trials
         self.n_jobs = n_jobs
         self.seed = seed
-        self.sampler_conf: Mapping[str, Any] = sampler or {}
+        self.sampler_conf: Mapping[str, Any] = check_sampler(sampler)
         self.max_failure_rate = max_failure_rate
         self.failure_rate_min_trials = failure_rate_min_trials
         self.heartbeat_interval = heartbeat_interval

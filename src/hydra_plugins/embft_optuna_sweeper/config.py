@@ -11,6 +11,9 @@ from hydra.core.config_store import ConfigStore
 SWEEPER_TARGET = "hydra_plugins.embft_optuna_sweeper.embft_optuna_sweeper.EmbftOptunaSweeper"
 
 
+SAMPLERS = ("tpe", "random", "grid")
+
+
 @dataclass
 class SamplerConf:
     """Sampler choice. ``None`` fields keep Optuna's own default for that argument."""
@@ -120,7 +123,10 @@ class EmbftOptunaSweeperConf:
     n_trials: int = 20
     n_jobs: int = 1
     seed: Optional[int] = 42
-    sampler: SamplerConf = field(default_factory=SamplerConf)
+    # Typed Any so that a bare string (hydra.sweeper.sampler=tpe) composes and reaches the
+    # sweeper's check (checks.py), which says to write hydra.sweeper.sampler.name=tpe instead;
+    # the default node is still a SamplerConf, so its keys and types are checked as before.
+    sampler: Any = field(default_factory=SamplerConf)
     max_failure_rate: float = 0.5
     failure_rate_min_trials: int = 5
     heartbeat_interval: Optional[int] = 60
