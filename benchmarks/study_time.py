@@ -90,8 +90,8 @@ def parse_args() -> argparse.Namespace:
 def machine() -> str:
     import torch
 
-    from embft.encoders import onnx_available
-    from embft.precision import CPU_BF16_FLAGS, _cpu_flags, bf16_supported
+    from embft.encoding.encoders import onnx_available
+    from embft.encoding.precision import CPU_BF16_FLAGS, _cpu_flags, bf16_supported
 
     flags = _cpu_flags()
     shown = [f for f in ("avx2", "avx512f", "avx512_vnni", *CPU_BF16_FLAGS, "amx_tile") if f in flags]
@@ -160,7 +160,7 @@ def read_runs(root: Path, arms: list[str]) -> list[dict]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from embft import names
+    from embft.tracking import names
 
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
     client = MlflowClient()

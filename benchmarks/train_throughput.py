@@ -1,4 +1,4 @@
-"""Training throughput: FlagEmbedding's stock same-dataset path vs embft.groupwise's path.
+"""Training throughput: FlagEmbedding's stock same-dataset path vs embft.training.flagembedding.groupwise's path.
 
 Every config trains, in this one process, a fresh copy of the model with FlagEmbedding's own runner
 and Trainer on the same AG News records (group size 8, max length 64, the study's optimiser
@@ -190,7 +190,7 @@ def train_config(
     )
     from transformers import PrinterCallback
 
-    from embft.precision import precision_training_kwargs
+    from embft.encoding.precision import precision_training_kwargs
 
     out = Path(tempfile.mkdtemp(dir=work))
     runner = runner_cls(
@@ -258,8 +258,8 @@ def main() -> None:
     from FlagEmbedding.finetune.embedder.encoder_only.base import EncoderOnlyEmbedderRunner
 
     from embft.data import NO_IN_BATCH_NEG_SUFFIX, build_records, write_records
-    from embft.groupwise import GroupwiseEmbedderRunner
-    from embft.precision import bf16_supported
+    from embft.encoding.precision import bf16_supported
+    from embft.training.flagembedding.groupwise import GroupwiseEmbedderRunner
 
     datasets.disable_progress_bar()
     transformers.logging.set_verbosity_error()

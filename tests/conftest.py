@@ -144,10 +144,10 @@ _HELD_IN_TRAINING = """
 import os, runpy, sys, time
 from pathlib import Path
 
-import embft.callbacks
+import embft.training.callbacks
 
 marker = Path(os.environ["EMBFT_TEST_HELD_MARKER"])
-on_log = embft.callbacks.LiveTrainingCallback.on_log
+on_log = embft.training.callbacks.LiveTrainingCallback.on_log
 
 
 def held_on_log(self, args, state, control, logs=None, **kwargs):
@@ -159,7 +159,7 @@ def held_on_log(self, args, state, control, logs=None, **kwargs):
             time.sleep(0.05)
 
 
-embft.callbacks.LiveTrainingCallback.on_log = held_on_log
+embft.training.callbacks.LiveTrainingCallback.on_log = held_on_log
 runpy.run_module("embft", run_name="__main__", alter_sys=True)
 """
 

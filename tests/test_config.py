@@ -75,7 +75,7 @@ def test_config_hash_ignores_new_keys_at_their_defaults(compose):
     """Keys added to the schema later keep old jobs' hashes (resume still skips them) at defaults."""
     from omegaconf import OmegaConf
 
-    from embft.tracking import config_hash
+    from embft.tracking.mlflow_runs import config_hash
 
     def resolved(overrides=()):
         return OmegaConf.to_container(compose(list(overrides)), resolve=True)

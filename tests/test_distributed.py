@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_bert
-from embft import distributed
 from embft.data import build_records, write_records
 from embft.errors import EmbftError
-from embft.runner import RunnerSpec, check_parallel, effective_batch_size, runner_spec
-from embft.train import train
+from embft.training.flagembedding import distributed
+from embft.training.flagembedding.runner import RunnerSpec, check_parallel, effective_batch_size, runner_spec
+from embft.training.flagembedding.train import train
 from test_pipeline import embft, runs
 
 # ---------------------------------------------------------------- fast: command, environment, config
@@ -28,7 +28,7 @@ def test_torchrun_command_runs_the_worker_module(tmp_path):
     cmd = distributed.torchrun_command(tmp_path / "spec.json", 3, tmp_path / "logs")
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and "--nproc_per_node=3" in cmd
-    assert cmd[-3:] == ["-m", "embft.distributed", str(tmp_path / "spec.json")]
+    assert cmd[-3:] == ["-m", "embft.training.flagembedding.distributed", str(tmp_path / "spec.json")]
 
 
 def test_worker_env_splits_the_cores_and_keeps_a_users_choice():
@@ -135,7 +135,7 @@ def test_launch_logs_worker_output_and_fails_with_one_error(tmp_path, monkeypatc
     )
     spec = RunnerSpec("stock", "fp32", "cpu", {}, {}, {"output_dir": str(tmp_path / "bare")})
     with (
-        caplog.at_level("INFO", logger="embft.distributed"),
+        caplog.at_level("INFO", logger="embft.training.flagembedding.distributed"),
         pytest.raises(EmbftError, match="rank 0: RuntimeError: boom"),
     ):
         distributed.launch(spec, 2, "cpu", work_parent=tmp_path)
@@ -293,7 +293,7 @@ if os.environ.get("RANK") == "1":  # only this rank breaks, at its second step; 
         return step(self, *args, **kwargs)
 
     transformers.Trainer.training_step = failing_step
-from embft.distributed import main
+from embft.training.flagembedding.distributed import main
 main()
 """
 

@@ -177,17 +177,17 @@ def test_heartbeat_staleness_and_settle_defaults_are_what_the_readme_says(tmp_pa
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from embft import tracking
+    from embft.tracking import mlflow_runs
 
     heartbeat_s = readme_number(r"refreshes its run's tag `embft\.heartbeat` every (\d+) s")
     stale_min = readme_number(r"its heartbeat is older than (\d+) minutes")
     assert readme_number(r"once its heartbeat is (\d+) minutes old") == stale_min
     settle_s = readme_number(r"checked against live twins of the config after (\d+) s\)")
 
-    defaults = inspect.signature(tracking.job_run).parameters
+    defaults = inspect.signature(mlflow_runs.job_run).parameters
     assert defaults["heartbeat_s"].default == heartbeat_s
     assert defaults["settle_s"].default == settle_s
-    assert inspect.signature(tracking.Heartbeat).parameters["interval"].default == heartbeat_s
+    assert inspect.signature(mlflow_runs.Heartbeat).parameters["interval"].default == heartbeat_s
 
     # is_alive at either side of the limit (another machine's run: only its heartbeat counts).
     beat = 1_000_000.0
@@ -198,24 +198,24 @@ def test_heartbeat_staleness_and_settle_defaults_are_what_the_readme_says(tmp_pa
         info=SimpleNamespace(start_time=0),
     )
     limit = stale_min * 60
-    assert tracking.is_alive(run, now=beat + limit - 1)[0], "a heartbeat 119 s old is alive"
-    assert not tracking.is_alive(run, now=beat + limit + 1)[0], "a heartbeat 121 s old is dead"
-    assert tracking.is_alive(run, now=beat + heartbeat_s)[0]
+    assert mlflow_runs.is_alive(run, now=beat + limit - 1)[0], "a heartbeat 119 s old is alive"
+    assert not mlflow_runs.is_alive(run, now=beat + limit + 1)[0], "a heartbeat 121 s old is dead"
+    assert mlflow_runs.is_alive(run, now=beat + heartbeat_s)[0]
 
     # What job_run does with its defaults: a Heartbeat every 30 s, one wait of 1 s before the check.
     beats, sleeps = [], []
-    real_heartbeat = tracking.Heartbeat
+    real_heartbeat = mlflow_runs.Heartbeat
 
     class SpyHeartbeat(real_heartbeat):
-        def __init__(self, run_id, interval=tracking.HEARTBEAT_INTERVAL_S):
+        def __init__(self, run_id, interval=mlflow_runs.HEARTBEAT_INTERVAL_S):
             beats.append(interval)
             super().__init__(run_id, interval)
 
-    monkeypatch.setattr(tracking, "Heartbeat", SpyHeartbeat)
+    monkeypatch.setattr(mlflow_runs, "Heartbeat", SpyHeartbeat)
     monkeypatch.setattr(tracking.time, "sleep", lambda s: sleeps.append(s))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     exp = MlflowClient().create_experiment("defaults")
-    with tracking.job_run(exp, "job", {"embft.config_hash": "abc"}) as active:
+    with mlflow_runs.job_run(exp, "job", {"embft.config_hash": "abc"}) as active:
         assert active is not None
     assert beats == [heartbeat_s] and sleeps == [settle_s]
 
@@ -228,8 +228,8 @@ def test_support_per_class_defaults_to_256_texts_per_class(compose, monkeypatch)
     tracking groups, what log_job_models hands the classifier, and the support set's size."""
     import pandas as pd
 
-    from embft import serving
     from embft.config import TrackingConfig
+    from embft.tracking import serving
 
     default = readme_number(r"`tracking\.support_per_class` texts per class, default (\d+)")
     assert TrackingConfig().support_per_class == default
@@ -343,10 +343,10 @@ def test_nproc_per_node_above_one_turns_live_metrics_off(compose, tmp_path, tiny
 
     from transformers import TrainerCallback
 
-    from embft import distributed
     from embft.data import build_records, write_records
-    from embft.runner import RunnerOutcome
-    from embft.train import train
+    from embft.training.flagembedding import distributed
+    from embft.training.flagembedding.runner import RunnerOutcome
+    from embft.training.flagembedding.train import train
 
     assert "Live metrics and pruning need `train.nproc_per_node=1`" in " ".join(README.split())
 

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embft import encoders
-from embft.encoders import EncodeSettings, build_encoder, resolve_eval_settings
+from embft.encoding import encoders
+from embft.encoding.encoders import EncodeSettings, build_encoder, resolve_eval_settings
 from embft.errors import EmbftError
 
 # Bounds, MiniLM on AG News. Measured 2026-11-30 (2-vCPU AMD EPYC, AVX512-BF16, 600 test texts, max length
@@ -69,8 +69,8 @@ def test_bad_settings_fail_with_one_line(monkeypatch, kw, onnx, message):
 
 def test_resolved_values_reach_the_config_hash(compose, monkeypatch):
     """A bf16 job and an fp32 job of the same config are different jobs; fp32/torch keeps old hashes."""
-    from embft import tracking
     from embft.config import to_container
+    from embft.tracking import mlflow_runs
 
     monkeypatch.setattr(encoders, "_native_bf16", lambda device: True)
     monkeypatch.setattr(encoders, "onnx_available", lambda: True)
@@ -79,11 +79,11 @@ def test_resolved_values_reach_the_config_hash(compose, monkeypatch):
         job = compose([f"eval.precision={precision}"])
         settings = encoders.pin_eval_settings(job, "cpu")
         assert job.eval.precision == settings.precision != "auto"
-        hashes[precision] = tracking.config_hash(to_container(job))
+        hashes[precision] = mlflow_runs.config_hash(to_container(job))
     assert hashes["auto"] == hashes["bf16"] != hashes["fp32"]
     old = to_container(compose([]))
     del old["eval"]["precision"], old["eval"]["backend"]  # a job logged before these fields existed
-    assert tracking.config_hash(old) == hashes["fp32"]  # fp32/torch: the hash of a job without these keys
+    assert mlflow_runs.config_hash(old) == hashes["fp32"]  # fp32/torch: the hash of a job without these keys
 
 
 # --- equivalence on real text: MiniLM, AG News ---------------------------------------------------------
@@ -132,7 +132,7 @@ def assert_equivalent(reference, candidate, max_gap, label):
 
 
 def test_bf16_autocast_encodes_like_fp32(minilm, labelled, reference):
-    from embft.precision import bf16_supported
+    from embft.encoding.precision import bf16_supported
 
     if not bf16_supported("cpu"):
         pytest.skip("no native bf16 on this CPU: emulated bf16 is hundreds of times slower than fp32")
@@ -155,7 +155,7 @@ def test_onnx_backend_encodes_like_fp32(minilm, labelled, reference):
 def tiny_st(tmp_path_factory):
     """A tiny BERT saved as a SentenceTransformer folder, as a fine-tuning job leaves it."""
     from conftest import make_tiny_bert
-    from embft.embedder import save_sentence_transformer
+    from embft.encoding.model_folder import save_sentence_transformer
 
     root = tmp_path_factory.mktemp("tiny")
     final = root / "model"
@@ -173,13 +173,13 @@ def tiny_splits():
 
 
 def test_mteb_evaluation_runs_the_chosen_path(tiny_st, monkeypatch):
-    """embft.evaluate.evaluate (mteb.evaluate inside) encodes under autocast for bf16 and through
+    """embft.evaluation.classification.evaluate (mteb.evaluate inside) encodes under autocast for bf16 and through
     ONNX Runtime for onnx, with no argument beyond the model; scores match fp32's."""
     import torch
 
     from embft.config import EvalConfig
-    from embft.evaluate import evaluate
-    from embft.precision import bf16_supported
+    from embft.encoding.precision import bf16_supported
+    from embft.evaluation.classification import evaluate
 
     eval_cfg = EvalConfig(samples_per_label=4, n_experiments=2, batch_size=8)
     splits = tiny_splits()
@@ -216,7 +216,7 @@ def test_evaluation_encodes_each_text_once_and_scores_as_plain_mteb(tiny_st):
     import mteb
 
     from embft.config import EvalConfig
-    from embft.evaluate import evaluate, make_task
+    from embft.evaluation.classification import evaluate, make_task
 
     eval_cfg = EvalConfig(samples_per_label=4, n_experiments=3, batch_size=8)
     splits = tiny_splits()

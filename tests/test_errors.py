@@ -100,7 +100,7 @@ def fake_training(spec, callbacks=()):
     """Stands in for FlagEmbedding: 'trains' by copying the start model where the runner saves."""
     import shutil
 
-    from embft.runner import RunnerOutcome
+    from embft.training.flagembedding.runner import RunnerOutcome
 
     shutil.copytree(spec.model_args["model_name_or_path"], spec.training_args["output_dir"], dirs_exist_ok=True)
     return RunnerOutcome(seconds=1.0, losses=[(1, 1.0)])
@@ -123,12 +123,12 @@ def test_failure_mid_training_leaves_no_model_folder(compose, tmp_path, tiny_ber
     `model` folder nor a temporary one is left in the job's folder."""
     from sentence_transformers import SentenceTransformer
 
-    import embft.train
+    import embft.training.flagembedding.train
 
     if where == "training":
-        monkeypatch.setattr(embft.train, "run_runner", half_written_training)
+        monkeypatch.setattr(embft.training.flagembedding.train, "run_runner", half_written_training)
     else:
-        monkeypatch.setattr(embft.train, "run_runner", fake_training)
+        monkeypatch.setattr(embft.training.flagembedding.train, "run_runner", fake_training)
         monkeypatch.setattr(SentenceTransformer, "save", half_written_save)
     good = write(tmp_path / "good", synthetic(), synthetic(seed=1))
     cfg = compose(

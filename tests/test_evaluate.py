@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from embft.evaluate import EvalResult, cached_baseline, cap_test, metric_name
+from embft.evaluation.classification import EvalResult, cached_baseline, cap_test, metric_name
 
 
 def test_cap_test_is_stratified_and_deterministic():

@@ -1,4 +1,4 @@
-"""embft.groupwise and embft.precision: the groupwise loss equals FlagEmbedding's no-in-batch-negatives loss; runner and precision wiring."""
+"""embft.training.flagembedding.groupwise and embft.encoding.precision: the groupwise loss equals FlagEmbedding's no-in-batch-negatives loss; runner and precision wiring."""
 
 import json
 import os
@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from FlagEmbedding.finetune.embedder.encoder_only.base.modeling import BiEncoderOnlyEmbedderModel
 
-import embft.groupwise as batched
-import embft.precision as precision
-from embft.groupwise import GroupwiseEmbedderModel, GroupwiseEmbedderRunner, groupwise_scores
-from embft.precision import pick_precision, precision_training_kwargs
+import embft.encoding.precision as precision
+import embft.training.flagembedding.groupwise as batched
+from embft.encoding.precision import pick_precision, precision_training_kwargs
+from embft.training.flagembedding.groupwise import GroupwiseEmbedderModel, GroupwiseEmbedderRunner, groupwise_scores
 
 RTOL = 1e-10
 

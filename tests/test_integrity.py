@@ -12,7 +12,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from embft import names, tracking
+from embft.tracking import mlflow_runs, names
 from test_pipeline import embft, runs
 
 LIVE_SEARCH = [
@@ -104,7 +104,7 @@ def _finetune(client, exp, metrics, *, pruned=False, tags=()):
 
 
 def test_a_pruned_leader_never_wins_best_and_a_run_without_validation_is_not_eligible(store):
-    from embft.registry import best_run, objective_metric
+    from embft.tracking.registry import best_run, objective_metric
 
     client, exp = store
     complete = _finetune(client, exp, {"val_accuracy_cosine": 0.70, "accuracy_cosine": 0.71})
@@ -123,7 +123,7 @@ def test_a_pruned_leader_never_wins_best_and_a_run_without_validation_is_not_eli
 def test_log_model_best_is_not_blocked_by_a_pruned_leader(store):
     import mlflow
 
-    from embft.serving import is_best_so_far
+    from embft.tracking.serving import is_best_so_far
 
     client, exp = store
     _finetune(client, exp, {"val_accuracy_cosine": 0.90}, pruned=True)
@@ -150,9 +150,9 @@ def _splits():
 
 def test_the_baseline_key_holds_device_library_versions_and_the_weights(compose, tmp_path, monkeypatch):
     from conftest import make_tiny_bert
-    from embft import evaluate
-    from embft.embedder import weights_fingerprint
-    from embft.encoders import EncodeSettings
+    from embft.encoding.encoders import EncodeSettings
+    from embft.encoding.model_folder import weights_fingerprint
+    from embft.evaluation import classification
 
     cfg = compose([])
     settings, splits = EncodeSettings(), _splits()
@@ -164,28 +164,29 @@ def test_the_baseline_key_holds_device_library_versions_and_the_weights(compose,
         "normalize": True,
         "weights": weights_fingerprint(str(folder)),
     }
-    key = evaluate.baseline_key(model, splits, cfg.eval, settings, "cpu")
-    assert key == evaluate.baseline_key(dict(model), splits, cfg.eval, settings, "cpu")
-    assert key != evaluate.baseline_key(model, splits, cfg.eval, settings, "cuda"), "a GPU score is not a CPU one"
-    real = evaluate.evaluator_versions
-    monkeypatch.setattr(evaluate, "evaluator_versions", lambda s: {**real(s), "mteb": "9.9"})
-    assert key != evaluate.baseline_key(model, splits, cfg.eval, settings, "cpu"), "another MTEB, another score"
+    key = classification.baseline_key(model, splits, cfg.eval, settings, "cpu")
+    assert key == classification.baseline_key(dict(model), splits, cfg.eval, settings, "cpu")
+    assert key != classification.baseline_key(model, splits, cfg.eval, settings, "cuda"), "a GPU score is not a CPU one"
+    real = classification.evaluator_versions
+    monkeypatch.setattr(classification, "evaluator_versions", lambda s: {**real(s), "mteb": "9.9"})
+    assert key != classification.baseline_key(model, splits, cfg.eval, settings, "cpu"), "another MTEB, another score"
     monkeypatch.undo()
     make_tiny_bert(folder, dropout=False)  # same folder, same name, other weights
     retrained = {**model, "weights": weights_fingerprint(str(folder))}
     assert retrained["weights"] != model["weights"]
-    assert key != evaluate.baseline_key(retrained, splits, cfg.eval, settings, "cpu")
+    assert key != classification.baseline_key(retrained, splits, cfg.eval, settings, "cpu")
 
 
 def test_the_config_hash_holds_the_device_auto_resolved_to(compose, monkeypatch):
-    from embft import app, precision
+    from embft import app
+    from embft.encoding import precision
 
     cpu = app.start(compose(["train.device=auto"]))
     assert cpu.cfg.train.device == "cpu" and cpu.params["train.device"] == "cpu"
     assert cpu.config_hash == app.start(compose(["train.device=cpu"])).config_hash
     monkeypatch.setattr(precision, "pick_device", lambda requested: "cuda")
     monkeypatch.setattr(precision, "pick_precision", lambda requested, device: "fp32")
-    monkeypatch.setattr("embft.encoders.pin_eval_settings", lambda cfg, device: cpu.encode)
+    monkeypatch.setattr("embft.encoding.encoders.pin_eval_settings", lambda cfg, device: cpu.encode)
     gpu = app.start(compose(["train.device=auto"]))
     assert gpu.config_hash != cpu.config_hash, "a GPU run never skips for (or twins with) a CPU one"
 
@@ -230,8 +231,8 @@ def test_a_job_waiting_for_a_twin_whose_heartbeat_stops_trains_itself(store, mon
     from embft import app
 
     client, exp = store
-    monkeypatch.setattr(tracking, "STALE_AFTER_S", 2.0)
-    monkeypatch.setattr(tracking, "TWIN_POLL_S", 0.2)
+    monkeypatch.setattr(mlflow_runs, "STALE_AFTER_S", 2.0)
+    monkeypatch.setattr(mlflow_runs, "TWIN_POLL_S", 0.2)
     twin = client.create_run(
         exp,
         tags={
@@ -263,7 +264,7 @@ def test_a_job_waiting_for_a_twin_whose_heartbeat_stops_trains_itself(store, mon
 def test_a_tuned_model_encoded_unlike_its_baseline_fails_the_job(compose, tmp_path, monkeypatch):
     """Force the two sides apart through the app (the tuned encoder truncates at another length):
     the job stops before scoring, its run is FAILED with the guard's message, and no score is logged."""
-    import embft.encoders as encoders
+    import embft.encoding.encoders as encoders
     from conftest import make_tiny_bert
     from embft.app import run_job
     from test_data import synthetic, write
@@ -308,8 +309,8 @@ def test_the_closing_link_points_at_the_port_the_ui_is_started_on(compose, monke
     from pathlib import Path
 
     from embft.app import Job, JobResult, summarize
-    from embft.evaluate import EvalResult
-    from embft.train import TrainResult
+    from embft.evaluation.classification import EvalResult
+    from embft.training.flagembedding.train import TrainResult
 
     monkeypatch.setenv("EMBFT_MLFLOW_UI_PORT", "5123")
     cfg = compose([])

@@ -17,8 +17,8 @@ import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from embft import tracking
-from embft.tracking import CLAIM, CONFIG_HASH, HEARTBEAT, HOST, PID, PID_NS
+from embft.tracking import mlflow_runs
+from embft.tracking.mlflow_runs import CLAIM, CONFIG_HASH, HEARTBEAT, HOST, PID, PID_NS
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def dead_pid() -> int:
 
 def fake_run(client, experiment_id, hash_, *, host="other-machine", pid=1234, age=0.0, start_ms=None, **extra):
     """A RUNNING run of config `hash_` as another job would have left it, heartbeat `age` s old."""
-    tags = {CONFIG_HASH: hash_, HOST: host, PID: str(pid), PID_NS: tracking._pid_namespace(), **extra}
+    tags = {CONFIG_HASH: hash_, HOST: host, PID: str(pid), PID_NS: mlflow_runs._pid_namespace(), **extra}
     if age is not None:
         tags[HEARTBEAT] = f"{time.time() - age:.0f}"
     return client.create_run(experiment_id, start_time=start_ms, tags=tags)
@@ -56,12 +56,12 @@ def test_only_dead_runs_are_closed_as_killed(store, hash_):
     client, exp = store
     here = socket.gethostname()
     live_elsewhere = fake_run(client, exp, hash_, age=5)
-    silent_elsewhere = fake_run(client, exp, hash_, age=tracking.STALE_AFTER_S + 30)
+    silent_elsewhere = fake_run(client, exp, hash_, age=mlflow_runs.STALE_AFTER_S + 30)
     gone_here = fake_run(client, exp, hash_, host=here, pid=dead_pid(), age=1)  # kill -9 a second ago
     live_here = fake_run(client, exp, hash_, host=here, pid=os.getpid(), age=2)
     legacy = fake_run(client, exp, hash_, age=None, start_ms=int((time.time() - 3600) * 1000))  # before heartbeats
 
-    tracking.close_stale_runs(exp, hash_)
+    mlflow_runs.close_stale_runs(exp, hash_)
 
     assert status(client, live_elsewhere) == "RUNNING", "a live run on another machine must never be closed"
     assert status(client, live_here) == "RUNNING"
@@ -73,8 +73,8 @@ def test_only_dead_runs_are_closed_as_killed(store, hash_):
 def test_a_live_twin_makes_the_job_back_off_without_a_trace(store, hash_, tmp_path, caplog):
     client, exp = store
     twin = fake_run(client, exp, hash_, host="gpu-node-7", pid=4242, age=12, start_ms=int((time.time() - 60) * 1000))
-    with caplog.at_level("WARNING", logger="embft.tracking"):
-        with tracking.job_run(exp, "job", {CONFIG_HASH: hash_}, note_dir=tmp_path / "job", settle_s=0) as run:
+    with caplog.at_level("WARNING", logger="embft.tracking.mlflow_runs"):
+        with mlflow_runs.job_run(exp, "job", {CONFIG_HASH: hash_}, note_dir=tmp_path / "job", settle_s=0) as run:
             assert run is None
             entered = True
     assert entered and mlflow.active_run() is None
@@ -85,13 +85,13 @@ def test_a_live_twin_makes_the_job_back_off_without_a_trace(store, hash_, tmp_pa
     assert [r.info.run_id for r in visible] == [twin.info.run_id], "the withdrawn claim is deleted"
     withdrawn = client.search_runs([exp], f"tags.`{CONFIG_HASH}` = '{hash_}'", run_view_type=ViewType.DELETED_ONLY)
     assert len(withdrawn) == 1 and withdrawn[0].info.status != "RUNNING"
-    assert tracking.count_running_elsewhere(tmp_path) == 1
+    assert mlflow_runs.count_running_elsewhere(tmp_path) == 1
 
 
 def test_a_dead_twin_does_not_stop_the_job(store, hash_):
     client, exp = store
-    fake_run(client, exp, hash_, age=tracking.STALE_AFTER_S + 1, start_ms=int((time.time() - 600) * 1000))
-    with tracking.job_run(exp, "job", {CONFIG_HASH: hash_}, settle_s=0) as run:
+    fake_run(client, exp, hash_, age=mlflow_runs.STALE_AFTER_S + 1, start_ms=int((time.time() - 600) * 1000))
+    with mlflow_runs.job_run(exp, "job", {CONFIG_HASH: hash_}, settle_s=0) as run:
         assert run is not None
         assert client.get_run(run.info.run_id).data.tags[CLAIM] == "won"
     assert status(client, run) == "FINISHED"
@@ -106,19 +106,19 @@ def test_contenders_agree_on_exactly_one_winner(store, hash_):
         fake_run(client, exp, hash_, host=f"m{i}", start_ms=now_ms + d, **{CLAIM: "pending"})
         for i, d in enumerate((500, 0, 0, 900))
     ]
-    twins = [tracking.live_twin(exp, hash_, c) for c in contenders]
+    twins = [mlflow_runs.live_twin(exp, hash_, c) for c in contenders]
     winners = [c for c, t in zip(contenders, twins) if t is None]
     assert len(winners) == 1
     assert winners[0].info.run_id == min((c for c in contenders[1:3]), key=lambda c: c.info.run_id).info.run_id
 
     client.set_tag(contenders[3].info.run_id, CLAIM, "won")  # the latest start, but it went ahead already
-    twins = [tracking.live_twin(exp, hash_, c) for c in contenders[:3]]  # the pending ones
+    twins = [mlflow_runs.live_twin(exp, hash_, c) for c in contenders[:3]]  # the pending ones
     assert {t.info.run_id for t in twins} == {contenders[3].info.run_id}
 
 
 def test_the_heartbeat_is_refreshed_while_the_job_runs(store, hash_):
     client, exp = store
-    with tracking.job_run(exp, "job", {CONFIG_HASH: hash_}, heartbeat_s=0.2, settle_s=0) as run:
+    with mlflow_runs.job_run(exp, "job", {CONFIG_HASH: hash_}, heartbeat_s=0.2, settle_s=0) as run:
         first = beat = float(client.get_run(run.info.run_id).data.tags[HEARTBEAT])  # whole seconds
         deadline = time.monotonic() + 60  # a beat every 0.2 s: the tag moves on within ~1 s, or never
         while beat == first:
@@ -134,7 +134,7 @@ def test_the_heartbeat_is_refreshed_while_the_job_runs(store, hash_):
 def test_interrupted_job_ends_killed(store, hash_):
     client, exp = store
     with pytest.raises(KeyboardInterrupt):
-        with tracking.job_run(exp, "job", {CONFIG_HASH: hash_}, settle_s=0) as run:
+        with mlflow_runs.job_run(exp, "job", {CONFIG_HASH: hash_}, settle_s=0) as run:
             raise KeyboardInterrupt
     assert status(client, run) == "KILLED"
 
@@ -144,7 +144,7 @@ def test_jobs_probing_one_store_folder_together_do_not_collide(tmp_path):
 
     def probe(_):
         for _ in range(30):
-            tracking.probe_writable(tmp_path / "mlruns")
+            mlflow_runs.probe_writable(tmp_path / "mlruns")
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(probe, range(8)))  # raises the first OSError of any thread

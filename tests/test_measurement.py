@@ -16,7 +16,7 @@ from embft.app import run_job
 from embft.config import DataConfig, EvalConfig
 from embft.data import load_splits, prepare_records
 from embft.errors import EmbftError
-from embft.evaluate import make_task
+from embft.evaluation.classification import make_task
 from test_data import synthetic, write
 
 
@@ -172,7 +172,7 @@ import runpy, sys
 from pathlib import Path
 
 import mlflow
-import embft.data, embft.embedder, embft.encoders, embft.tracking
+import embft.data, embft.encoding.model_folder, embft.encoding.encoders, embft.tracking.mlflow_runs
 
 record = Path(sys.argv.pop(1))
 
@@ -188,9 +188,9 @@ def opened(name):
 
 for owner, names in [
     (embft.data, ["load_splits"]),
-    (embft.embedder, ["resolve_model_path", "sentence_transformer"]),
-    (embft.encoders, ["build_encoder"]),
-    (embft.tracking, ["setup"]),
+    (embft.encoding.model_folder, ["resolve_model_path", "sentence_transformer"]),
+    (embft.encoding.encoders, ["build_encoder"]),
+    (embft.tracking.mlflow_runs, ["setup"]),
     (mlflow, ["set_tracking_uri", "start_run", "get_experiment_by_name", "create_experiment"]),
     (mlflow.MlflowClient, ["__init__"]),
 ]:
@@ -204,7 +204,7 @@ runpy.run_module("embft", run_name="__main__", alter_sys=True)
 def test_both_sides_of_a_job_are_encoded_identically(compose, tmp_path, monkeypatch):
     """The baseline and the tuned model come from one builder with one EncodeSettings, the encoders
     are equal in every setting that matters, and the tuned folder keeps the evaluation length."""
-    import embft.encoders as encoders
+    import embft.encoding.encoders as encoders
 
     model = make_tiny_bert(tmp_path / "tiny")
     folder = write(tmp_path / "data", synthetic(n_per_class=16), synthetic(seed=1))

@@ -437,7 +437,7 @@ def test_pruner_refuses_several_objectives(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "single-objective studies only" in proc.stderr
 
 
-# --------------------------------------------------------------------------- MLflow (embft.study_runs)
+# --------------------------------------------------------------------------- MLflow (embft.tracking.study_runs)
 
 
 def _mlflow(tmp_path: Path) -> Any:
@@ -452,7 +452,7 @@ def _mlflow(tmp_path: Path) -> Any:
 
 
 def test_pruned_runs_are_tagged_and_nest_under_one_parent_run_across_resumes(tmp_path: Path) -> None:
-    from embft.search_report import add_search_section
+    from embft.report.search import add_search_section
 
     uri = f"mlflow_uri=sqlite:///{tmp_path}/mlflow.db"
     first = _run(tmp_path, "s1", *PRUNE, uri, "hydra.sweeper.n_trials=7")
@@ -509,7 +509,7 @@ def test_pruned_runs_are_tagged_and_nest_under_one_parent_run_across_resumes(tmp
 
 
 def test_report_of_two_studies_keeps_each_studys_plots(tmp_path: Path) -> None:
-    from embft.search_report import add_search_section
+    from embft.report.search import add_search_section
 
     for study in ("first", "second"):
         _run(tmp_path, study, f"hydra.sweeper.study_name={study}", f"mlflow_uri=sqlite:///{tmp_path}/mlflow.db")
@@ -525,7 +525,7 @@ def test_report_of_two_studies_keeps_each_studys_plots(tmp_path: Path) -> None:
 
 
 def test_multi_objective_names_objectives_and_tags_the_pareto_set(tmp_path: Path) -> None:
-    from embft.search_report import write_plots
+    from embft.report.search import write_plots
 
     _run(
         tmp_path,
@@ -554,7 +554,7 @@ def test_multi_objective_names_objectives_and_tags_the_pareto_set(tmp_path: Path
 def test_objective_values_follow_the_objectives_list() -> None:
     import math
 
-    from embft.study_runs import objective_values
+    from embft.tracking.study_runs import objective_values
 
     one = [{"metric": "val_accuracy_cosine", "direction": "maximize"}]
     two = [*one, {"metric": "train_seconds", "direction": "minimize"}]

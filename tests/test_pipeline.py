@@ -34,8 +34,8 @@ def runs(root: Path, experiment: str):
 def untrained_accuracy(compose, ag_news_dir) -> dict[str, float]:
     """The smoke config's untrained model evaluated here (by split), independently of the job's baseline code."""
     from embft.data import load_splits
-    from embft.embedder import resolve_model_path, sentence_transformer
-    from embft.evaluate import evaluate
+    from embft.encoding.model_folder import resolve_model_path, sentence_transformer
+    from embft.evaluation.classification import evaluate
 
     cfg = compose(["experiment=smoke", f"data.local_dir={ag_news_dir}"])
     model = sentence_transformer(

@@ -45,7 +45,7 @@ def test_tradeoff_search_directions_follow_its_objectives(sweeper_of):
 def test_jobs_find_the_parent_key_their_multirun_created(sweeper_of):
     from types import SimpleNamespace as NS
 
-    from embft import study_runs
+    from embft.tracking import study_runs
 
     cfg, _ = sweeper_of("search", "hydra.sweep.dir=multirun/search/2026-11-30_05-00-00")
     assert (

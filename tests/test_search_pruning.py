@@ -12,9 +12,9 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import make_tiny_bert
-from embft.callbacks import LiveTrainingCallback, live_sentence_transformer
 from embft.data import Splits, build_records, write_records
-from embft.train import train
+from embft.training.callbacks import LiveTrainingCallback, live_sentence_transformer
+from embft.training.flagembedding.train import train
 from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
 
 pytestmark = pytest.mark.slow
@@ -117,7 +117,7 @@ def test_live_metrics_and_view_leave_training_unchanged(compose, tmp_path, tiny_
 def test_a_learning_rate_that_wrecks_the_model_is_pruned(compose, tmp_path, tiny_bert):
     import mlflow
 
-    from embft.evaluate import evaluate
+    from embft.evaluation.classification import evaluate
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
@@ -165,7 +165,7 @@ def test_a_real_search_prunes_a_trial_and_never_takes_it_for_the_best(tmp_path, 
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from embft import names
+    from embft.tracking import names
     from test_pipeline import embft, runs
 
     done = embft(

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, make_tiny_bert
-from embft import names, registry, serving, tracking
 from embft.errors import EmbftError
+from embft.tracking import mlflow_runs, names, registry, serving
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 K = 5  # not the default 3: a classifier that ignored the job's k would disagree
@@ -78,7 +78,7 @@ def _job(experiment_id: str, study: str, score: float, model_dir: Path, train: p
     import mlflow
 
     tags = {names.ROLE: "finetune", "optuna.study_name": study}
-    with tracking.job_run(experiment_id, f"{study}-{score}", tags) as run:
+    with mlflow_runs.job_run(experiment_id, f"{study}-{score}", tags) as run:
         mlflow.log_metric("accuracy_cosine", score)
         uri = serving.log_job_models(model_dir, _Splits(train), _cfg(log_model))
     return run.info.run_id, uri

@@ -8,10 +8,10 @@ import torch
 
 from conftest import make_tiny_bert
 from embft.data import build_records, write_records
-from embft.embedder import resolve_model_path
+from embft.encoding.model_folder import resolve_model_path
 from embft.errors import EmbftError
-from embft.runner import effective_batch_size, inert_suffix_reason
-from embft.train import train
+from embft.training.flagembedding.runner import effective_batch_size, inert_suffix_reason
+from embft.training.flagembedding.train import train
 
 
 @pytest.fixture(scope="module")

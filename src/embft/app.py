@@ -18,13 +18,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from embft import names, study_runs, tracking
 from embft.config import Config, check_values, register_configs, to_container
 from embft.data import Splits
-from embft.encoders import EncodeSettings
+from embft.encoding.encoders import EncodeSettings
 from embft.errors import EmbftError
-from embft.evaluate import EvalResult
-from embft.train import TrainResult
+from embft.evaluation.classification import EvalResult
+from embft.tracking import mlflow_runs, names, study_runs
+from embft.training.flagembedding.train import TrainResult
 
 log = logging.getLogger("embft")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -140,10 +140,10 @@ def start(cfg: Config) -> Job:
     from omegaconf import open_dict
 
     from embft.console import quiet_libraries
-    from embft.encoders import pin_eval_settings
-    from embft.evaluate import metric_name
-    from embft.precision import pick_device, pick_precision
-    from embft.runner import inert_suffix_reason
+    from embft.encoding.encoders import pin_eval_settings
+    from embft.encoding.precision import pick_device, pick_precision
+    from embft.evaluation.classification import metric_name
+    from embft.training.flagembedding.runner import inert_suffix_reason
 
     check_values(cfg)
     quiet_libraries()
@@ -166,15 +166,15 @@ def start(cfg: Config) -> Job:
     twin_reason = inert_suffix_reason(cfg.train, cfg.variant) if reuse else None
     return Job(
         cfg=cfg,
-        params=tracking.flatten(resolved),
-        config_hash=tracking.config_hash(resolved),
+        params=mlflow_runs.flatten(resolved),
+        config_hash=mlflow_runs.config_hash(resolved),
         metric=metric_name(cfg.eval),
-        experiment_id=tracking.setup(cfg.tracking),
+        experiment_id=mlflow_runs.setup(cfg.tracking),
         cache_dir=Path(cfg.paths.cache_dir),
         out_dir=Path(cfg.paths.output_dir),
         device=device,
         encode=encode,
-        twin_key=tracking.twin_key(resolved) if twin_reason else None,
+        twin_key=mlflow_runs.twin_key(resolved) if twin_reason else None,
         twin_reason=twin_reason,
     )
 
@@ -183,8 +183,8 @@ def finished_run(job: Job) -> Optional[Any]:
     """The FINISHED run of this config, if one has the objective (force=true ignores it)."""
     if job.cfg.force:
         return None
-    done = tracking.find_runs(job.experiment_id, {names.CONFIG_HASH: job.config_hash})
-    usable = (run for run in done if tracking.is_pruned(run) or job.scored(run))
+    done = mlflow_runs.find_runs(job.experiment_id, {names.CONFIG_HASH: job.config_hash})
+    usable = (run for run in done if mlflow_runs.is_pruned(run) or job.scored(run))
     return next(usable, None)
 
 
@@ -197,7 +197,7 @@ def skip(job: Job, run: Any) -> float | list[float] | Any:
     )
     job.out_dir.mkdir(parents=True, exist_ok=True)
     (job.out_dir / SKIPPED_MARKER).write_text(run.info.run_id)
-    if tracking.is_pruned(run):
+    if mlflow_runs.is_pruned(run):
         import optuna
 
         return optuna.TrialPruned(f"pruned at step {run.data.tags.get(names.OPTUNA_PRUNED_STEP)}")
@@ -234,19 +234,19 @@ def finished_twin(job: Job, own: Any) -> Optional[Any]:
         return None
     waiting_for = None
     while True:
-        runs = tracking.find_runs(
+        runs = mlflow_runs.find_runs(
             job.experiment_id,
             {names.TWIN_KEY: job.twin_key, names.ROLE: names.ROLE_FINETUNE},
             statuses=("FINISHED", "RUNNING"),
         )
         found = next((r for r in runs if r.info.status == "FINISHED" and job.scored(r)), None)
-        ahead = tracking.earlier_live_runs(runs, own)
+        ahead = mlflow_runs.earlier_live_runs(runs, own)
         if found is not None or not ahead:
             return found
         if waiting_for != ahead[0].info.run_id:
             waiting_for = ahead[0].info.run_id
             log.info("Waiting for run %s, which trains the same weights (%s)", waiting_for, job.twin_reason)
-        time.sleep(tracking.TWIN_POLL_S)
+        time.sleep(mlflow_runs.TWIN_POLL_S)
 
 
 def take_twin(job: Job, twin: Any) -> dict[str, float]:
@@ -309,7 +309,7 @@ def score_baseline(job: Job, splits: Splits, base_encoder) -> dict[str, EvalResu
     """The untrained model's scores on both splits: computed once per (model, data, eval settings), cached."""
     import mlflow
 
-    from embft.evaluate import baseline_key, cached_baseline, evaluate
+    from embft.evaluation.classification import baseline_key, cached_baseline, evaluate
 
     cfg = job.cfg
     key = baseline_key(job.model_id, splits, cfg.eval, job.encode, job.device)
@@ -328,7 +328,7 @@ def score_baseline(job: Job, splits: Splits, base_encoder) -> dict[str, EvalResu
                 }
             )
         params = {k: v for k, v in job.params.items() if k.split(".")[0] in ("model", "data", "eval")}
-        tracking.ensure_baseline_run(
+        mlflow_runs.ensure_baseline_run(
             job.experiment_id, key, metrics, {s: r.scores for s, r in baseline.items()}, params
         )
     mlflow.set_tag(names.BASELINE_KEY, key)
@@ -370,9 +370,9 @@ def build_records(job: Job, splits: Splits, base_encoder) -> tuple[Path, int]:
 def fine_tune(job: Job, splits: Splits, records_dir: Path, n_records: int, model_path: str):
     """Train; with eval.every_steps, score the live model on validation as it trains and report it to the
     Optuna trial, which may prune it. Returns (TrainResult, LiveTrainingCallback)."""
-    from embft.callbacks import LiveTrainingCallback, live_sentence_transformer
-    from embft.evaluate import evaluate
-    from embft.train import train
+    from embft.evaluation.classification import evaluate
+    from embft.training.callbacks import LiveTrainingCallback, live_sentence_transformer
+    from embft.training.flagembedding.train import train
     from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
 
     cfg = job.cfg
@@ -395,14 +395,14 @@ def fine_tune(job: Job, splits: Splits, records_dir: Path, n_records: int, model
         seconds = result.seconds - live.eval_seconds
         result = replace(result, seconds=seconds, queries_per_second=result.n_queries / seconds)
     if not live.logged_loss:  # torchrun: the losses come back from rank 0 at the end
-        tracking.log_series(names.TRAIN_LOSS, result.losses)
+        mlflow_runs.log_series(names.TRAIN_LOSS, result.losses)
     return result, live
 
 
 def score_tuned(job: Job, splits: Splits, trained: TrainResult, base_encoder) -> tuple[dict[str, EvalResult], float]:
     """The fine-tuned model's scores, encoded exactly as the baseline was (checked, not assumed)."""
-    from embft import encoders
-    from embft.evaluate import evaluate
+    from embft.encoding import encoders
+    from embft.evaluation.classification import evaluate
 
     start_time = time.perf_counter()
     cfg = job.cfg
@@ -428,7 +428,7 @@ def log_results(job: Job, result: JobResult) -> None:
 
 def log_models(job: Job, splits: Splits, trained: TrainResult) -> None:
     """The embedder and a kNN classifier into the run (tracking.log_model), before the folder goes."""
-    from embft.serving import log_job_models
+    from embft.tracking.serving import log_job_models
 
     log_job_models(trained.model_dir, splits, job.cfg)
 
@@ -484,20 +484,20 @@ def run_job(cfg: Config) -> float | list[float] | Any:
     optuna.TrialPruned when the study's pruner stopped it."""
     import mlflow
 
-    from embft import encoders
-    from embft.embedder import resolve_model_path, weights_fingerprint
-    from embft.runner import check_parallel
+    from embft.encoding import encoders
+    from embft.encoding.model_folder import resolve_model_path, weights_fingerprint
+    from embft.training.flagembedding.runner import check_parallel
 
     job = start(cfg)
     done = finished_run(job)
     if done is not None:
         return skip(job, done)
-    tracking.close_stale_runs(job.experiment_id, job.config_hash)
+    mlflow_runs.close_stale_runs(job.experiment_id, job.config_hash)
     run_name, tags = run_tags(job)
-    with tracking.job_run(job.experiment_id, run_name, tags, note_dir=job.out_dir) as run:
+    with mlflow_runs.job_run(job.experiment_id, run_name, tags, note_dir=job.out_dir) as run:
         if run is None:  # a live run elsewhere has this config (job_run said where): skip it
             return float("nan")
-        tracking.log_params(job.params)
+        mlflow_runs.log_params(job.params)
         mlflow.log_text(OmegaConf.to_yaml(to_container(cfg)), names.CONFIG_ARTIFACT)
         check_parallel(cfg.train, cfg.variant)  # in the run, so a sweep counts it; before minutes of baseline
         twin = finished_twin(job, run)
@@ -540,7 +540,7 @@ class SweepSummary(Callback):
 
         exit_on_bad_sweeper_config(config)  # before any store or run: Hydra builds the sweeper after this
         try:
-            experiment_id = tracking.setup(config.tracking)
+            experiment_id = mlflow_runs.setup(config.tracking)
         except EmbftError as err:
             log.error("%s", err)
             raise SystemExit(1) from None
@@ -553,8 +553,10 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep = names.sweep_id(sweep_dir)
         try:
-            experiment_id = tracking.setup(config.tracking)
-            runs = tracking.find_runs(experiment_id, {names.SWEEP: sweep}, ("FINISHED", "FAILED", "KILLED", "RUNNING"))
+            experiment_id = mlflow_runs.setup(config.tracking)
+            runs = mlflow_runs.find_runs(
+                experiment_id, {names.SWEEP: sweep}, ("FINISHED", "FAILED", "KILLED", "RUNNING")
+            )
         except Exception as err:  # a summary must never mask the sweep's own outcome
             log.warning("No sweep summary: %s", err)
             return
@@ -562,7 +564,7 @@ class SweepSummary(Callback):
         skipped = len(list(sweep_dir.glob(f"**/{SKIPPED_MARKER}")))
         if skipped:
             counts["skipped (already FINISHED)"] = skipped
-        elsewhere = tracking.count_running_elsewhere(sweep_dir)  # skipped too: a live twin runs the config
+        elsewhere = mlflow_runs.count_running_elsewhere(sweep_dir)  # skipped too: a live twin runs the config
         if elsewhere:
             counts["running elsewhere"] = elsewhere
         log.info("Sweep %s: %s", sweep, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs logged")
@@ -572,7 +574,7 @@ class SweepSummary(Callback):
                 study_runs.finish_parent_run(experiment_id, parent, config, counts)
         except Exception as err:
             log.warning("Parent run not completed: %s", err)
-        from embft.registry import register_sweep_best
+        from embft.tracking.registry import register_sweep_best
 
         try:  # the best run's classifier becomes NAME@champion
             register_sweep_best(config, experiment_id, sweep)

@@ -35,7 +35,7 @@ class Pairing(StrEnum):
 
 class Loss(StrEnum):
     stock = "stock"  # FlagEmbedding's model
-    groupwise = "groupwise"  # (B,1,d)x(B,d,G) per-query scoring (embft.groupwise)
+    groupwise = "groupwise"  # (B,1,d)x(B,d,G) per-query scoring (embft.training.flagembedding.groupwise)
 
 
 class Precision(StrEnum):
@@ -162,7 +162,7 @@ class TrainConfig:
     negatives_cross_device: bool = False
     keep_model: bool = True
     # A job whose variant differs from a finished run's only by a no_in_batch_neg suffix that cannot
-    # change training (embft.runner.inert_suffix_reason) takes that run's model scores instead of
+    # change training (embft.training.flagembedding.runner.inert_suffix_reason) takes that run's model scores instead of
     # training the same weights again. false: train anyway.
     reuse_twin: bool = True
 
@@ -189,7 +189,7 @@ class EvalConfig:
     # Score the live model every N training steps (logged by step, reported to the Optuna
     # trial for pruning); null: only after training.
     every_steps: Optional[int] = None
-    # How texts are encoded for evaluation (embft.encoders), the baseline and the tuned model alike:
+    # How texts are encoded for evaluation (embft.encoding.encoders), the baseline and the tuned model alike:
     # auto is resolved on this machine before the config hash (bf16 where native; onnx for fp32 on CPU).
     precision: Precision = Precision.fp32
     backend: Backend = Backend.torch
@@ -201,7 +201,7 @@ class TrackingConfig:
     # null: the store decides (a tracking server's proxied `mlflow-artifacts:` store).
     artifact_root: Optional[str] = "${paths.root_dir}/mlruns/artifacts"
     experiment_name: str = "${name}"
-    # Models in MLflow (embft.serving, embft.registry).
+    # Models in MLflow (embft.tracking.serving, embft.tracking.registry).
     # none | best | all. best: a job logs its embedder + kNN classifier when it leads its sweep
     # or study so far, so a single run gets its model (what a user expects from a run) and a
     # sweep ends with its best model logged without paying for every trial's ~90 MB copy.

@@ -3,7 +3,7 @@
 With `steps` > 0 a job is a synthetic learning curve: embft's LiveTrainingCallback scores it every
 step, reports the score to the job's Optuna trial and stops when the study's pruner says so.
 With `mlflow_uri` each job logs an MLflow run as embft's jobs do, nested under the multirun's
-parent run (embft.study_runs), which AppRuns opens and closes like embft's SweepSummary.
+parent run (embft.tracking.study_runs), which AppRuns opens and closes like embft's SweepSummary.
 """
 
 import math
@@ -31,19 +31,19 @@ class AppRuns(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.mlflow_uri:
-            from embft import study_runs
+            from embft.tracking import study_runs
 
             study_runs.start_parent_run(_experiment_id(config.mlflow_uri), config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.mlflow_uri:
             return
-        from embft import names, study_runs, tracking
+        from embft.tracking import mlflow_runs, names, study_runs
 
         experiment_id = _experiment_id(config.mlflow_uri)
         parent = study_runs.find_parent_run(experiment_id, study_runs.parent_key(config))
         sweep = names.sweep_id(config.hydra.sweep.dir)
-        runs = tracking.find_runs(experiment_id, {names.SWEEP: sweep}, ("FINISHED", "FAILED"))
+        runs = mlflow_runs.find_runs(experiment_id, {names.SWEEP: sweep}, ("FINISHED", "FAILED"))
         counts = study_runs.count_runs(runs)
         print("COUNTS", sorted(counts.items()))
         study_runs.finish_parent_run(experiment_id, parent, config, counts)
@@ -70,7 +70,7 @@ def _learning_curve(cfg: DictConfig, final: float) -> Any:
     import torch
     from transformers import TrainerControl, TrainerState
 
-    from embft.callbacks import LiveTrainingCallback
+    from embft.training.callbacks import LiveTrainingCallback
     from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
 
     reporter = TrialReporter.from_config(cfg.optuna)
@@ -94,7 +94,7 @@ def main(cfg: DictConfig) -> Any:
         return objective(cfg)
     import mlflow
 
-    from embft import names, study_runs, tracking
+    from embft.tracking import mlflow_runs, names, study_runs
 
     experiment_id = _experiment_id(cfg.mlflow_uri)
     sweep = names.sweep_id(HydraConfig.get().sweep.dir)
@@ -105,7 +105,7 @@ def main(cfg: DictConfig) -> Any:
         study_runs.TRIAL: str(cfg.optuna.trial_number),
         **study_runs.job_tags(experiment_id, cfg.optuna.study_name, sweep),
     }
-    with tracking.job_run(experiment_id, f"trial-{cfg.optuna.trial_number}", tags):
+    with mlflow_runs.job_run(experiment_id, f"trial-{cfg.optuna.trial_number}", tags):
         mlflow.log_params({"x": cfg.x, "y": cfg.y})
         result = objective(cfg)
         values = result if isinstance(result, list) else [result]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from embft import names, tracking
 from embft.errors import EmbftError
+from embft.tracking import mlflow_runs, names
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def objective_metric(config: Any) -> str:
     otherwise (a config without the key chooses on validation too: never on test by default)."""
     from omegaconf import OmegaConf
 
-    from embft.evaluate import metric_name
+    from embft.evaluation.classification import metric_name
 
     metric = metric_name(config.eval)
     objective = OmegaConf.select(config, "eval.objective", default="validation")
@@ -41,11 +41,11 @@ def objective_metric(config: Any) -> str:
 
 def best_run(experiment_id: str, group: dict[str, str], metric: str) -> Optional[Any]:
     """The group's best complete run by `metric`: pruned runs and runs without a validation score
-    never compete (tracking.eligible_for_best)."""
+    never compete (mlflow_runs.eligible_for_best)."""
     runs = [
         r
-        for r in tracking.find_runs(experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
-        if tracking.eligible_for_best(r, metric)
+        for r in mlflow_runs.find_runs(experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
+        if mlflow_runs.eligible_for_best(r, metric)
     ]
     # Of tied runs, one that logged a classifier (a run that took its twin's training logs none), then
     # the earliest: Optuna's best trial among equal values is the first one, and so is the champion.

@@ -1,5 +1,5 @@
 """The search part of `embft report`: Optuna's matplotlib plots of a study, a trial table, both in
-report.md, and the plots logged to the study's MLflow parent run (embft.study_runs).
+report.md, and the plots logged to the study's MLflow parent run (embft.tracking.study_runs).
 
 A search is an experiment with a parent run tagged `embft.role=study`; its tag `optuna.storage`
 says where the study lives (password hidden: pass `--storage` when the URL needs one).
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-from embft import names
+from embft.tracking import names
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def section(study: Any, plots: dict[str, Path], md_dir: Path) -> str:
 
 def find_studies(client: Any, experiment_names: list[str]) -> list[Any]:
     """Parent runs of Optuna studies (embft.role=study) in these experiments."""
-    from embft.names import ROLE
+    from embft.tracking.names import ROLE
 
     ids = [e.experiment_id for e in (client.get_experiment_by_name(n) for n in experiment_names) if e is not None]
     if not ids:

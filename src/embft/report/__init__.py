@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from embft import names
 from embft.config import Config
 from embft.errors import EmbftError
+from embft.tracking import names
 
 DEFAULT_METRIC = names.score_metric("knn", "cosine")  # older runs without eval params
 ROLE_TAG, SWEEP_TAG, KEY_TAG, HASH_TAG = names.ROLE, names.SWEEP, names.BASELINE_KEY, names.CONFIG_HASH
@@ -627,7 +627,7 @@ def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
 
 def _default_tracking_uri() -> str:
     # The project's store, as conf/tracking/mlflow.yaml: MLFLOW_TRACKING_URI is not read (see there).
-    from embft.tracking import default_tracking_uri
+    from embft.tracking.mlflow_runs import default_tracking_uri
 
     return default_tracking_uri()
 
@@ -690,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     md = write_markdown(table, info, title, out / "report.md")
     png = plot(table, info, title, out / "report.png")
     try:  # a search also gets Optuna's plots, in report.md and on its parent run
-        from embft.search_report import add_search_section
+        from embft.report.search import add_search_section
 
         add_search_section(MlflowClient(tracking_uri=uri), args.name, md, storage=args.storage)
     except EmbftError as exc:

@@ -2,11 +2,11 @@
 
 Per job (when `tracking.log_model` asks for it), two logged models in the job's run:
 - `embedder`: the fine-tuned SentenceTransformer, MLflow's sentence_transformers flavor;
-- `classifier`: a pyfunc (embft/knn_classifier.py, logged as code) = that embedder + the job's
+- `classifier`: a pyfunc (embft/tracking/knn_classifier.py, logged as code) = that embedder + the job's
   kNN (eval.k, eval.metric) over a support set embedded from the train split + the label names.
 Over a tracking server both upload through its artifact proxy (`mlflow-artifacts:`), so a
 worker needs no disk shared with the server. The run gets tag `embft.classifier_uri`, which the
-registry (embft.registry) registers.
+registry (embft.tracking.registry) registers.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from embft import names, tracking
 from embft.errors import EmbftError
+from embft.tracking import mlflow_runs, names
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def classifier_signature(label_names: Sequence[str]):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from embft.knn_classifier import score_column
+    from embft.tracking.knn_classifier import score_column
 
     outputs = [ColSpec("long", "label"), ColSpec("string", "label_name")]
     outputs += [ColSpec("double", score_column(n)) for n in label_names]
@@ -158,8 +158,8 @@ def is_best_so_far(metric: str) -> bool:
         return True  # a single job is the best of its own
     others = [  # a pruned leader, or one without a validation score, never blocks a complete winner
         r
-        for r in tracking.find_runs(run.info.experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
-        if r.info.run_id != run.info.run_id and tracking.eligible_for_best(r, metric)
+        for r in mlflow_runs.find_runs(run.info.experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
+        if r.info.run_id != run.info.run_id and mlflow_runs.eligible_for_best(r, metric)
     ]
     value = run.data.metrics[metric]
     return all(value >= r.data.metrics[metric] for r in others)
@@ -169,7 +169,7 @@ def log_job_models(model_dir: Path, splits: Any, cfg: Any) -> Optional[str]:
     """Called inside the job's run after its metrics are logged, before the model folder is removed.
 
     Returns the classifier's URI, or None when `tracking.log_model` says not to log."""
-    from embft.registry import objective_metric
+    from embft.tracking.registry import objective_metric
 
     mode = cfg.tracking.log_model
     if mode not in LOG_MODEL_CHOICES:
@@ -267,7 +267,7 @@ def load_classifier(model_uri: str, tracking_uri: Optional[str] = None):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from embft.tracking import default_tracking_uri
+    from embft.tracking.mlflow_runs import default_tracking_uri
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()

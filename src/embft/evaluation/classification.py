@@ -1,7 +1,7 @@
 """Evaluation: an MTEB classification task over the job's splits, scored by a sklearn kNN.
 
 Both sides of a comparison (the untrained baseline and the fine-tuned model) are built by
-`embft.encoders.build_encoder` from one `EncodeSettings`, so a delta never mixes two ways of encoding.
+`embft.encoding.encoders.build_encoder` from one `EncodeSettings`, so a delta never mixes two ways of encoding.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pandas as pd
 
 from embft.config import EvalConfig
 from embft.data import Splits
-from embft.encoders import EncodeSettings
-from embft.names import score_metric
+from embft.encoding.encoders import EncodeSettings
+from embft.tracking.names import score_metric
 
 log = logging.getLogger(__name__)
 

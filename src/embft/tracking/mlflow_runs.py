@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from embft.config import TrackingConfig
 from embft.errors import EmbftError
-from embft.names import (
+from embft.tracking.names import (
     BACKED_OFF,
     BASELINE_KEY,
     CLAIM,
@@ -93,7 +93,7 @@ def config_hash(resolved: dict) -> str:
 
 def twin_key(resolved: dict) -> str:
     """config_hash with the variant reduced to its batching mode, for a job whose no_in_batch_neg
-    suffix cannot change training (embft.runner.inert_suffix_reason); FlagEmbedding's version is in
+    suffix cannot change training (embft.training.flagembedding.runner.inert_suffix_reason); FlagEmbedding's version is in
     it because that argument is about its code."""
     variant = {"same_dataset_within_batch": resolved["variant"]["same_dataset_within_batch"]}
     return config_hash({**resolved, "variant": variant, "FlagEmbedding": metadata.version("FlagEmbedding")})

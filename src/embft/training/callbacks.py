@@ -15,9 +15,9 @@ from typing import Any, Optional
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from embft.names import OPTUNA_PRUNED as PRUNED
-from embft.names import OPTUNA_PRUNED_STEP as PRUNED_STEP
-from embft.names import live, score_metric, validation
+from embft.tracking.names import OPTUNA_PRUNED as PRUNED
+from embft.tracking.names import OPTUNA_PRUNED_STEP as PRUNED_STEP
+from embft.tracking.names import live, score_metric, validation
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def use_progress_bar(trainer: Any) -> None:
     """One progress bar with ETA instead of a dict per logging step.
 
     The Trainer adds PrinterCallback (prints every log dict) when tqdm is disabled, which it is
-    whenever transformers' logger is quieter than WARNING (embft.train.quiet_libraries), and
+    whenever transformers' logger is quieter than WARNING (embft.training.flagembedding.train.quiet_libraries), and
     otherwise ProgressCallback, which writes each dict under its bar.
     """
     trainer.remove_callback(PrinterCallback)
@@ -139,10 +139,10 @@ def live_sentence_transformer(
 ):
     """A SentenceTransformer over the Trainer's live encoder (`embedder.model`), sharing its
     weights: no copy, every optimizer step is seen. Pooling and normalization as the job's
-    model (embft.train.sentence_transformer); config and tokenizer come from `model_path`."""
+    model (embft.training.flagembedding.train.sentence_transformer); config and tokenizer come from `model_path`."""
     from sentence_transformers import SentenceTransformer, models
 
-    from embft.embedder import ST_POOLING
+    from embft.encoding.model_folder import ST_POOLING
 
     encoder = embedder.model
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from embft.config import Config
-from embft.embedder import save_sentence_transformer
+from embft.encoding.model_folder import save_sentence_transformer
+from embft.encoding.precision import pick_device, pick_precision
 from embft.errors import EmbftError
-from embft.precision import pick_device, pick_precision
-from embft.runner import check_parallel, per_process_batch_size, run_runner, runner_spec
+from embft.training.flagembedding.runner import check_parallel, per_process_batch_size, run_runner, runner_spec
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune with FlagEmbedding's EncoderOnlyEmbedderRunner and save to `out_dir/model`.
 
-    With train.nproc_per_node > 1 the runner runs in torchrun's workers (embft.distributed); the
+    With train.nproc_per_node > 1 the runner runs in torchrun's workers (embft.training.flagembedding.distributed); the
     conversion to a SentenceTransformer folder (with `encode_settings`) happens here either way.
     `callbacks` run in this process only, so they need nproc_per_node == 1.
     """
@@ -86,7 +86,7 @@ def train(
         else:
             if callbacks:  # torchrun workers have neither the MLflow run nor the validation data
                 log.warning("train.nproc_per_node=%d: live metrics, evaluation and pruning are off", nproc)
-            from embft.distributed import launch
+            from embft.training.flagembedding.distributed import launch
 
             outcome = launch(spec, nproc, device, work_parent=out_dir)
         final = out_dir / "model"

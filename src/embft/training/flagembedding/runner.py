@@ -22,7 +22,7 @@ class RunnerSpec:
     model_args: dict[str, Any]
     data_args: dict[str, Any]
     training_args: dict[str, Any]
-    # Set by embft.distributed.launch for torchrun workers.
+    # Set by embft.training.flagembedding.distributed.launch for torchrun workers.
     result_file: Optional[str] = None
     error_dir: Optional[str] = None
 
@@ -147,8 +147,8 @@ def run_runner(spec: RunnerSpec, callbacks: tuple = ()) -> RunnerOutcome:
         EncoderOnlyEmbedderTrainingArguments,
     )
 
-    from embft.groupwise import GroupwiseEmbedderRunner
-    from embft.precision import precision_training_kwargs
+    from embft.encoding.precision import precision_training_kwargs
+    from embft.training.flagembedding.groupwise import GroupwiseEmbedderRunner
 
     runner_cls = GroupwiseEmbedderRunner if spec.loss == "groupwise" else EncoderOnlyEmbedderRunner
     training_args = EncoderOnlyEmbedderTrainingArguments(
@@ -159,7 +159,7 @@ def run_runner(spec: RunnerSpec, callbacks: tuple = ()) -> RunnerOutcome:
         data_args=EncoderOnlyEmbedderDataArguments(**spec.data_args),
         training_args=training_args,
     )
-    from embft.callbacks import use_progress_bar
+    from embft.training.callbacks import use_progress_bar
 
     use_progress_bar(runner.trainer)  # one bar with ETA instead of a dict per logging step
     for callback in callbacks:

@@ -58,7 +58,7 @@ def onnx_available() -> bool:
 
 
 def _native_bf16(device: str) -> bool:
-    from embft.precision import bf16_supported
+    from embft.encoding.precision import bf16_supported
 
     return bf16_supported(device)
 
@@ -146,7 +146,7 @@ def build_encoder(path: str, pooling: str, normalize: bool, settings: EncodeSett
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
-    from embft.embedder import ST_POOLING
+    from embft.encoding.model_folder import ST_POOLING
 
     if settings.backend == "onnx":
         # "Saving the exported ONNX model is heavily recommended": the export is per job and takes seconds.

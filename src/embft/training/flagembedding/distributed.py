@@ -1,11 +1,11 @@
 """One job's fine-tuning in several processes (train.nproc_per_node > 1) under torchrun.
 
 The job's own process prepares the data, then `launch` writes the runner's arguments (see
-`embft.runner.runner_spec`) to a JSON spec and runs the real torchrun:
+`embft.training.flagembedding.runner.runner_spec`) to a JSON spec and runs the real torchrun:
 
-    python -m torch.distributed.run --standalone --nproc_per_node N -m embft.distributed spec.json
+    python -m torch.distributed.run --standalone --nproc_per_node N -m embft.training.flagembedding.distributed spec.json
 
-Every worker runs `embft.runner.run_runner`, the same code as a one-process job; Hugging Face's
+Every worker runs `embft.training.flagembedding.runner.run_runner`, the same code as a one-process job; Hugging Face's
 TrainingArguments reads RANK/WORLD_SIZE from the environment and wraps the model in DDP (NCCL on
 CUDA, gloo on CPU). Only rank 0 saves the bare weights; the job's process converts them into a
 SentenceTransformer folder, evaluates and tracks, exactly as after a one-process run.
@@ -39,7 +39,7 @@ from typing import Optional
 
 from embft.console import quiet_libraries
 from embft.errors import EmbftError
-from embft.runner import RunnerOutcome, RunnerSpec, run_runner
+from embft.training.flagembedding.runner import RunnerOutcome, RunnerSpec, run_runner
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def torchrun_command(spec_path: Path, nproc: int, log_dir: Path) -> list[str]:
         "--log-dir",
         str(log_dir),
         "-m",
-        "embft.distributed",
+        "embft.training.flagembedding.distributed",
         str(spec_path),
     ]
 
@@ -204,12 +204,14 @@ def _worker(spec_path: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """torchrun's worker entry point: `-m embft.distributed spec.json`."""
+    """torchrun's worker entry point: `-m embft.training.flagembedding.distributed spec.json`."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        raise SystemExit("usage: torchrun ... -m embft.distributed SPEC.json (written by embft.distributed.launch)")
+        raise SystemExit(
+            "usage: torchrun ... -m embft.training.flagembedding.distributed SPEC.json (written by embft.training.flagembedding.distributed.launch)"
+        )
     record(_worker)(args[0])  # record: torchrun's failure summary then shows the traceback
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from embft import names
+from embft.tracking import names
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def tag_trials(experiment_id: str, results: Mapping[str, Any]) -> None:
     """Tag each trial run of the study optuna.best_trial (one objective) or optuna.pareto."""
     import mlflow
 
-    from embft import tracking
+    from embft.tracking import mlflow_runs
 
     if "best_trials" in results:
         tag, chosen = PARETO, {str(t["number"]) for t in results["best_trials"] or []}
@@ -165,7 +165,7 @@ def tag_trials(experiment_id: str, results: Mapping[str, Any]) -> None:
     else:
         return
     client = mlflow.MlflowClient()
-    for run in tracking.find_runs(experiment_id, {STUDY: str(results["study_name"]), ROLE: "finetune"}):
+    for run in mlflow_runs.find_runs(experiment_id, {STUDY: str(results["study_name"]), ROLE: "finetune"}):
         chosen_run = run.data.tags.get(TRIAL) in chosen
         client.set_tag(run.info.run_id, tag, str(chosen_run).lower())
         if chosen_run and tag == BEST:
@@ -229,17 +229,17 @@ def finish_parent_run(experiment_id: str, run_id: str, config: Any, counts: Mapp
 
 
 def _log_plots(client: Any, run_id: str, config: Any) -> None:
-    """The search plots (embft.search_report) of the study, as artifacts `plots/*.png`."""
+    """The search plots (embft.report.search) of the study, as artifacts `plots/*.png`."""
     import optuna
 
-    from embft import search_report
+    from embft.report import search
 
     sweeper = config.hydra.sweeper
     name = sweeper.study_name or config.hydra.job.name
     try:
         study = optuna.load_study(study_name=str(name), storage=str(sweeper.storage))
         out = Path(config.hydra.sweep.dir) / "plots"
-        for path in search_report.write_plots(study, out).values():
+        for path in search.write_plots(study, out).values():
             client.log_artifact(run_id, str(path), "plots")
     except Exception as err:  # plots are a view; a missing one must not fail the sweep
         log.warning("No search plots for study %s: %s", name, err)

@@ -1,0 +1,1 @@
+"""Encoding: model folders, how both sides of a comparison encode (settings, precision)."""

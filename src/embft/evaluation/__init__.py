@@ -1,0 +1,1 @@
+"""Evaluation: the MTEB classification task over a job's splits and the baseline cache."""

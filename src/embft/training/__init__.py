@@ -1,0 +1,1 @@
+"""Training: the trainer's callbacks and the FlagEmbedding backend."""

@@ -1,0 +1,1 @@
+"""FlagEmbedding's EncoderOnlyEmbedderRunner: arguments, the groupwise loss, torchrun, training and saving."""
