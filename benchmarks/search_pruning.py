@@ -5,7 +5,7 @@ same trial count) run twice on the AG News copy, without and with pruning, in th
 
 Each trial fine-tunes the default model (MiniLM) with embft.training.flagembedding.train.train; the pruned study scores
 the live model every --every-steps steps on the job's validation split (data.validation, held out of
-AG News train; kNN, embft.evaluation.classification.evaluate on embft.training.callbacks.live_sentence_transformer) and reports it to its
+AG News train; kNN, embft.evaluation.classification.evaluate on embft.training.flagembedding.trainer.live_sentence_transformer) and reports it to its
 trial (embft.training.callbacks.LiveTrainingCallback + the sweeper's TrialReporter). Every trial that runs
 to the end is scored once more on the same validation split. Prints per trial, then per study:
 training seconds (live evaluation excluded), wall seconds (included), best validation score; last
@@ -66,12 +66,14 @@ class StepCounter(TrainerCallback):
 def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import optuna
 
-    from embft.data import load_splits, prepare_records
+    from embft.data import load_splits
     from embft.encoding.encoders import EncodeSettings, build_encoder
     from embft.encoding.model_folder import resolve_model_path
     from embft.evaluation.classification import evaluate
-    from embft.training.callbacks import LiveTrainingCallback, live_sentence_transformer
+    from embft.training.callbacks import LiveTrainingCallback
+    from embft.training.flagembedding.records import prepare_records
     from embft.training.flagembedding.train import train
+    from embft.training.flagembedding.trainer import live_sentence_transformer
     from hydra_plugins.embft_optuna_sweeper._impl import parse_search_space
     from hydra_plugins.embft_optuna_sweeper.reporting import PRUNER_ATTR, TrialReporter
 

@@ -160,7 +160,7 @@ def read_runs(root: Path, arms: list[str]) -> list[dict]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from embft.tracking import names
+    from embft import names
 
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
     client = MlflowClient()

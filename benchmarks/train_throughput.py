@@ -257,9 +257,9 @@ def main() -> None:
     import transformers
     from FlagEmbedding.finetune.embedder.encoder_only.base import EncoderOnlyEmbedderRunner
 
-    from embft.data import NO_IN_BATCH_NEG_SUFFIX, build_records, write_records
     from embft.encoding.precision import bf16_supported
     from embft.training.flagembedding.groupwise import GroupwiseEmbedderRunner
+    from embft.training.flagembedding.records import NO_IN_BATCH_NEG_SUFFIX, build_records, write_records
 
     datasets.disable_progress_bar()
     transformers.logging.set_verbosity_error()

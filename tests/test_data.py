@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from embft.config import DataConfig
-from embft.data import build_records, load_splits, mine_hard_negatives, prepare_records
+from embft.data import load_splits
 from embft.errors import EmbftError
+from embft.training.flagembedding.records import build_records, mine_hard_negatives, prepare_records
 
 
 def data_cfg(folder, **kw):

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_bert
-from embft.data import build_records, write_records
 from embft.errors import EmbftError
 from embft.training.flagembedding import distributed
+from embft.training.flagembedding.records import build_records, write_records
 from embft.training.flagembedding.runner import RunnerSpec, check_parallel, effective_batch_size, runner_spec
 from embft.training.flagembedding.train import train
 from test_pipeline import embft, runs

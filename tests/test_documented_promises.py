@@ -212,7 +212,7 @@ def test_heartbeat_staleness_and_settle_defaults_are_what_the_readme_says(tmp_pa
             super().__init__(run_id, interval)
 
     monkeypatch.setattr(mlflow_runs, "Heartbeat", SpyHeartbeat)
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: sleeps.append(s))
+    monkeypatch.setattr(mlflow_runs.time, "sleep", lambda s: sleeps.append(s))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     exp = MlflowClient().create_experiment("defaults")
     with mlflow_runs.job_run(exp, "job", {"embft.config_hash": "abc"}) as active:
@@ -343,8 +343,8 @@ def test_nproc_per_node_above_one_turns_live_metrics_off(compose, tmp_path, tiny
 
     from transformers import TrainerCallback
 
-    from embft.data import build_records, write_records
     from embft.training.flagembedding import distributed
+    from embft.training.flagembedding.records import build_records, write_records
     from embft.training.flagembedding.runner import RunnerOutcome
     from embft.training.flagembedding.train import train
 

@@ -54,8 +54,8 @@ def test_auto_backend_on_a_gpu_is_torch(monkeypatch):
 @pytest.mark.parametrize(
     "kw, onnx, message",
     [
-        ({"precision": "fp16"}, True, "eval.precision='fp16'"),
-        ({"backend": "openvino"}, True, "eval.backend='openvino'"),
+        ({"precision": "fp16"}, True, "eval.precision=fp16: choose one of auto, fp32, bf16"),
+        ({"backend": "openvino"}, True, "eval.backend=openvino: choose one of auto, torch, onnx"),
         ({"precision": "bf16", "backend": "onnx"}, True, "fp32 only"),
         ({"backend": "onnx"}, False, "needs ONNX Runtime"),
     ],

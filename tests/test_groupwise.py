@@ -91,7 +91,9 @@ def test_pick_precision(monkeypatch):
     assert pick_precision("auto", torch.device("cpu")) == "fp32"
     assert pick_precision("fp32", "cpu") == "fp32"
     assert pick_precision("bf16", "cpu") == "bf16"  # honoured, with a warning
-    with pytest.raises(ValueError):
+    from embft.errors import EmbftError
+
+    with pytest.raises(EmbftError, match="precision=fp16: choose one of auto, fp32, bf16"):
         pick_precision("fp16", "cpu")
 
 

@@ -3,8 +3,11 @@ complete run scored on validation, the cache keys hold what changes a score, twi
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -12,7 +15,8 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from embft.tracking import mlflow_runs, names
+from embft import names
+from embft.tracking import mlflow_runs
 from test_pipeline import embft, runs
 
 LIVE_SEARCH = [
@@ -208,7 +212,7 @@ def _job(exp, twin_key="tk"):
 def test_a_twin_run_takes_the_trained_runs_baseline_key(store):
     import mlflow
 
-    from embft import app
+    from embft.tracking import twins
 
     client, exp = store
     trained = client.create_run(
@@ -220,7 +224,7 @@ def test_a_twin_run_takes_the_trained_runs_baseline_key(store):
     client.log_text(trained.info.run_id, "{}", names.SCORES_ARTIFACT)
     client.set_terminated(trained.info.run_id, "FINISHED")
     with mlflow.start_run(experiment_id=exp) as own:
-        app.take_twin(_job(exp), client.get_run(trained.info.run_id))
+        twins.take_twin(_job(exp), client.get_run(trained.info.run_id))
     tags = client.get_run(own.info.run_id).data.tags
     assert tags[names.BASELINE_KEY] == "base-1" and tags[names.TRAINED_AS] == trained.info.run_id
 
@@ -228,7 +232,7 @@ def test_a_twin_run_takes_the_trained_runs_baseline_key(store):
 def test_a_job_waiting_for_a_twin_whose_heartbeat_stops_trains_itself(store, monkeypatch):
     """The wait applies the heartbeat's staleness rule at every look: a twin that stopped beating
     (hung, killed elsewhere) is given up on, and the job trains instead of waiting forever."""
-    from embft import app
+    from embft.tracking import twins
 
     client, exp = store
     monkeypatch.setattr(mlflow_runs, "STALE_AFTER_S", 2.0)
@@ -247,7 +251,7 @@ def test_a_job_waiting_for_a_twin_whose_heartbeat_stops_trains_itself(store, mon
     found = []
     started = time.monotonic()
     waiter = threading.Thread(
-        target=lambda: found.append(app.finished_twin(_job(exp), client.get_run(own.info.run_id))), daemon=True
+        target=lambda: found.append(twins.finished_twin(_job(exp), client.get_run(own.info.run_id))), daemon=True
     )
     waiter.start()
     waiter.join(timeout=30)
@@ -310,7 +314,7 @@ def test_the_closing_link_points_at_the_port_the_ui_is_started_on(compose, monke
 
     from embft.app import Job, JobResult, summarize
     from embft.evaluation.classification import EvalResult
-    from embft.training.flagembedding.train import TrainResult
+    from embft.training.base import TrainResult
 
     monkeypatch.setenv("EMBFT_MLFLOW_UI_PORT", "5123")
     cfg = compose([])
@@ -327,3 +331,69 @@ def test_the_closing_link_points_at_the_port_the_ui_is_started_on(compose, monke
     assert "http://127.0.0.1:5123/#/experiments/7/runs/abc" in caplog.text
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()
     assert re.search(r"--port \$\(EMBFT_MLFLOW_UI_PORT\)", makefile), "the UI starts on the port the link uses"
+
+
+# ------------------------------------------------------------------------------ the trainer interface
+
+
+@pytest.mark.slow
+def test_a_backend_registered_through_config_alone_runs_a_job(compose, tmp_path):
+    """train.backend=<dotted path> runs the app's stages through the Trainer interface; the app names
+    no backend. The stub copies the base model, so the tuned scores equal the baseline's."""
+    import stub_trainer
+
+    from conftest import make_tiny_bert
+    from embft.app import run_job
+    from test_data import synthetic, write
+
+    model = make_tiny_bert(tmp_path / "tiny")
+    folder = write(tmp_path / "data", synthetic(n_per_class=16), synthetic(seed=1))
+    stub_trainer.CALLS.clear()
+    cfg = compose(
+        [
+            "experiment=smoke",
+            "model.package=null",
+            f"model.name_or_path={model}",
+            f"data.local_dir={folder}",
+            "eval.max_seq_length=32",
+            "train.backend=stub_trainer.CopyTrainer",
+        ]
+    )
+    value = run_job(cfg)
+    assert stub_trainer.CALLS == ["twin_reason", "check", "prepare", "train"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("smoke").experiment_id
+    (run,) = [r for r in client.search_runs([exp]) if r.data.tags["embft.role"] == "finetune"]
+    assert run.info.status == "FINISHED" and run.data.params["train.backend"] == "stub_trainer.CopyTrainer"
+    assert run.data.tags["stub.rows"] == str(int(run.data.metrics["train_queries"]))
+    assert value == run.data.metrics["val_accuracy_cosine"]
+    assert run.data.metrics["delta_val_accuracy_cosine"] == 0 and run.data.metrics["delta_accuracy_cosine"] == 0
+
+
+@pytest.mark.parametrize(
+    "backend,expected",
+    [
+        ("nope", "train.backend=nope: choose one of flagembedding"),
+        ("no_such_module.Trainer", "train.backend=no_such_module.Trainer: cannot load"),
+        ("stub_trainer.NotATrainer", "is not a trainer (missing check, twin_reason, prepare, train, live_encoder"),
+    ],
+)
+def test_a_wrong_backend_fails_before_any_work_with_one_line(compose, tmp_path, backend, expected):
+    from embft.app import start
+    from embft.errors import EmbftError
+
+    with pytest.raises(EmbftError, match=re.escape(expected)):
+        start(compose([f"train.backend={backend}"]))
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def test_a_store_written_before_the_layout_change_is_skipped_not_retrained(compose):
+    """Config hashes and twin keys recorded with the code before the files moved (tests/fixtures,
+    made by make_config_hashes.py) are what this code computes: every run of such a store skips."""
+    from embft.app import start
+
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "config_hashes_before_layout.json").read_text())
+    pins = ["train.device=cpu", "train.precision=fp32", "eval.precision=fp32"]
+    for case in recorded["jobs"]:
+        job = start(compose([*pins, *case["overrides"]]))
+        assert (job.config_hash, job.twin_key) == (case["config_hash"], case["twin_key"]), case["overrides"]

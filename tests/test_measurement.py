@@ -14,9 +14,10 @@ import pytest
 from conftest import make_tiny_bert
 from embft.app import run_job
 from embft.config import DataConfig, EvalConfig
-from embft.data import load_splits, prepare_records
+from embft.data import load_splits
 from embft.errors import EmbftError
 from embft.evaluation.classification import make_task
+from embft.training.flagembedding.records import prepare_records
 from test_data import synthetic, write
 
 

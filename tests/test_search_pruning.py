@@ -12,9 +12,11 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import make_tiny_bert
-from embft.data import Splits, build_records, write_records
-from embft.training.callbacks import LiveTrainingCallback, live_sentence_transformer
+from embft.data import Splits
+from embft.training.callbacks import LiveTrainingCallback
+from embft.training.flagembedding.records import build_records, write_records
 from embft.training.flagembedding.train import train
+from embft.training.flagembedding.trainer import live_sentence_transformer
 from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
 
 pytestmark = pytest.mark.slow
@@ -165,7 +167,7 @@ def test_a_real_search_prunes_a_trial_and_never_takes_it_for_the_best(tmp_path, 
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from embft.tracking import names
+    from embft import names
     from test_pipeline import embft, runs
 
     done = embft(

@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, make_tiny_bert
+from embft import names
 from embft.errors import EmbftError
-from embft.tracking import mlflow_runs, names, registry, serving
+from embft.tracking import mlflow_runs, registry, serving
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 K = 5  # not the default 3: a classifier that ignored the job's k would disagree
@@ -79,7 +80,7 @@ def _job(experiment_id: str, study: str, score: float, model_dir: Path, train: p
 
     tags = {names.ROLE: "finetune", "optuna.study_name": study}
     with mlflow_runs.job_run(experiment_id, f"{study}-{score}", tags) as run:
-        mlflow.log_metric("accuracy_cosine", score)
+        mlflow.log_metrics({"val_accuracy_cosine": score, "accuracy_cosine": score})  # a best needs validation
         uri = serving.log_job_models(model_dir, _Splits(train), _cfg(log_model))
     return run.info.run_id, uri
 
@@ -104,7 +105,7 @@ def test_logged_classifier_predicts_like_sklearn_knn(tiny_st: Path, frames, stor
     train, test = frames
     _, experiment_id = store
     run_id, uri = _job(experiment_id, "equal", 0.5, tiny_st, train, log_model="all")
-    assert mlflow.MlflowClient().get_run(run_id).data.tags[serving.CLASSIFIER_URI] == uri
+    assert mlflow.MlflowClient().get_run(run_id).data.tags[names.CLASSIFIER_URI] == uri
 
     model = SentenceTransformer(str(tiny_st), device="cpu")
     support = serving.support_set(train, 20, seed=7)
@@ -154,8 +155,8 @@ def test_registry_champion_moves_only_to_a_better_study(tiny_st: Path, frames, s
     best1, _ = _job(experiment_id, "s1", 0.70, tiny_st, train)
     v1 = register("s1")
     assert v1.run_id == best1
-    assert v1.tags[registry.STUDY] == "s1" and float(v1.tags[registry.SCORE]) == 0.70
-    assert v1.tags[registry.TRIAL] and v1.tags[registry.METRIC] == "accuracy_cosine"
+    assert v1.tags[names.VERSION_STUDY] == "s1" and float(v1.tags[names.VERSION_SCORE]) == 0.70
+    assert v1.tags[names.VERSION_TRIAL] and v1.tags[names.VERSION_METRIC] == "accuracy_cosine"
     assert client.get_model_version_by_alias(name, "champion").version == v1.version
     assert register("s1").version == v1.version  # a second search worker ending the same study
 

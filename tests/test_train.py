@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_bert
-from embft.data import build_records, write_records
 from embft.encoding.model_folder import resolve_model_path
 from embft.errors import EmbftError
+from embft.training.flagembedding.records import build_records, write_records
 from embft.training.flagembedding.runner import effective_batch_size, inert_suffix_reason
 from embft.training.flagembedding.train import train
 

@@ -14,22 +14,21 @@ from typing import Any, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from embft import names
 from embft.config import Config, check_values, register_configs, to_container
 from embft.data import Splits
 from embft.encoding.encoders import EncodeSettings
 from embft.errors import EmbftError
 from embft.evaluation.classification import EvalResult
-from embft.tracking import mlflow_runs, names, study_runs
-from embft.training.flagembedding.train import TrainResult
+from embft.tracking import mlflow_runs, study_runs, twins
+from embft.tracking.sweep import SKIPPED_MARKER
+from embft.training.base import Prepared, TrainContext, TrainResult
 
 log = logging.getLogger("embft")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-# Left in a job's output folder when it skipped an already finished config (counted by SweepSummary).
-SKIPPED_MARKER = ".embft-skipped"
 
 register_configs()
 
@@ -49,6 +48,7 @@ class Job:
     encode: EncodeSettings  # how both sides of the comparison are encoded (auto resolved)
     # Set where the variant's no_in_batch_neg suffix cannot change training (train.reuse_twin):
     # the hash shared with the twin variant, and why.
+    trainer: Any = None  # the train.backend's Trainer (embft.training.base)
     twin_key: Optional[str] = None
     twin_reason: Optional[str] = None
     weights: Optional[str] = None  # the base model's weights fingerprint, once its folder is resolved
@@ -143,9 +143,10 @@ def start(cfg: Config) -> Job:
     from embft.encoding.encoders import pin_eval_settings
     from embft.encoding.precision import pick_device, pick_precision
     from embft.evaluation.classification import metric_name
-    from embft.training.flagembedding.runner import inert_suffix_reason
+    from embft.training.base import load_trainer
 
     check_values(cfg)
+    trainer = load_trainer(cfg.train.backend)
     quiet_libraries()
     device = pick_device(cfg.train.device)
     encode = pin_eval_settings(cfg, device)
@@ -163,7 +164,7 @@ def start(cfg: Config) -> Job:
         )
     # Not under live validation scoring: a search's pruner wants each trial's own reports.
     reuse = cfg.train.reuse_twin and not cfg.eval.every_steps
-    twin_reason = inert_suffix_reason(cfg.train, cfg.variant) if reuse else None
+    twin_reason = trainer.twin_reason(cfg) if reuse else None
     return Job(
         cfg=cfg,
         params=mlflow_runs.flatten(resolved),
@@ -174,6 +175,7 @@ def start(cfg: Config) -> Job:
         out_dir=Path(cfg.paths.output_dir),
         device=device,
         encode=encode,
+        trainer=trainer,
         twin_key=mlflow_runs.twin_key(resolved) if twin_reason else None,
         twin_reason=twin_reason,
     )
@@ -222,69 +224,6 @@ def run_tags(job: Job) -> tuple[str, dict[str, str]]:
     if job.twin_key:
         tags[names.TWIN_KEY] = job.twin_key
     return run_name, tags
-
-
-def finished_twin(job: Job, own: Any) -> Optional[Any]:
-    """A FINISHED run that trained what this job would train (see Job.twin_key), with its scores;
-    none under force=true.
-
-    While a twin that started earlier is still running (a parallel launcher starts twins together),
-    wait for it: its result comes sooner than this job's own training would."""
-    if not job.twin_key or job.cfg.force:
-        return None
-    waiting_for = None
-    while True:
-        runs = mlflow_runs.find_runs(
-            job.experiment_id,
-            {names.TWIN_KEY: job.twin_key, names.ROLE: names.ROLE_FINETUNE},
-            statuses=("FINISHED", "RUNNING"),
-        )
-        found = next((r for r in runs if r.info.status == "FINISHED" and job.scored(r)), None)
-        ahead = mlflow_runs.earlier_live_runs(runs, own)
-        if found is not None or not ahead:
-            return found
-        if waiting_for != ahead[0].info.run_id:
-            waiting_for = ahead[0].info.run_id
-            log.info("Waiting for run %s, which trains the same weights (%s)", waiting_for, job.twin_reason)
-        time.sleep(mlflow_runs.TWIN_POLL_S)
-
-
-def take_twin(job: Job, twin: Any) -> dict[str, float]:
-    """Log the twin's metrics (with their histories) and scores as this run's: the same weights,
-    evaluated the same way, would give the same numbers. Tagged with the run that trained."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    source = twin.data.tags.get(names.TRAINED_AS, twin.info.run_id)
-    history = [point for key in twin.data.metrics for point in client.get_metric_history(twin.info.run_id, key)]
-    run_id = mlflow.active_run().info.run_id
-    for start_at in range(0, len(history), 1000):
-        client.log_batch(run_id, metrics=history[start_at : start_at + 1000])
-    mlflow.log_text(
-        mlflow.artifacts.load_text(f"runs:/{twin.info.run_id}/{names.SCORES_ARTIFACT}"), names.SCORES_ARTIFACT
-    )
-    mlflow.set_tags(
-        {
-            names.TRAINED_AS: source,
-            names.TWIN_REASON: job.twin_reason,
-            # the baseline it was compared with, so a report groups the twin with the run that trained
-            **{
-                k: twin.data.tags[k] for k in (names.PRECISION, names.DEVICE, names.BASELINE_KEY) if k in twin.data.tags
-            },
-        }
-    )
-    log.info(
-        "Not training: variant=%s trains the same weights as run %s (%s; train.reuse_twin=false trains anyway). "
-        "Its scores are this run's: %s = %.4f, %s = %.4f.",
-        job.cfg.variant.name,
-        source,
-        job.twin_reason,
-        names.validation(job.metric),
-        twin.data.metrics[names.validation(job.metric)],
-        job.metric,
-        twin.data.metrics[job.metric],
-    )
-    return twin.data.metrics
 
 
 def load_data(job: Job) -> Splits:
@@ -341,47 +280,28 @@ def score_baseline(job: Job, splits: Splits, base_encoder) -> dict[str, EvalResu
     return baseline
 
 
-def build_records(job: Job, splits: Splits, base_encoder) -> tuple[Path, int]:
-    """FlagEmbedding's training records from the train split only (cached by content and settings)."""
+def prepare(job: Job, ctx: TrainContext) -> Prepared:
+    """The trainer's training data, from the train split only (it caches as it sees fit)."""
     import mlflow
 
-    from embft.data import prepare_records
-
-    cfg = job.cfg
-    with _lock(job.cache_dir, "records"):
-        records_dir = prepare_records(
-            splits,
-            cache_dir=job.cache_dir,
-            dataset_name=cfg.data.name,
-            no_in_batch_neg=cfg.variant.no_in_batch_neg,
-            encode=lambda texts: base_encoder().encode(texts, batch_size=job.encode.batch_size),
-            model_key=json.dumps(job.model_id, sort_keys=True),
-            group_size=cfg.train.train_group_size,
-            seed=cfg.train.seed,
-            max_queries=cfg.train.max_train_queries,
-            prompt="",
-            batch_size=cfg.train.same_dataset_batch_size,
-            pairing=str(cfg.data.pairing),
-        )
-    mlflow.set_tag(names.RECORDS_DIR, str(records_dir))
-    return records_dir, sum(1 for _ in (records_dir / "train.jsonl").open())
+    with _lock(job.cache_dir, f"prepare-{job.cfg.train.backend}"):
+        prepared = job.trainer.prepare(ctx)
+    mlflow.set_tags(prepared.tags)
+    return prepared
 
 
-def fine_tune(job: Job, splits: Splits, records_dir: Path, n_records: int, model_path: str):
+def fine_tune(job: Job, ctx: TrainContext, prepared: Prepared):
     """Train; with eval.every_steps, score the live model on validation as it trains and report it to the
     Optuna trial, which may prune it. Returns (TrainResult, LiveTrainingCallback)."""
     from embft.evaluation.classification import evaluate
-    from embft.training.callbacks import LiveTrainingCallback, live_sentence_transformer
-    from embft.training.flagembedding.train import train
+    from embft.training.callbacks import LiveTrainingCallback
     from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
 
     cfg = job.cfg
 
     def score(step: int, model: Any) -> float:
-        view = live_sentence_transformer(
-            model, model_path, cfg.model.pooling, cfg.model.normalize, job.encode.max_seq_length
-        )
-        return evaluate(view, splits, cfg.eval, cfg.data.name, which=("validation",))["validation"].accuracy
+        view = job.trainer.live_encoder(ctx, model)
+        return evaluate(view, ctx.splits, cfg.eval, cfg.data.name, which=("validation",))["validation"].accuracy
 
     every = cfg.eval.every_steps
     live = LiveTrainingCallback(
@@ -390,7 +310,7 @@ def fine_tune(job: Job, splits: Splits, records_dir: Path, n_records: int, model
         TrialReporter.from_config(cfg.optuna) if every else None,
         metric=names.live(names.validation(job.metric)),
     )
-    result = train(cfg, records_dir, model_path, n_records, job.out_dir, job.encode.as_dict(), callbacks=(live,))
+    result = job.trainer.train(ctx, prepared, callbacks=(live,))
     if live.eval_seconds:  # live scoring ran inside the Trainer's time: training alone is the rest
         seconds = result.seconds - live.eval_seconds
         result = replace(result, seconds=seconds, queries_per_second=result.n_queries / seconds)
@@ -486,7 +406,6 @@ def run_job(cfg: Config) -> float | list[float] | Any:
 
     from embft.encoding import encoders
     from embft.encoding.model_folder import resolve_model_path, weights_fingerprint
-    from embft.training.flagembedding.runner import check_parallel
 
     job = start(cfg)
     done = finished_run(job)
@@ -499,10 +418,10 @@ def run_job(cfg: Config) -> float | list[float] | Any:
             return float("nan")
         mlflow_runs.log_params(job.params)
         mlflow.log_text(OmegaConf.to_yaml(to_container(cfg)), names.CONFIG_ARTIFACT)
-        check_parallel(cfg.train, cfg.variant)  # in the run, so a sweep counts it; before minutes of baseline
-        twin = finished_twin(job, run)
+        job.trainer.check(cfg)  # in the run, so a sweep counts it; before minutes of baseline
+        twin = twins.finished_twin(job, run)
         if twin is not None:
-            return job.returned(take_twin(job, twin))
+            return job.returned(twins.take_twin(job, twin))
         splits = load_data(job)
         model_path = resolve_model_path(cfg.model)
         job.weights = weights_fingerprint(model_path)
@@ -510,8 +429,17 @@ def run_job(cfg: Config) -> float | list[float] | Any:
             lambda: encoders.build_encoder(model_path, cfg.model.pooling, cfg.model.normalize, job.encode, job.device)
         )
         baseline = score_baseline(job, splits, base_encoder)
-        records_dir, n_records = build_records(job, splits, base_encoder)
-        trained, live = fine_tune(job, splits, records_dir, n_records, model_path)
+        ctx = TrainContext(
+            cfg=cfg,
+            splits=splits,
+            model_path=model_path,
+            out_dir=job.out_dir,
+            cache_dir=job.cache_dir,
+            model_key=json.dumps(job.model_id, sort_keys=True),
+            encode_settings=job.encode.as_dict(),
+            encode=lambda texts: base_encoder().encode(texts, batch_size=job.encode.batch_size),
+        )
+        trained, live = fine_tune(job, ctx, prepare(job, ctx))
         if live.pruned_step is not None:  # the trial is PRUNED in Optuna; the run ends FINISHED, tagged
             mlflow.log_metric(names.TRAIN_SECONDS, trained.seconds)
             shutil.rmtree(trained.model_dir, ignore_errors=True)
@@ -530,66 +458,6 @@ def optuna_pruned(step: int) -> Any:
     import optuna
 
     return optuna.TrialPruned(f"pruned at step {step}")
-
-
-class SweepSummary(Callback):
-    """Create the MLflow store before parallel jobs race to; at the end, count the sweep's runs."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra_plugins.embft_optuna_sweeper.checks import exit_on_bad_sweeper_config
-
-        exit_on_bad_sweeper_config(config)  # before any store or run: Hydra builds the sweeper after this
-        try:
-            experiment_id = mlflow_runs.setup(config.tracking)
-        except EmbftError as err:
-            log.error("%s", err)
-            raise SystemExit(1) from None
-        try:  # the study's (or sweep's) parent run; the jobs run without it if MLflow refuses
-            study_runs.start_parent_run(experiment_id, config)
-        except Exception as err:
-            log.warning("No parent run: %s", err)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep = names.sweep_id(sweep_dir)
-        try:
-            experiment_id = mlflow_runs.setup(config.tracking)
-            runs = mlflow_runs.find_runs(
-                experiment_id, {names.SWEEP: sweep}, ("FINISHED", "FAILED", "KILLED", "RUNNING")
-            )
-        except Exception as err:  # a summary must never mask the sweep's own outcome
-            log.warning("No sweep summary: %s", err)
-            return
-        counts = study_runs.count_runs(runs)  # PRUNED counted apart, never a failure
-        skipped = len(list(sweep_dir.glob(f"**/{SKIPPED_MARKER}")))
-        if skipped:
-            counts["skipped (already FINISHED)"] = skipped
-        elsewhere = mlflow_runs.count_running_elsewhere(sweep_dir)  # skipped too: a live twin runs the config
-        if elsewhere:
-            counts["running elsewhere"] = elsewhere
-        log.info("Sweep %s: %s", sweep, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs logged")
-        try:  # best / Pareto tags on the trials, results and plots on the parent run, closed FINISHED
-            parent = study_runs.find_parent_run(experiment_id, study_runs.parent_key(config))
-            if parent is not None:
-                study_runs.finish_parent_run(experiment_id, parent, config, counts)
-        except Exception as err:
-            log.warning("Parent run not completed: %s", err)
-        from embft.tracking.registry import register_sweep_best
-
-        try:  # the best run's classifier becomes NAME@champion
-            register_sweep_best(config, experiment_id, sweep)
-        except EmbftError as err:
-            log.error("%s", err)
-            raise SystemExit(1) from None
-        failed = counts.get("FAILED", 0) + counts.get("KILLED", 0)
-        if failed:
-            log.error(
-                "%d job(s) of sweep %s failed; their MLflow runs hold the error (tag `error`, error.txt). "
-                "Rerunning the same command skips the finished jobs.",
-                failed,
-                sweep,
-            )
-            raise SystemExit(1)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -133,6 +133,9 @@ class VariantConfig:
 
 @dataclass
 class TrainConfig:
+    # Who trains: a name in embft.training.base.BACKENDS (flagembedding), or a Trainer class's dotted
+    # path (package.module.Class); checked, with the choices, before any work.
+    backend: str = "flagembedding"
     train_group_size: int = 8
     temperature: float = 0.02
     learning_rate: float = 1e-5
@@ -271,6 +274,11 @@ def project_root() -> str:
     return str(cwd)
 
 
+def default_tracking_uri() -> str:
+    """The project's own MLflow store (conf/tracking/mlflow.yaml's default), for the CLIs outside a job."""
+    return f"sqlite:///{project_root()}/mlruns/mlflow.db"
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("embft_root"):
         OmegaConf.register_new_resolver("embft_root", project_root)
@@ -321,6 +329,15 @@ RANGES: list[tuple[str, Any, str]] = [
     ("data.max_empty_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("tracking.support_per_class", _at_least(1), ">= 1, or null for the whole train split"),
 ]
+
+
+def choice(enum: type[StrEnum], value: Any, key: str) -> StrEnum:
+    """`value` as a member of `enum`, or one line naming the key, the value and the choices. Composed
+    configs are checked by Hydra already; this serves callers that pass plain values (benchmarks, CLIs)."""
+    try:
+        return enum(str(value))
+    except ValueError:
+        raise EmbftError(f"{key}={value}: choose one of {', '.join(m.value for m in enum)}.") from None
 
 
 def check_values(cfg: DictConfig) -> None:

@@ -38,7 +38,8 @@ class AppRuns(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.mlflow_uri:
             return
-        from embft.tracking import mlflow_runs, names, study_runs
+        from embft import names
+        from embft.tracking import mlflow_runs, study_runs
 
         experiment_id = _experiment_id(config.mlflow_uri)
         parent = study_runs.find_parent_run(experiment_id, study_runs.parent_key(config))
@@ -94,15 +95,16 @@ def main(cfg: DictConfig) -> Any:
         return objective(cfg)
     import mlflow
 
-    from embft.tracking import mlflow_runs, names, study_runs
+    from embft import names
+    from embft.tracking import mlflow_runs, study_runs
 
     experiment_id = _experiment_id(cfg.mlflow_uri)
     sweep = names.sweep_id(HydraConfig.get().sweep.dir)
     tags = {
         names.ROLE: "finetune",
         names.SWEEP: sweep,
-        study_runs.STUDY: str(cfg.optuna.study_name),
-        study_runs.TRIAL: str(cfg.optuna.trial_number),
+        names.OPTUNA_STUDY: str(cfg.optuna.study_name),
+        names.OPTUNA_TRIAL: str(cfg.optuna.trial_number),
         **study_runs.job_tags(experiment_id, cfg.optuna.study_name, sweep),
     }
     with mlflow_runs.job_run(experiment_id, f"trial-{cfg.optuna.trial_number}", tags):

@@ -28,9 +28,6 @@ from embft.errors import EmbftError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "auto")
-BACKENDS = ("torch", "onnx", "auto")
-
 
 @dataclass(frozen=True)
 class EncodeSettings:
@@ -78,15 +75,15 @@ def resolve_eval_settings(
         value = cfg_eval.get(key, default) if hasattr(cfg_eval, "get") else getattr(cfg_eval, key, default)
         return default if value is None and key in ("precision", "backend") else value
 
-    precision, backend = str(get("precision", "fp32")), str(get("backend", "torch"))
-    if precision not in PRECISIONS:
-        raise EmbftError(f"eval.precision={precision!r}: choose one of {', '.join(PRECISIONS)}.")
-    if backend not in BACKENDS:
-        raise EmbftError(f"eval.backend={backend!r}: choose one of {', '.join(BACKENDS)}.")
+    from embft.config import Backend, Precision, choice
+    from embft.encoding.precision import concrete_precision
+
+    precision = str(choice(Precision, get("precision", "fp32"), "eval.precision"))
+    backend = str(choice(Backend, get("backend", "torch"), "eval.backend"))
     kind = str(device).split(":")[0]
     native = _native_bf16(str(device))
-    if precision == "auto":
-        precision = "bf16" if native and backend != "onnx" else "fp32"
+    if precision == "auto":  # the ONNX backend runs fp32 only; elsewhere auto means what it means for training
+        precision = "fp32" if backend == "onnx" else concrete_precision(precision, native)
     if backend == "auto":
         backend = "onnx" if precision == "fp32" and kind == "cpu" and onnx_available() else "torch"
     if precision == "bf16" and backend == "onnx":
@@ -143,10 +140,9 @@ def _autocast_class():
 def build_encoder(path: str, pooling: str, normalize: bool, settings: EncodeSettings, device: Optional[str] = None):
     """The SentenceTransformer that evaluates the model folder `path` (a bare Hugging Face folder or a
     saved SentenceTransformer) with exactly this pooling/normalization and these encode settings."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import Transformer
 
-    from embft.encoding.model_folder import ST_POOLING
+    from embft.encoding.model_folder import assemble_sentence_transformer
 
     if settings.backend == "onnx":
         # "Saving the exported ONNX model is heavily recommended": the export is per job and takes seconds.
@@ -158,11 +154,8 @@ def build_encoder(path: str, pooling: str, normalize: bool, settings: EncodeSett
             f"eval.max_seq_length={settings.max_seq_length} is longer than the {positions} positions of the "
             f"model in {path}; set eval.max_seq_length={positions} or lower."
         )
-    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=ST_POOLING[pooling])]
-    if normalize:
-        modules.append(Normalize())
-    cls = _autocast_class() if settings.precision == "bf16" else SentenceTransformer
-    return cls(modules=modules, device=device)
+    cls = _autocast_class() if settings.precision == "bf16" else None
+    return assemble_sentence_transformer(transformer, pooling, normalize, device, cls)
 
 
 def describe_encoder(model: Any) -> dict[str, Any]:

@@ -87,23 +87,28 @@ def _download(repo_id: str, revision: Optional[str]) -> Path:
         ) from err
 
 
+def assemble_sentence_transformer(
+    transformer: Any, pooling: str, normalize: bool, device: Optional[str] = None, cls=None
+):
+    """The one place a SentenceTransformer is put together: `transformer` (a Transformer module),
+    then exactly this pooling, then Normalize when asked. A bare Hugging Face folder loaded whole
+    would otherwise silently get mean pooling. `cls`: a SentenceTransformer subclass (bf16 autocast)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=ST_POOLING[pooling])]
+    if normalize:
+        modules.append(Normalize())
+    return (cls or SentenceTransformer)(modules=modules, device=device)
+
+
 def sentence_transformer(
     path: str, pooling: str, normalize: bool, max_seq_length: Optional[int] = None, device: Optional[str] = None
 ):
-    """A SentenceTransformer with exactly this pooling/normalization, whatever modules the folder has.
+    """The model folder `path` as a SentenceTransformer with exactly this pooling/normalization."""
+    from sentence_transformers.sentence_transformer.modules import Transformer
 
-    A bare Hugging Face folder would otherwise silently get mean pooling.
-    """
-    from sentence_transformers import SentenceTransformer, models
-
-    transformer = models.Transformer(path, max_seq_length=max_seq_length)
-    modules = [
-        transformer,
-        models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=ST_POOLING[pooling]),
-    ]
-    if normalize:
-        modules.append(models.Normalize())
-    return SentenceTransformer(modules=modules, device=device)
+    return assemble_sentence_transformer(Transformer(path, max_seq_length=max_seq_length), pooling, normalize, device)
 
 
 def save_sentence_transformer(

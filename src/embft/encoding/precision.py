@@ -22,7 +22,6 @@ from embft.errors import EmbftError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -63,13 +62,19 @@ def bf16_supported(device: Union[str, torch.device]) -> bool:
     return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
+def concrete_precision(requested: str, native: bool) -> str:
+    """The one rule for `auto`: bf16 where the device runs it natively, else fp32 (training and evaluation)."""
+    return ("bf16" if native else "fp32") if requested == "auto" else requested
+
+
 def pick_precision(requested: str, device: Union[str, torch.device]) -> str:
     """ "bf16" or "fp32" for `requested` in auto | fp32 | bf16; auto is bf16 where the device runs it natively."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision={requested!r}: choose one of {', '.join(PRECISIONS)}.")
+    from embft.config import Precision, choice
+
+    requested = str(choice(Precision, requested, "precision"))
     native = bf16_supported(device)
     if requested == "auto":
-        chosen = "bf16" if native else "fp32"
+        chosen = concrete_precision(requested, native)
         log.info("precision=auto on %s: %s (native bf16: %s)", device, chosen, native)
         return chosen
     if requested == "bf16" and not native:

@@ -23,7 +23,7 @@ import pandas as pd
 from embft.config import EvalConfig
 from embft.data import Splits
 from embft.encoding.encoders import EncodeSettings
-from embft.tracking.names import score_metric
+from embft.names import score_metric
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-from embft.tracking import names
+from embft import names
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def section(study: Any, plots: dict[str, Path], md_dir: Path) -> str:
 
 def find_studies(client: Any, experiment_names: list[str]) -> list[Any]:
     """Parent runs of Optuna studies (embft.role=study) in these experiments."""
-    from embft.tracking.names import ROLE
+    from embft.names import ROLE
 
     ids = [e.experiment_id for e in (client.get_experiment_by_name(n) for n in experiment_names) if e is not None]
     if not ids:

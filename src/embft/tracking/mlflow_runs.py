@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from embft.config import TrackingConfig
 from embft.errors import EmbftError
-from embft.tracking.names import (
+from embft.names import (
     BACKED_OFF,
     BASELINE_KEY,
     CLAIM,
@@ -47,6 +47,7 @@ LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug", "objectives")
 # Keys added after studies were logged: at these defaults they leave a job's hash as it was, so
 # rerunning an older study's command still skips its finished jobs.
 HASH_NEUTRAL = {
+    ("train", "backend"): "flagembedding",
     ("train", "nproc_per_node"): 1,
     ("train", "negatives_cross_device"): False,
     ("train", "reuse_twin"): True,
@@ -63,12 +64,6 @@ STALE_AFTER_S = 4 * HEARTBEAT_INTERVAL_S  # missed beats tolerated: a loaded sto
 CLAIM_SETTLE_S = 1.0  # wait between claiming and checking, longer than a store write takes to show
 TWIN_POLL_S = 5.0  # how often a job looks again for a twin run that trains its weights right now
 RUNNING_ELSEWHERE_FILE = "running_elsewhere.json"  # in a skipped job's output folder, for the sweep summary
-
-
-def default_tracking_uri() -> str:
-    from embft.config import project_root
-
-    return f"sqlite:///{project_root()}/mlruns/mlflow.db"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

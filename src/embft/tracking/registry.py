@@ -11,20 +11,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from embft import names
 from embft.errors import EmbftError
-from embft.tracking import mlflow_runs, names
+from embft.tracking import mlflow_runs
 
 log = logging.getLogger(__name__)
-
-ALIAS = names.CHAMPION
-STUDY, TRIAL, METRIC, SCORE, RUN = (
-    names.VERSION_STUDY,
-    names.VERSION_TRIAL,
-    names.VERSION_METRIC,
-    names.VERSION_SCORE,
-    names.VERSION_RUN,
-)
-CLASSIFIER_URI = names.CLASSIFIER_URI
 
 
 def objective_metric(config: Any) -> str:
@@ -51,7 +42,7 @@ def best_run(experiment_id: str, group: dict[str, str], metric: str) -> Optional
     # the earliest: Optuna's best trial among equal values is the first one, and so is the champion.
     return max(
         runs,
-        key=lambda r: (r.data.metrics[metric], CLASSIFIER_URI in r.data.tags, -r.info.start_time, r.info.run_id),
+        key=lambda r: (r.data.metrics[metric], names.CLASSIFIER_URI in r.data.tags, -r.info.start_time, r.info.run_id),
         default=None,
     )
 
@@ -73,7 +64,7 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
             metric,
         )
         return None
-    uri = best.data.tags.get(CLASSIFIER_URI)
+    uri = best.data.tags.get(names.CLASSIFIER_URI)
     if not uri:
         log.warning(
             "Registry: the best run %s of %s logged no classifier (tracking.log_model=none?); nothing registered",
@@ -83,11 +74,11 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
         return None
     score = best.data.metrics[metric]
     tags = {
-        STUDY: study,
-        TRIAL: best.data.tags.get(names.OPTUNA_TRIAL) or best.info.run_name,
-        METRIC: metric,
-        SCORE: repr(score),
-        RUN: best.info.run_id,
+        names.VERSION_STUDY: study,
+        names.VERSION_TRIAL: best.data.tags.get(names.OPTUNA_TRIAL) or best.info.run_name,
+        names.VERSION_METRIC: metric,
+        names.VERSION_SCORE: repr(score),
+        names.VERSION_RUN: best.info.run_id,
     }
     # Several search workers end the same study: the first registers, the others find its version.
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{best.info.run_id}'")
@@ -105,22 +96,22 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
             study,
         )
     try:
-        champion = client.get_model_version_by_alias(name, ALIAS)
+        champion = client.get_model_version_by_alias(name, names.CHAMPION)
     except MlflowException:
         champion = None
     if champion is not None and champion.version == version.version:
         return version
     if champion is None or _beats(score, metric, champion):
-        client.set_registered_model_alias(name, ALIAS, version.version)
-        log.info("%s@%s -> version %s (%s=%.4f)", name, ALIAS, version.version, metric, score)
+        client.set_registered_model_alias(name, names.CHAMPION, version.version)
+        log.info("%s@%s -> version %s (%s=%.4f)", name, names.CHAMPION, version.version, metric, score)
     else:
         log.info(
             "%s@%s stays at version %s (%s=%s); version %s scores %.4f",
             name,
-            ALIAS,
+            names.CHAMPION,
             champion.version,
-            champion.tags.get(METRIC),
-            champion.tags.get(SCORE),
+            champion.tags.get(names.VERSION_METRIC),
+            champion.tags.get(names.VERSION_SCORE),
             version.version,
             score,
         )
@@ -128,16 +119,16 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
 
 
 def _beats(score: float, metric: str, champion: Any) -> bool:
-    if champion.tags.get(METRIC) != metric or SCORE not in champion.tags:
+    if champion.tags.get(names.VERSION_METRIC) != metric or names.VERSION_SCORE not in champion.tags:
         # Another objective (e.g. test accuracy before the validation split): not comparable.
         log.warning(
             "Registry: the champion (version %s) was chosen by %s, not %s; the newer study takes the alias",
             champion.version,
-            champion.tags.get(METRIC),
+            champion.tags.get(names.VERSION_METRIC),
             metric,
         )
         return True
-    return score > float(champion.tags[SCORE])
+    return score > float(champion.tags[names.VERSION_SCORE])
 
 
 def register_sweep_best(config: Any, experiment_id: str, sweep: str, metric: Optional[str] = None) -> Optional[Any]:

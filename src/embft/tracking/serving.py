@@ -24,13 +24,13 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from embft import names
+from embft.config import LogModel, choice
 from embft.errors import EmbftError
-from embft.tracking import mlflow_runs, names
+from embft.tracking import mlflow_runs
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_URI = names.CLASSIFIER_URI
-LOG_MODEL_CHOICES = ("none", "best", "all")
 INPUT_EXAMPLE = pd.DataFrame({"text": ["Stocks rallied after the central bank held rates steady."]})
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -126,7 +126,7 @@ def log_models(
                 "mlflow", "sentence-transformers", "transformers", "torch", "scikit-learn", "pandas", "numpy"
             ),
         )
-    mlflow.set_tags({CLASSIFIER_URI: info.model_uri, names.SUPPORT_ROWS: str(len(support))})
+    mlflow.set_tags({names.CLASSIFIER_URI: info.model_uri, names.SUPPORT_ROWS: str(len(support))})
     log.info("Logged the embedder and the kNN classifier (%d support rows): %s", len(support), info.model_uri)
     return info.model_uri
 
@@ -172,8 +172,7 @@ def log_job_models(model_dir: Path, splits: Any, cfg: Any) -> Optional[str]:
     from embft.tracking.registry import objective_metric
 
     mode = cfg.tracking.log_model
-    if mode not in LOG_MODEL_CHOICES:
-        raise EmbftError(f"tracking.log_model={mode}: choose one of {', '.join(LOG_MODEL_CHOICES)}.")
+    mode = str(choice(LogModel, mode, "tracking.log_model"))
     if mode == "none":
         return None
     metric = objective_metric(cfg)
@@ -267,7 +266,7 @@ def load_classifier(model_uri: str, tracking_uri: Optional[str] = None):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from embft.tracking.mlflow_runs import default_tracking_uri
+    from embft.config import default_tracking_uri
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()

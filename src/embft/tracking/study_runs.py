@@ -16,14 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from embft.tracking import names
+from embft import names
 
 log = logging.getLogger(__name__)
 
-ROLE, PARENT_KEY, PARENT_RUN = names.ROLE, names.PARENT_KEY, names.PARENT_RUN
-STUDY, TRIAL = names.OPTUNA_STUDY, names.OPTUNA_TRIAL
-PRUNED, PRUNED_STEP = names.OPTUNA_PRUNED, names.OPTUNA_PRUNED_STEP
-BEST, PARETO = names.OPTUNA_BEST, names.OPTUNA_PARETO
 RESULTS_FILE = "optimization_results.yaml"
 SWEEPER_NAME = "embft_optuna_sweeper"  # in the sweeper's _target_
 
@@ -85,7 +81,7 @@ def job_parent_key(study_name: Optional[str], sweep: Optional[str]) -> Optional[
 
 def _parents(client: Any, experiment_id: str, key: str) -> list:
     value = key.replace("'", "\\'")
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_KEY}` = '{value}'", max_results=100)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{names.PARENT_KEY}` = '{value}'", max_results=100)
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
@@ -116,7 +112,7 @@ def start_parent_run(experiment_id: str, config: Any) -> str:
         log.info("MLflow parent run %s (%s) reopened", run_id, key)
         return run_id
     kind, _, name = key.partition(":")
-    tags = {ROLE: kind, PARENT_KEY: key, "mlflow.runName": f"{kind}-{name.replace('/', '_')}"}
+    tags = {names.ROLE: kind, names.PARENT_KEY: key, "mlflow.runName": f"{kind}-{name.replace('/', '_')}"}
     if kind == "study":
         from sqlalchemy.engine import make_url
 
@@ -135,7 +131,7 @@ def start_parent_run(experiment_id: str, config: Any) -> str:
 def job_tags(experiment_id: str, study_name: Optional[str], sweep: Optional[str]) -> dict[str, str]:
     """Tags that nest a job's run under its parent ({} when there is none, e.g. a single run)."""
     parent = find_parent_run(experiment_id, job_parent_key(study_name, sweep))
-    return {PARENT_RUN: parent} if parent else {}
+    return {names.PARENT_RUN: parent} if parent else {}
 
 
 # ------------------------------------------------------------------------------ end of a multirun
@@ -146,7 +142,7 @@ def count_runs(runs: Iterable[Any]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for run in runs:
         status = run.info.status
-        if status == "FINISHED" and run.data.tags.get(PRUNED) == "true":
+        if status == "FINISHED" and run.data.tags.get(names.OPTUNA_PRUNED) == "true":
             status = "PRUNED"
         counts[status] = counts.get(status, 0) + 1
     return counts
@@ -159,16 +155,18 @@ def tag_trials(experiment_id: str, results: Mapping[str, Any]) -> None:
     from embft.tracking import mlflow_runs
 
     if "best_trials" in results:
-        tag, chosen = PARETO, {str(t["number"]) for t in results["best_trials"] or []}
+        tag, chosen = names.OPTUNA_PARETO, {str(t["number"]) for t in results["best_trials"] or []}
     elif results.get("best_trial_number") is not None:
-        tag, chosen = BEST, {str(results["best_trial_number"])}
+        tag, chosen = names.OPTUNA_BEST, {str(results["best_trial_number"])}
     else:
         return
     client = mlflow.MlflowClient()
-    for run in mlflow_runs.find_runs(experiment_id, {STUDY: str(results["study_name"]), ROLE: "finetune"}):
-        chosen_run = run.data.tags.get(TRIAL) in chosen
+    for run in mlflow_runs.find_runs(
+        experiment_id, {names.OPTUNA_STUDY: str(results["study_name"]), names.ROLE: "finetune"}
+    ):
+        chosen_run = run.data.tags.get(names.OPTUNA_TRIAL) in chosen
         client.set_tag(run.info.run_id, tag, str(chosen_run).lower())
-        if chosen_run and tag == BEST:
+        if chosen_run and tag == names.OPTUNA_BEST:
             log.info(
                 "Best trial %s (value %s): MLflow run %s",
                 results["best_trial_number"],

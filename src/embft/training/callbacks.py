@@ -1,4 +1,4 @@
-"""Callbacks on FlagEmbedding's (transformers) Trainer: live MLflow metrics, a validation score
+"""Callbacks on a transformers Trainer (any backend's): live MLflow metrics, a validation score
 every `eval.every_steps` steps reported to the job's Optuna trial (pruning), and one progress bar.
 
 Only the in-process path (train.nproc_per_node == 1) takes callbacks: torchrun's workers are
@@ -15,15 +15,13 @@ from typing import Any, Optional
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from embft.tracking.names import OPTUNA_PRUNED as PRUNED
-from embft.tracking.names import OPTUNA_PRUNED_STEP as PRUNED_STEP
-from embft.tracking.names import live, score_metric, validation
+from embft import names
 
 log = logging.getLogger(__name__)
 
-LIVE_VAL_METRIC = live(validation(score_metric("knn", "cosine")))
-# score_fn(step, model) -> validation score; `model` is the Trainer's model (FlagEmbedding's
-# embedder: .model is the Hugging Face encoder being trained), see live_sentence_transformer.
+LIVE_VAL_METRIC = names.live(names.validation(names.score_metric("knn", "cosine")))
+# score_fn(step, model) -> validation score; `model` is the Trainer's model, which the job views as a
+# SentenceTransformer through its backend (embft.training.base.Trainer.live_encoder).
 ScoreFn = Callable[[int, Any], float]
 
 
@@ -130,31 +128,5 @@ class LiveTrainingCallback(TrainerCallback):
             self.pruned_step = step
             self.reporter.prune(step)
             if mlflow is not None:
-                mlflow.set_tags({PRUNED: "true", PRUNED_STEP: str(step)})
+                mlflow.set_tags({names.OPTUNA_PRUNED: "true", names.OPTUNA_PRUNED_STEP: str(step)})
             log.info("Pruned at step %d (%s=%.4f): the study's pruner stopped this trial", step, self.metric, score)
-
-
-def live_sentence_transformer(
-    embedder: Any, model_path: str, pooling: str, normalize: bool, max_seq_length: Optional[int] = None
-):
-    """A SentenceTransformer over the Trainer's live encoder (`embedder.model`), sharing its
-    weights: no copy, every optimizer step is seen. Pooling and normalization as the job's
-    model (embft.training.flagembedding.train.sentence_transformer); config and tokenizer come from `model_path`."""
-    from sentence_transformers import SentenceTransformer, models
-
-    from embft.encoding.model_folder import ST_POOLING
-
-    encoder = embedder.model
-
-    class _LiveTransformer(models.Transformer):
-        def _load_model(self, *args: Any, **kwargs: Any):  # sentence-transformers' loading hook
-            return encoder
-
-    transformer = _LiveTransformer(model_path, max_seq_length=max_seq_length)
-    modules = [
-        transformer,
-        models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=ST_POOLING[pooling]),
-    ]
-    if normalize:
-        modules.append(models.Normalize())
-    return SentenceTransformer(modules=modules, device=str(next(encoder.parameters()).device))

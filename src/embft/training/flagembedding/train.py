@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,21 +13,10 @@ from embft.config import Config
 from embft.encoding.model_folder import save_sentence_transformer
 from embft.encoding.precision import pick_device, pick_precision
 from embft.errors import EmbftError
+from embft.training.base import TrainResult
 from embft.training.flagembedding.runner import check_parallel, per_process_batch_size, run_runner, runner_spec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    model_dir: Path
-    seconds: float
-    n_queries: int
-    queries_per_second: float
-    effective_batch_size: int
-    precision: str
-    device: str
-    losses: list[tuple[int, float]] = field(default_factory=list)
 
 
 def train(

@@ -1,0 +1,169 @@
+"""A study summary written out: the markdown report and its plot."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from embft import names
+from embft.report.summary import PATH_VALUE, StudyInfo, config_label, ranked_line, seeds_text, used_sentence
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
+    """The summary table as a markdown pipe table; rows labelled in `baselines` get no deltas, rows
+    without a validation score no rank (a rank would be a choice made on test)."""
+    header = [
+        "rank",
+        *settings,
+        "n seeds",
+        "validation mean",
+        "test accuracy mean",
+        "accuracy std (seeds)",
+        "MTEB std (mean)",
+        "delta vs baseline",
+        "delta 95% CI",
+        "train min",
+        "train q/s",
+    ]
+    align = ["---"] * (1 + len(settings)) + ["---:"] * 9
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    rank = 0
+    for _, r in table.iterrows():
+        baseline = r["configuration"] in baselines
+        ranked = not baseline and not math.isnan(r["val_accuracy_mean"])
+        rank += ranked
+        if baseline:
+            ci = ""
+        elif r["n_seeds"] < 2 or math.isnan(r["delta_ci95_low"]):
+            ci = "n/a"
+        else:
+            ci = f"[{r['delta_ci95_low']:+.4f}, {r['delta_ci95_high']:+.4f}]"
+        delta = "n/a" if math.isnan(r["delta_mean"]) else f"{r['delta_mean']:+.4f}"
+        cells = [
+            f"**{r['configuration']}**" if baseline else (str(rank) if ranked else "-"),
+            *(str(r[k]) for k in settings),
+            str(r["n_seeds"]) if not baseline or r["n_seeds"] else "(logged)",
+            _fmt(r["val_accuracy_mean"], 4),
+            _fmt(r["accuracy_mean"], 4),
+            "" if baseline else _fmt(r["accuracy_std_seeds"], 4),
+            _fmt(r["mteb_std_mean"], 4),
+            "" if baseline else delta,
+            ci,
+            "" if baseline else _fmt(r["train_minutes"], 2),
+            "" if baseline else _fmt(r["train_qps"], 2),
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(table: pd.DataFrame, info: StudyInfo, name: str, path: Path, image: str = "report.png") -> Path:
+    """Write the report: what/when, used/skipped runs, table, interval note, plot link."""
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = f"{info.first_start} to {info.last_start}" if info.first_start else "unknown"
+    fixed_items = info.fixed_settings.items()
+    fixed = ", ".join(f"`{k}={v}`" for k, v in fixed_items if not PATH_VALUE.match(str(v)))
+    baseline_note = {
+        "runs": "the baseline runs (untrained model) with the same `embft.baseline_key`",
+        "metric": f"the `{names.baseline(info.metric)}` metric logged by the fine-tune runs",
+    }
+    source = " / ".join(baseline_note.get(s, s) for s in info.baseline_source.split(" and "))
+    metric = info.metric
+    twin_lines = "".join(
+        f"- `{label}`: {note}: the same weights, so the same scores and training time (train.reuse_twin=false trains)\n"
+        for label, note in info.twins.items()
+    )
+    text = f"""# Study report: {name}
+
+- Experiment(s): {", ".join(info.experiments)}
+- Sweep(s): {", ".join(info.sweeps) or "none tagged"}
+- Runs started: {when}
+- Generated: {now}
+- Runs: {used_sentence(info)}; usable = FINISHED fine-tune runs with `{metric}`.
+- Ranked by: {ranked_line(info)}
+- Varying settings: {", ".join(f"`{s}`" for s in info.settings) or "none (one configuration)"}
+- Fixed settings: {fixed or "none"}
+{twin_lines}
+{format_table(table, info.settings, info.baselines)}
+
+Notes: accuracy is MTEB classification (`{metric}` on the test split, "validation mean" is
+`{names.validation(metric)}` on the rows held out of train). "accuracy std (seeds)" is the
+sample standard deviation over training seeds; "MTEB std (mean)" is the mean over runs of the
+spread across MTEB's evaluation experiments. "delta vs baseline" is the mean over seeds of each
+run's accuracy minus the baseline, taken from {source}. "delta 95% CI" is a t interval over
+training seeds, mean ± t(0.975, n-1) · sd / sqrt(n); with a single seed there is no interval
+("n/a"). A baseline row's "n seeds" counts its baseline runs ("(logged)": no baseline run was
+found, so the `{names.baseline(metric)}` metric of the fine-tune runs is used).
+
+![accuracy per configuration]({image})
+"""
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
+    """Accuracy per configuration: mean ± std over seeds, seed points, dashed baseline line(s)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = table[~table["configuration"].isin(list(info.baselines))].reset_index(drop=True)
+    labels = [config_label({k: r[k] for k in info.settings}, sep="\n") for _, r in configs.iterrows()]
+    longest = max((len(line) for lab in labels for line in lab.split("\n")), default=0)
+    # Widen the figure so labels fit side by side (~0.09 in per character at this font size,
+    # plus room for the legend); rotate them only when that would get too wide.
+    width = len(labels) * max(1.2, 0.09 * longest) + 4.5
+    rotate = width > 16
+    if rotate:
+        width = len(labels) * 0.9 + 4.5
+    fig, ax = plt.subplots(figsize=(min(max(width, 7.0), 16), 6 if rotate else 5))
+    x = np.arange(len(configs))
+    ax.errorbar(
+        x,
+        configs["accuracy_mean"],
+        yerr=configs["accuracy_std_seeds"].fillna(0),
+        fmt="o",
+        markersize=8,
+        capsize=6,
+        color="tab:blue",
+        label="mean ± std over seeds",
+        zorder=3,
+    )
+    rng = np.random.default_rng(0)  # fixed jitter so reruns give the same picture
+    for i, row in configs.iterrows():
+        pts = info.accuracies[row["configuration"]]
+        ax.scatter(
+            i + rng.uniform(-0.12, 0.12, len(pts)),
+            pts,
+            s=18,
+            color="gray",
+            alpha=0.7,
+            zorder=2,
+            label="individual seeds" if i == 0 else None,
+        )
+    for j, (label, value) in enumerate(info.baselines.items()):
+        ax.axhline(value, linestyle="--", color=f"C{(j + 1) % 10}", label=f"{label} ({value:.4f})")
+    ax.set_xticks(x, labels)
+    if rotate:
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_xlim(-0.6, len(configs) - 0.4)
+    ax.set_ylabel(f"{info.metric} (test)")
+    ax.set_title(f"{name}: accuracy per configuration ({seeds_text(info)})")
+    ax.grid(axis="y", alpha=0.3)
+    # Outside the axes so it never hides seed points.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path

@@ -1,0 +1,86 @@
+"""FlagEmbedding as a trainer backend (`train.backend=flagembedding`, the default): its records, its
+runner (in-process or under torchrun), its twin rule, and a view of its live model for callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from embft import names
+from embft.config import Config
+from embft.training.base import Prepared, TrainContext, TrainResult
+
+
+class FlagEmbeddingTrainer:
+    """FlagEmbedding's EncoderOnlyEmbedderRunner on `symmetric_class` records (the seed's study)."""
+
+    def check(self, cfg: Config) -> None:
+        from embft.training.flagembedding.runner import check_parallel
+
+        check_parallel(cfg.train, cfg.variant)
+
+    def twin_reason(self, cfg: Config) -> Optional[str]:
+        from embft.training.flagembedding.runner import inert_suffix_reason
+
+        return inert_suffix_reason(cfg.train, cfg.variant)
+
+    def prepare(self, ctx: TrainContext) -> Prepared:
+        """The records from the train split only (cached by content and settings)."""
+        from embft.training.flagembedding.records import prepare_records
+
+        cfg = ctx.cfg
+        records_dir = prepare_records(
+            ctx.splits,
+            cache_dir=ctx.cache_dir,
+            dataset_name=cfg.data.name,
+            no_in_batch_neg=cfg.variant.no_in_batch_neg,
+            encode=ctx.encode,
+            model_key=ctx.model_key,
+            group_size=cfg.train.train_group_size,
+            seed=cfg.train.seed,
+            max_queries=cfg.train.max_train_queries,
+            prompt="",
+            batch_size=cfg.train.same_dataset_batch_size,
+            pairing=str(cfg.data.pairing),
+        )
+        n_records = sum(1 for _ in (records_dir / "train.jsonl").open())
+        return Prepared(n_queries=n_records, data=records_dir, tags={names.RECORDS_DIR: str(records_dir)})
+
+    def train(self, ctx: TrainContext, prepared: Prepared, callbacks: Sequence[Any] = ()) -> TrainResult:
+        from embft.training.flagembedding.train import train
+
+        return train(
+            ctx.cfg,
+            prepared.data,
+            ctx.model_path,
+            prepared.n_queries,
+            ctx.out_dir,
+            ctx.encode_settings,
+            callbacks=tuple(callbacks),
+        )
+
+    def live_encoder(self, ctx: TrainContext, model: Any) -> Any:
+        return live_sentence_transformer(
+            model, ctx.model_path, ctx.cfg.model.pooling, ctx.cfg.model.normalize, ctx.encode_settings["max_seq_length"]
+        )
+
+
+def live_sentence_transformer(
+    embedder: Any, model_path: str, pooling: str, normalize: bool, max_seq_length: Optional[int] = None
+):
+    """A SentenceTransformer over the Trainer's live encoder (`embedder.model`: FlagEmbedding's
+    embedder wraps the Hugging Face encoder being trained), sharing its weights: no copy, every
+    optimizer step is seen. Pooling and normalization as the job's model; config and tokenizer come
+    from `model_path`."""
+    from sentence_transformers import models
+
+    from embft.encoding.model_folder import assemble_sentence_transformer
+
+    encoder = embedder.model
+
+    class _LiveTransformer(models.Transformer):
+        def _load_model(self, *args: Any, **kwargs: Any):  # sentence-transformers' loading hook
+            return encoder
+
+    transformer = _LiveTransformer(model_path, max_seq_length=max_seq_length)
+    return assemble_sentence_transformer(transformer, pooling, normalize, str(next(encoder.parameters()).device))
