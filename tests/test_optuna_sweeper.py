@@ -562,3 +562,199 @@ def test_objective_values_follow_the_objectives_list() -> None:
     assert objective_values(metrics, one) == 0.8
     assert objective_values(metrics, two) == [0.8, 120.0]
     assert math.isnan(objective_values({"f1": 0.7}, one))  # the sweeper fails such a trial
+
+
+# --------------------------------------------------------------------------- database faults
+# (the faults themselves, a PostgreSQL restart and a worker killed -9: tests/e2e/test_search_faults.py)
+
+
+def test_fault_settings_defaults() -> None:
+    conf = OmegaConf.structured(EmbftOptunaSweeperConf)
+    assert conf.stale_trial_retries == 1 and conf.wait_for_running is True
+    assert conf.storage_options.reconnect_timeout == 120 and dict(conf.storage_options.engine_kwargs) == {}
+
+
+def test_retry_on_disconnect_retries_lost_connections_only() -> None:
+    import sqlalchemy.exc
+
+    from hydra_plugins.embft_optuna_sweeper._impl import is_disconnect, retry_on_disconnect
+
+    lost = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+    wrapped = optuna.exceptions.StorageInternalError("commit failed")  # how RDBStorage raises it
+    wrapped.__cause__ = lost
+    assert is_disconnect(lost) and is_disconnect(wrapped)
+    assert not is_disconnect(sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key")))
+
+    attempts: list[int] = []
+
+    def flaky(attempt: int) -> str:
+        attempts.append(attempt)
+        if attempt < 3:
+            raise wrapped
+        return "ok"
+
+    assert retry_on_disconnect("flaky", flaky, timeout=30) == "ok" and attempts == [1, 2, 3]
+    with pytest.raises(optuna.exceptions.StorageInternalError):  # past the timeout: the error itself
+        retry_on_disconnect("down", lambda _: (_ for _ in ()).throw(wrapped), timeout=0)
+    with pytest.raises(ValueError):  # not a lost connection: never retried
+        retry_on_disconnect("bug", lambda _: (_ for _ in ()).throw(ValueError("bug")), timeout=30)
+
+
+def test_reconnecting_storage_retries_an_operation_and_a_landed_state_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy.exc
+
+    from hydra_plugins.embft_optuna_sweeper._impl import ReconnectingRDBStorage
+
+    storage = ReconnectingRDBStorage(f"sqlite:///{tmp_path}/optuna.db", reconnect_timeout=30)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    lost = sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("terminating connection"))
+    real = optuna.storages.RDBStorage.set_trial_state_values
+    calls: list[TrialState] = []
+
+    def commit_then_drop(self: Any, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        calls.append(state)
+        real(self, trial_id, state, values)  # lands, then the answer is lost
+        raise optuna.exceptions.StorageInternalError("commit") from lost
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_state_values", commit_then_drop)
+    assert storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [1.0]) is True
+    assert calls == [TrialState.COMPLETE]  # the retry saw the landed state: no second attempt
+    monkeypatch.undo()
+    assert storage.get_trial(trial._trial_id).state == TrialState.COMPLETE
+
+
+def test_trials_counted_towards_n_trials() -> None:
+    from hydra_plugins.embft_optuna_sweeper._impl import DISCARDED_ATTR, _counts, _retried
+
+    def trial(number: int, state: TrialState, **system_attrs: Any) -> optuna.trial.FrozenTrial:
+        t = optuna.trial.create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None)
+        t.number = number
+        t._system_attrs = system_attrs
+        return t
+
+    trials = [
+        trial(0, TrialState.FAIL),  # a dead worker's, retried by trial 3: trial 3 counts instead
+        trial(1, TrialState.FAIL),  # a job that raised: counts
+        trial(2, TrialState.FAIL, **{DISCARDED_ATTR: True}),  # asked past n_trials, never run
+        trial(3, TrialState.WAITING, failed_trial=0, retry_history=[0]),  # asked before new trials
+        trial(4, TrialState.COMPLETE),
+        trial(5, TrialState.PRUNED),
+        trial(6, TrialState.RUNNING),  # a live worker's (stale ones were failed just before)
+    ]
+    retried = _retried(trials)
+    assert retried == {0}
+    assert [t.number for t in trials if _counts(t, True, retried)] == [1, 4, 5, 6]
+    assert [t.number for t in trials if _counts(t, False, retried)] == [1, 4, 5]
+
+
+def test_storage_options_reach_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra_plugins.embft_optuna_sweeper import _impl
+
+    seen: list[dict[str, Any]] = []
+
+    class Recording(_impl.ReconnectingRDBStorage):
+        def __init__(self, url: str, **kwargs: Any) -> None:
+            seen.append({"url": url, **kwargs})
+
+    monkeypatch.setattr(_impl, "ReconnectingRDBStorage", Recording)
+
+    def storage_kwargs(url: str, **options: Any) -> dict[str, Any]:
+        sweeper = _impl.OptunaSweeperImpl(
+            direction="maximize",
+            study_name=None,
+            storage=url,
+            n_trials=1,
+            n_jobs=1,
+            seed=None,
+            sampler=None,
+            max_failure_rate=0.5,
+            failure_rate_min_trials=5,
+            heartbeat_interval=1,
+            grace_period=3,
+            params=None,
+            storage_options=options,
+        )
+        sweeper.config = OmegaConf.create({"hydra": {"runtime": {"cwd": str(tmp_path)}}})
+        sweeper._make_storage()
+        return seen.pop()
+
+    pg = storage_kwargs("postgresql+psycopg2://u@127.0.0.1:1/db")
+    assert pg["engine_kwargs"] == {"pool_pre_ping": True} and pg["reconnect_timeout"] == 120
+    assert pg["grace_period"] == 3 and pg["heartbeat_stale_trial_callback"].max_retry == 1
+    off = storage_kwargs(
+        "postgresql+psycopg2://u@127.0.0.1:1/db", engine_kwargs={"pool_pre_ping": False, "pool_size": 2}
+    )
+    assert off["engine_kwargs"] == {"pool_pre_ping": False, "pool_size": 2}
+    sqlite = storage_kwargs("sqlite:///s.db", reconnect_timeout=5, engine_kwargs={"connect_args": {"timeout": 9}})
+    assert sqlite["engine_kwargs"] == {"connect_args": {"timeout": 9}} and sqlite["reconnect_timeout"] == 5
+
+
+def test_storage_options_from_the_command_line(tmp_path: Path) -> None:
+    _run(
+        tmp_path,
+        "s",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.storage_options.reconnect_timeout=30",
+        "+hydra.sweeper.storage_options.engine_kwargs.pool_recycle=3600",
+        "hydra.sweeper.stale_trial_retries=2",
+    )
+    assert [t.state for t in _study(tmp_path).trials] == [TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize(("interval", "grace", "effective"), [(60, None, 180), (200, None, 400), (60, 30, 30)])
+def test_default_grace_period_outlasts_embfts_mlflow_heartbeat(interval: int, grace: Any, effective: int) -> None:
+    from hydra_plugins.embft_optuna_sweeper._impl import OptunaSweeperImpl
+
+    sweeper = OptunaSweeperImpl(
+        direction="maximize",
+        study_name=None,
+        storage=None,
+        n_trials=1,
+        n_jobs=1,
+        seed=None,
+        sampler=None,
+        max_failure_rate=0.5,
+        failure_rate_min_trials=5,
+        heartbeat_interval=interval,
+        grace_period=grace,
+        params=None,
+    )
+    assert sweeper.effective_grace_period() == effective
+
+
+def test_trials_asked_past_n_trials_under_a_lost_lock_are_dropped_unrun(tmp_path: Path) -> None:
+    from hydra_plugins.embft_optuna_sweeper._impl import DISCARDED_ATTR, OptunaSweeperImpl, _NoHeartbeat
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    sweeper = OptunaSweeperImpl(
+        direction="maximize",
+        study_name=None,
+        storage=url,
+        n_trials=2,
+        n_jobs=2,
+        seed=None,
+        sampler=None,
+        max_failure_rate=0.5,
+        failure_rate_min_trials=5,
+        heartbeat_interval=60,
+        grace_period=None,
+        params=None,
+    )
+    sweeper.config = OmegaConf.create({"hydra": {"runtime": {"cwd": str(tmp_path)}}})
+    study = optuna.create_study(study_name="s", storage=sweeper._make_storage())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = study.ask()  # another worker's, asked while our lock was gone
+        ours = [study.ask(), study.ask()]
+    sweeper._discard_overshoot(study, ours, _NoHeartbeat(), use_heartbeat=True)
+    assert len(ours) == 1  # 3 asked for n_trials=2: our last one goes
+    states = {t.number: (t.state, t.system_attrs.get(DISCARDED_ATTR)) for t in study.trials}
+    assert states == {
+        other.number: (TrialState.RUNNING, None),
+        1: (TrialState.RUNNING, None),
+        2: (TrialState.FAIL, True),
+    }
+    assert sweeper._remaining_trials(study, use_heartbeat=True) == 0  # the dropped trial does not count

@@ -3,7 +3,9 @@
 With `steps` > 0 a job is a synthetic learning curve: embft's LiveTrainingCallback scores it every
 step, reports the score to the job's Optuna trial and stops when the study's pruner says so.
 With `mlflow_uri` each job logs an MLflow run as embft's jobs do, nested under the multirun's
-parent run (embft.tracking.study_runs), which AppRuns opens and closes like embft's SweepSummary.
+parent run (embft.tracking.study_runs), which AppRuns opens and closes like embft's SweepSummary; with
+`close_stale_runs` too, the run carries its config's hash and, as embft's jobs, the job first
+marks that config's runs left RUNNING by a dead process KILLED (embft.tracking.mlflow_runs.close_stale_runs).
 """
 
 import math
@@ -107,6 +109,13 @@ def main(cfg: DictConfig) -> Any:
         names.OPTUNA_TRIAL: str(cfg.optuna.trial_number),
         **study_runs.job_tags(experiment_id, cfg.optuna.study_name, sweep),
     }
+    if cfg.close_stale_runs:  # as embft.app.run_job: tag the config's hash, close its dead runs first
+        from omegaconf import OmegaConf
+
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved.pop("sleep_s")  # how long the stand-in job takes, not a setting of its result
+        tags[names.CONFIG_HASH] = mlflow_runs.config_hash(resolved)  # trial bookkeeping (optuna.*) excluded
+        mlflow_runs.close_stale_runs(experiment_id, tags[names.CONFIG_HASH])
     with mlflow_runs.job_run(experiment_id, f"trial-{cfg.optuna.trial_number}", tags):
         mlflow.log_params({"x": cfg.x, "y": cfg.y})
         result = objective(cfg)

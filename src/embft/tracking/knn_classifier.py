@@ -6,20 +6,63 @@ model needs only the libraries in its pip requirements, not this project.
 
 Artifacts: `embedder` (a SentenceTransformer folder) and `support` (an .npz with the support
 set's `embeddings` and `labels`). Model config: `k`, `metric`, `label_names`, `batch_size`.
+
+Input (checked here, after MLflow's own check against the signature, which lets a null, a number
+or a list through a `string` column): at most MAX_ROWS rows, each `text` a string with something
+besides whitespace; anything else raises MlflowException(INVALID_PARAMETER_VALUE), which the
+scoring server answers with HTTP 400 and this message. A text is cut to TEXT_CHARS_PER_TOKEN x the
+encoder's max_seq_length characters before tokenizing: the encoder reads only its first
+max_seq_length tokens anyway, and tokenizing all of a 1 MB text costs ~0.7 s and ~140 MB.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Optional
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
+
+MAX_ROWS = 1_000  # rows per predict call (one HTTP request); `embft predict` sends a file in chunks of this
+TEXT_CHARS_PER_TOKEN = 100  # a WordPiece token covers at most 100 characters (BERT's max_input_chars_per_word)
+_SHOWN = 5  # bad rows named in a message
 
 
 def score_column(name: str) -> str:
     return f"score_{name}"
+
+
+def _problem(value: Any) -> Optional[str]:
+    if isinstance(value, str):
+        if not value:
+            return "empty"
+        return None if value.strip() else "whitespace only"
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):
+        return "null"
+    kind = "a number" if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) else "not a string"
+    return f"{kind} ({type(value).__name__})"
+
+
+def input_problem(model_input: Any) -> Optional[str]:
+    """What is wrong with a predict input, in one line (rows counted from 0), or None."""
+    if not isinstance(model_input, pd.DataFrame) or "text" not in model_input.columns:
+        return "the input needs a `text` column"
+    if len(model_input) > MAX_ROWS:
+        return f"{len(model_input)} rows in one request; at most {MAX_ROWS} (MAX_ROWS): send them in several"
+    return text_problem(model_input["text"].tolist())
+
+
+def text_problem(texts: list) -> Optional[str]:
+    """Which texts are not a string with something besides whitespace (rows counted from 0), or None."""
+    bad = [(i, why) for i, value in enumerate(texts) if (why := _problem(value))]
+    if not bad:
+        return None
+    shown = ", ".join(f"row {i} is {why}" for i, why in bad[:_SHOWN])
+    more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+    return f"`text` must be a non-empty string; bad in {len(bad)} of {len(texts)} rows: {shown}{more}"
 
 
 class KnnClassifier(PythonModel):
@@ -35,13 +78,17 @@ class KnnClassifier(PythonModel):
         self.label_names = list(config["label_names"])
         self.batch_size = int(config.get("batch_size", 64))
         self.embedder = SentenceTransformer(context.artifacts["embedder"], local_files_only=True)
+        self.max_chars = TEXT_CHARS_PER_TOKEN * (self.embedder.max_seq_length or 512)
         support = np.load(context.artifacts["support"])
         # brute force: the same neighbours as the study's evaluation (MTEB with this sklearn kNN).
         self.knn = KNeighborsClassifier(n_neighbors=int(config["k"]), metric=config["metric"], algorithm="brute")
         self.knn.fit(support["embeddings"], support["labels"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        texts = model_input["text"].astype(str).tolist()
+        problem = input_problem(model_input)
+        if problem:
+            raise MlflowException.invalid_parameter_value(problem)
+        texts = [text[: self.max_chars] for text in model_input["text"].tolist()]
         width = len(self.label_names)
         if not texts:
             return pd.DataFrame(

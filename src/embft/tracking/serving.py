@@ -70,7 +70,9 @@ def classifier_signature(label_names: Sequence[str]):
 
     outputs = [ColSpec("long", "label"), ColSpec("string", "label_name")]
     outputs += [ColSpec("double", score_column(n)) for n in label_names]
-    return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
+    # MLflow checks the column and its type before predict(); KnnClassifier.predict refuses what
+    # this cannot say (null, empty or whitespace-only texts, a number MLflow let through, > MAX_ROWS).
+    return ModelSignature(inputs=Schema([ColSpec("string", "text", required=True)]), outputs=Schema(outputs))
 
 
 def log_models(
@@ -205,7 +207,12 @@ def read_table(path: Path) -> pd.DataFrame:
     fmt = file_format(path)
     if not path.is_file():
         raise EmbftError(f"{path}: no such file.")
-    frame = {"csv": pd.read_csv, "jsonl": lambda p: pd.read_json(p, lines=True), "parquet": pd.read_parquet}[fmt](path)
+    readers = {  # a csv's texts stay strings ("42" is a text); its empty cells are null, refused by predict
+        "csv": lambda p: pd.read_csv(p, dtype={"text": str}),
+        "jsonl": lambda p: pd.read_json(p, lines=True, dtype={"text": object}),
+        "parquet": pd.read_parquet,
+    }
+    frame = readers[fmt](path)
     if "text" not in frame.columns:
         raise EmbftError(f"{path}: needs a `text` column (has {', '.join(map(str, frame.columns)) or 'none'}).")
     return frame
@@ -252,7 +259,7 @@ def predict_main(argv: Sequence[str]) -> int:
         frame = read_table(args.input)
         fmt = file_format(args.out) if args.out else file_format(args.input)
         model = load_classifier(args.model_uri, args.tracking_uri)
-        labels = model.predict(frame[["text"]].astype({"text": str}))
+        labels = predict_in_chunks(model, frame[["text"]], args.input)
         # An input column named like an output one (e.g. a gold `label`) is kept as `<name>_input`.
         frame = frame.rename(columns={c: f"{c}_input" for c in labels.columns if c in frame.columns})
         write_table(pd.concat([frame.reset_index(drop=True), labels.reset_index(drop=True)], axis=1), fmt, args.out)
@@ -260,6 +267,25 @@ def predict_main(argv: Sequence[str]) -> int:
         print(f"embft predict: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def predict_in_chunks(model: Any, texts: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """The classifier's predictions for a whole file, MAX_ROWS rows per call (a served model's cap per
+    request); a bad text stops it before any work with the message the server gives (rows from 0)."""
+    from mlflow.exceptions import MlflowException
+
+    from embft.knn_classifier import MAX_ROWS, text_problem
+
+    problem = text_problem(texts["text"].tolist())
+    if problem:
+        raise EmbftError(f"{source}: {problem}")
+    try:
+        chunks = [model.predict(texts.iloc[s : s + MAX_ROWS]) for s in range(0, len(texts), MAX_ROWS)]
+    except MlflowException as err:  # e.g. MLflow's check against the model's signature
+        raise EmbftError(f"{source}: {err.message.strip().splitlines()[0]}") from err
+    if not chunks:
+        return model.predict(texts)
+    return pd.concat(chunks, ignore_index=True)
 
 
 def load_classifier(model_uri: str, tracking_uri: Optional[str] = None):

@@ -58,6 +58,12 @@ FINISHED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 # Top-level job config node that, when present, receives the trial number and study name.
 TRIAL_INFO_NODE = "optuna"
 TRIAL_INFO_KEYS = ("trial_number", "study_name", "storage")
+# System attributes this sweeper puts on its trials.
+HEARTBEAT_ATTR = "embft:heartbeat"  # the trial records heartbeats (its worker can be told dead)
+DISCARDED_ATTR = "embft:discarded"  # asked past n_trials after a lost database lock, never run
+RETRY_HISTORY_ATTR = "retry_history"  # Optuna's RetryHeartbeatStaleTrialCallback: the trials retried
+MLFLOW_STALE_AFTER_S = 120  # embft.tracking.mlflow_runs.STALE_AFTER_S (not imported: the plugin works without embft)
+POLL_S = 2.0  # how often a worker whose study is full looks at other workers' running trials
 
 _INT_LITERAL = re.compile(r"[+-]?\d[\d_]*")
 
@@ -315,6 +321,8 @@ class _Heartbeat:
     def track(self, trial: Trial) -> None:
         trial_id = trial._trial_id  # no public accessor; needed by record_heartbeat
         self._storage.record_heartbeat(trial_id)
+        # Marks the trial as one with heartbeats: retried when they stop, waited for by others.
+        self._storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, self._interval)
         with self._lock:
             self._trial_ids.add(trial_id)
 
@@ -347,7 +355,210 @@ class _NoHeartbeat:
         pass
 
 
+# --------------------------------------------------------------------------- reconnecting storage
+
+
+def is_disconnect(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was raised from) says the database connection was lost or
+    refused: a server restart or failover, a network blip, SQLite's busy file. Optuna wraps
+    SQLAlchemy's errors in ``StorageInternalError``."""
+    seen: Optional[BaseException] = err
+    while seen is not None:
+        if isinstance(seen, sqlalchemy.exc.DBAPIError) and (
+            seen.connection_invalidated
+            or isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+        ):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def retry_on_disconnect(what: str, call: Callable[[int], Any], timeout: float) -> Any:
+    """``call(attempt)`` (attempt 1, 2, ...) until it stops failing on a lost connection, for at
+    most ``timeout`` seconds; other errors, and the last one, propagate."""
+    deadline = time.monotonic() + timeout
+    attempt = 1
+    while True:
+        try:
+            return call(attempt)
+        except Exception as e:
+            if not is_disconnect(e) or time.monotonic() >= deadline:
+                raise
+            if attempt == 1:
+                log.warning("Database connection lost (%s: %s); retrying %s", type(e).__name__, _first_line(e), what)
+        time.sleep(min(0.25 * 2 ** min(attempt - 1, 4), 2.0, max(deadline - time.monotonic(), 0.0)))
+        attempt += 1
+
+
+def _first_line(err: BaseException) -> str:
+    cause = err.__cause__ or err
+    return (str(cause).strip().splitlines() or [""])[0]
+
+
+_RETRY_DEPTH = threading.local()  # retries happen in the outermost storage call only
+
+# RDBStorage methods that talk to the database (those the Study and _CachedStorage call).
+_DB_METHODS = (
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "get_trial_param",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+    "_get_trials",
+    "get_best_trial",
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+)
+
+
+class ReconnectingRDBStorage(RDBStorage):
+    """RDBStorage that retries an operation the database dropped, for up to ``reconnect_timeout``
+    seconds, so that a database restart or failover does not end a worker.
+
+    Reads and attribute writes are idempotent, so they are simply retried; a trial's state change
+    is retried only while the trial is not in that state yet (the lost attempt's commit may have
+    landed). An error on a connection is raised before its commit in practice (the server ends
+    its sessions, then stops): only a commit that landed with its answer lost, in the instant
+    the server stops, could make a retried ``create_new_trial`` leave an extra RUNNING trial
+    that never gets a heartbeat (so it is never failed as stale and takes one of ``n_trials``).
+    """
+
+    def __init__(self, url: str, *, reconnect_timeout: float = 0.0, **kwargs: Any) -> None:
+        self.reconnect_timeout = float(reconnect_timeout)
+        retry_on_disconnect(
+            "opening the storage",
+            lambda _: super(ReconnectingRDBStorage, self).__init__(url, **kwargs),
+            self.reconnect_timeout,
+        )
+
+    def _retry(self, name: str, call: Callable[[int], Any]) -> Any:
+        if getattr(_RETRY_DEPTH, "value", 0) or self.reconnect_timeout <= 0:
+            return call(1)
+        _RETRY_DEPTH.value = 1
+        try:
+            return retry_on_disconnect(name, call, self.reconnect_timeout)
+        finally:
+            _RETRY_DEPTH.value = 0
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Optional[Sequence[float]] = None
+    ) -> bool:
+        def call(attempt: int) -> bool:
+            if attempt > 1 and RDBStorage.get_trial(self, trial_id).state == state:
+                return True  # the lost attempt's commit landed
+            return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+
+        return self._retry("set_trial_state_values", call)
+
+
+def _retrying(name: str) -> Callable[..., Any]:
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def wrapper(self: ReconnectingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._retry(name, lambda _: method(self, *args, **kwargs))
+
+    return wrapper
+
+
+for _name in _DB_METHODS:
+    setattr(ReconnectingRDBStorage, _name, _retrying(_name))
+
+
+# --------------------------------------------------------------------------- n_trials accounting
+
+
+def _retried(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of the trials that a later trial retries (Optuna's retry callback)."""
+    return {t.system_attrs[RETRY_HISTORY_ATTR][-1] for t in trials if t.system_attrs.get(RETRY_HISTORY_ATTR)}
+
+
+def _counts(trial: FrozenTrial, use_heartbeat: bool, retried: set[int]) -> bool:
+    """Whether ``trial`` takes one of the study's n_trials.
+
+    COMPLETE and PRUNED trials do; FAIL ones too, unless another trial retries them (that one
+    counts instead) or they were asked past n_trials and never run. With heartbeats, stale
+    trials were just failed, so RUNNING ones belong to live workers and count as taken; without,
+    we can't tell, so only finished ones count (and workers running concurrently may then
+    overshoot by their in-flight trials). WAITING trials (retries, enqueued ones) are asked
+    before new ones, so they only fill the remaining slots.
+    """
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    if trial.state == TrialState.FAIL:
+        return trial.number not in retried and not trial.system_attrs.get(DISCARDED_ATTR)
+    return use_heartbeat and trial.state == TrialState.RUNNING
+
+
 # --------------------------------------------------------------------------- sweeper
+
+
+def _stale_callback_arg() -> str:
+    import inspect
+
+    params = inspect.signature(RDBStorage.__init__).parameters
+    return "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+
+
+_STALE_CALLBACK_ARG = _stale_callback_arg()  # Optuna 4.9 renamed failed_trial_callback
+
+
+class _RetryOwnStaleTrial:
+    """Optuna's retry of a heartbeat-stale trial (a WAITING copy with the same params, user
+    attributes and system attributes ``failed_trial``/``retry_history``), for the trials this
+    sweeper asked; a stale trial that other code left RUNNING is only failed."""
+
+    def __init__(self, max_retry: Optional[int]) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental / deprecated, by Optuna version
+            retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+            self._retry = (retry_cls or optuna.storages.RetryFailedTrialCallback)(max_retry=max_retry)
+        self.max_retry = max_retry
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.system_attrs.get(HEARTBEAT_ATTR) is None:
+            log.warning("Trial %d (not asked by this sweeper) had no heartbeat for too long: failed", trial.number)
+            return
+        retries = len(trial.system_attrs.get(RETRY_HISTORY_ATTR, []))
+        if self.max_retry is not None and retries >= self.max_retry:
+            log.warning(
+                "Trial %d had no heartbeat for too long (its worker died?): failed; retried %d time(s) already",
+                trial.number,
+                retries,
+            )
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._retry(study, trial)
+        log.warning(
+            "Trial %d had no heartbeat for too long (its worker died?): failed, and queued again with its params %s",
+            trial.number,
+            trial.params,
+        )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _make_sampler(conf: Mapping[str, Any], seed: Optional[int]) -> optuna.samplers.BaseSampler:
@@ -445,17 +656,36 @@ def _lock_name(study_name: str) -> str:
     return hashlib.sha256(f"embft-optuna-ask\0{study_name}".encode()).hexdigest()
 
 
+class _AskLock:
+    """A held ask lock; :meth:`held` says whether it was held all along."""
+
+    def __init__(self, conn: Optional[sqlalchemy.Connection] = None) -> None:
+        self._conn = conn
+
+    def held(self) -> bool:
+        """False when the database session holding the lock is gone (a server restart): the lock
+        went with it, so another worker may have counted the study's trials meanwhile."""
+        if self._conn is None:
+            return True
+        try:
+            self._conn.execute(sqlalchemy.text("SELECT 1"))
+            return True
+        except sqlalchemy.exc.DBAPIError:
+            return False
+
+
 @contextmanager
-def _ask_lock(storage_url: Optional[str], study_name: str) -> Iterator[None]:
+def _ask_lock(storage_url: Optional[str], study_name: str, reconnect_timeout: float = 0.0) -> Iterator[_AskLock]:
     """Serializes "count the study's trials, then ask" across the processes sharing a study.
 
     Without it two workers can both see one trial left and both ask, overshooting n_trials.
     PostgreSQL and MySQL get a database lock (works across machines), a SQLite file a lock
     file beside it; other backends run unlocked (an overshoot of up to n_jobs per concurrent
-    worker is then possible).
+    worker is then possible). Taking a database lock is retried for ``reconnect_timeout``
+    seconds while the server is unreachable.
     """
     if storage_url is None:
-        yield
+        yield _AskLock()
         return
     url = make_url(storage_url)
     backend = url.get_backend_name()
@@ -463,15 +693,15 @@ def _ask_lock(storage_url: Optional[str], study_name: str) -> Iterator[None]:
     if backend == "sqlite":
         database = url.database or ""
         if not database or database == ":memory:" or database.startswith("file:"):
-            yield
+            yield _AskLock()
             return
         from filelock import FileLock
 
         with FileLock(database + ".embft-ask.lock"):
-            yield
+            yield _AskLock()
         return
     if backend not in ("postgresql", "mysql", "mariadb"):
-        yield
+        yield _AskLock()
         return
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
@@ -479,19 +709,34 @@ def _ask_lock(storage_url: Optional[str], study_name: str) -> Iterator[None]:
             # A transaction-level advisory lock: released when this transaction ends, also if
             # the process dies (the server drops the connection).
             key = int.from_bytes(bytes.fromhex(name[:16]), "big", signed=True)
-            with engine.begin() as conn:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
-                yield
+            lock_sql, args, release_sql = "SELECT pg_advisory_xact_lock(:key)", {"key": key}, None
         else:
             lock = f"embft_optuna_{name[:40]}"  # MySQL lock names are at most 64 characters
-            with engine.connect() as conn:
-                got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:name, 600)"), {"name": lock}).scalar()
-                if got != 1:
-                    raise RuntimeError(f"could not take the MySQL lock {lock} in 600 s")
-                try:
-                    yield
-                finally:
-                    conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:name)"), {"name": lock})
+            lock_sql, args, release_sql = "SELECT GET_LOCK(:name, 600)", {"name": lock}, "SELECT RELEASE_LOCK(:name)"
+
+        def take(_: int) -> sqlalchemy.Connection:
+            conn = engine.connect()
+            try:
+                got = conn.execute(sqlalchemy.text(lock_sql), args).scalar()
+                if release_sql is not None and got != 1:
+                    raise RuntimeError(f"could not take the MySQL lock {args['name']} in 600 s")
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        conn = retry_on_disconnect("taking the ask lock", take, reconnect_timeout)
+        try:
+            yield _AskLock(conn)
+        finally:
+            try:
+                if release_sql is not None:
+                    conn.execute(sqlalchemy.text(release_sql), args)
+                conn.commit()  # ends the transaction, which releases PostgreSQL's lock
+                conn.close()
+            except sqlalchemy.exc.DBAPIError as e:  # the session is gone, and its lock with it
+                log.debug("Ask lock released with its lost connection: %s", e)
+                conn.invalidate()
     finally:
         engine.dispose()
 
@@ -540,6 +785,9 @@ class OptunaSweeperImpl(Sweeper):
         grace_period: Optional[int],
         params: Optional[Mapping[str, Any]],
         pruner: Any = None,
+        storage_options: Optional[Mapping[str, Any]] = None,
+        stale_trial_retries: Optional[int] = 1,
+        wait_for_running: bool = True,
     ) -> None:
         directions, metric_names = _parse_directions(direction)
         if n_jobs < 1:
@@ -566,6 +814,25 @@ class OptunaSweeperImpl(Sweeper):
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.params = params
+        options = dict(storage_options or {})
+        unknown = set(options) - {"engine_kwargs", "reconnect_timeout"}
+        if unknown:
+            raise ValueError(
+                f"hydra.sweeper.storage_options: unknown key(s) {sorted(unknown)}; "
+                "expected engine_kwargs, reconnect_timeout"
+            )
+        self.engine_kwargs: dict[str, Any] = dict(options.get("engine_kwargs") or {})
+        self.reconnect_timeout = float(
+            options.get("reconnect_timeout") if options.get("reconnect_timeout") is not None else 120
+        )
+        if self.reconnect_timeout < 0:
+            raise ValueError(
+                f"hydra.sweeper.storage_options.reconnect_timeout must be >= 0, got {self.reconnect_timeout}"
+            )
+        if stale_trial_retries is not None and stale_trial_retries < 0:
+            raise ValueError(f"hydra.sweeper.stale_trial_retries must be >= 0 or null, got {stale_trial_retries}")
+        self.stale_trial_retries = stale_trial_retries
+        self.wait_for_running = wait_for_running
 
         self.hydra_context: Optional[HydraContext] = None
         self.config: Optional[DictConfig] = None
@@ -602,7 +869,7 @@ class OptunaSweeperImpl(Sweeper):
             return None
         assert self.config is not None
         url = _with_installed_pg_driver(make_url(self.storage_url))
-        engine_kwargs: dict[str, Any] = {}
+        engine_kwargs: dict[str, Any] = _plain(self.engine_kwargs)
         if url.get_backend_name() == "sqlite":
             database = url.database
             if database and database != ":memory:" and not database.startswith("file:"):
@@ -614,17 +881,26 @@ class OptunaSweeperImpl(Sweeper):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 url = url.set(database=str(path))
             # Workers and the heartbeat thread share the file: wait on locks, don't fail fast.
-            engine_kwargs["connect_args"] = {"timeout": 60}
+            engine_kwargs["connect_args"] = {"timeout": 60, **engine_kwargs.get("connect_args", {})}
+        else:
+            # A pooled connection may be dead (the server restarted, a firewall dropped it):
+            # test it before use and reconnect, instead of failing the operation.
+            engine_kwargs.setdefault("pool_pre_ping", True)
         self.storage_url = url.render_as_string(hide_password=False)
+        callback = None
+        if self.stale_trial_retries != 0:
+            callback = _RetryOwnStaleTrial(self.stale_trial_retries)
         for attempt in range(1, 6):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ExperimentalWarning)
-                    return RDBStorage(
+                    return ReconnectingRDBStorage(
                         self.storage_url,
+                        reconnect_timeout=self.reconnect_timeout,
                         engine_kwargs=engine_kwargs,
                         heartbeat_interval=self.heartbeat_interval,
-                        grace_period=self.grace_period,
+                        grace_period=self.effective_grace_period(),
+                        **{_STALE_CALLBACK_ARG: callback},
                     )
             except (
                 sqlalchemy.exc.IntegrityError,
@@ -638,6 +914,15 @@ class OptunaSweeperImpl(Sweeper):
                 log.info("Storage not ready (%s); retrying", type(e).__name__)
                 time.sleep(0.2 * attempt + random.random() * 0.2)
         raise AssertionError("unreachable")
+
+    def effective_grace_period(self) -> Optional[int]:
+        """``grace_period``, by default ``max(2 * heartbeat_interval, heartbeat_interval + 120)``: a
+        trial is only failed as stale once embft's MLflow heartbeat (every 30 s, stale after 120 s,
+        embft.tracking.mlflow_runs) tells its dead run too, so that the retried job, with the same config
+        hash, closes that run KILLED instead of skipping it as a live twin."""
+        if self.grace_period is not None or self.heartbeat_interval is None:
+            return self.grace_period
+        return max(2 * self.heartbeat_interval, self.heartbeat_interval + MLFLOW_STALE_AFTER_S)
 
     def _grid_sampler(self, space: SearchSpace) -> _AskTellGridSampler:
         """Every combination of the choice() params once, in an order seeded by hydra.sweeper.seed;
@@ -737,6 +1022,8 @@ class OptunaSweeperImpl(Sweeper):
                     trial_info_keys=info_keys,
                 )
                 if not results:  # the study has its n_trials
+                    if self._wait_for_others(study, use_heartbeat):
+                        continue
                     break
                 returns.append(results)
                 self._write_results(study, space, results_path)
@@ -744,6 +1031,20 @@ class OptunaSweeperImpl(Sweeper):
 
         self._log_summary(self._write_results(study, space, results_path), results_path)
         return returns
+
+    def _wait_for_others(self, study: optuna.Study, use_heartbeat: bool) -> bool:
+        """With the study full, wait while other workers run trials with heartbeats: one of
+        them may die, and its trial then needs a worker to be retried. True: look again."""
+        if not (use_heartbeat and self.wait_for_running):
+            return False
+        running = self._others_running(study)
+        if not running:
+            return False
+        if running != getattr(self, "_waited_for", None):
+            log.info("Study full; waiting for other workers' running trial(s) %s (retried if they die)", running)
+            self._waited_for = running
+        time.sleep(min(POLL_S, float(self.heartbeat_interval or POLL_S)))
+        return True
 
     def _run_batch(
         self,
@@ -761,7 +1062,7 @@ class OptunaSweeperImpl(Sweeper):
         try:
             # Count and ask under one lock, so that concurrent workers never ask for the
             # same remaining trial; the asked trials are RUNNING, hence counted, on release.
-            with _ask_lock(self.storage_url, study.study_name):
+            with _ask_lock(self.storage_url, study.study_name, self.reconnect_timeout) as lock:
                 n = min(self.n_jobs, self._remaining_trials(study, use_heartbeat))
                 for _ in range(n):
                     with warnings.catch_warnings():
@@ -769,6 +1070,9 @@ class OptunaSweeperImpl(Sweeper):
                         trial = study.ask(space.distributions)
                     heartbeat.track(trial)
                     trials.append(trial)
+                lock_held = lock.held()
+            if trials and not lock_held:
+                self._discard_overshoot(study, trials, heartbeat, use_heartbeat)
             if not trials:
                 return []
             batch = []
@@ -792,19 +1096,43 @@ class OptunaSweeperImpl(Sweeper):
             heartbeat.untrack(trials)
         return results
 
+    def _discard_overshoot(
+        self, study: optuna.Study, trials: list[Trial], heartbeat: _Heartbeat | _NoHeartbeat, use_heartbeat: bool
+    ) -> None:
+        """The ask lock was lost while asking (the database restarted), so another worker may
+        have counted the same remaining trials: recount under a new lock and end our excess
+        trials, not yet run, as FAIL marked DISCARDED_ATTR, which do not count."""
+        with _ask_lock(self.storage_url, study.study_name, self.reconnect_timeout):
+            excess = min(-self._remaining_trials(study, use_heartbeat), len(trials))
+            if excess <= 0:
+                log.info("Ask lock lost with the database connection; recounted: no overshoot")
+                return
+            log.warning("Ask lock lost with the database connection: %d trial(s) past n_trials dropped unrun", excess)
+            dropped = trials[-excess:]
+            for trial in dropped:
+                study._storage.set_trial_system_attr(trial._trial_id, DISCARDED_ATTR, True)  # no public setter
+                trial.set_user_attr("fail_reason", "asked past n_trials while the database restarted; not run")
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            heartbeat.untrack(dropped)
+            del trials[-excess:]
+
+    def _fail_stale(self, study: optuna.Study) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
     def _remaining_trials(self, study: optuna.Study, use_heartbeat: bool) -> int:
         if use_heartbeat:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+            self._fail_stale(study)
         trials = study.get_trials(deepcopy=False)
-        taken = sum(t.state in FINISHED_STATES for t in trials)
-        if use_heartbeat:
-            # Stale trials were just failed, so RUNNING ones belong to live workers and
-            # count as taken. Without heartbeats we can't tell, so only finished ones count
-            # (and workers running concurrently may then overshoot by their in-flight trials).
-            taken += sum(t.state == TrialState.RUNNING for t in trials)
-        return self.n_trials - taken
+        return self.n_trials - sum(_counts(t, use_heartbeat, _retried(trials)) for t in trials)
+
+    def _others_running(self, study: optuna.Study) -> list[int]:
+        """Numbers of the study's RUNNING trials with heartbeats (of live workers: stale ones
+        are failed first, and retried if the sweeper asked them)."""
+        self._fail_stale(study)
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return [t.number for t in trials if t.system_attrs.get(HEARTBEAT_ATTR) is not None]
 
     def _trial_info_keys(self) -> list[str]:
         assert self.config is not None
@@ -897,6 +1225,7 @@ class OptunaSweeperImpl(Sweeper):
             "n_complete": len(complete),
             "n_failed": sum(t.state == TrialState.FAIL for t in trials),
             "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "n_retried": len(_retried(trials)),
             "pruner": self.pruner_spec,
         }
         if self.metric_names is not None:

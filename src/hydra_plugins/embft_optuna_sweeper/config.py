@@ -24,6 +24,21 @@ class SamplerConf:
     constant_liar: Optional[bool] = None  # TPE only; helps when n_jobs > 1 or several workers
 
 
+@dataclass
+class StorageOptionsConf:
+    """How the sweeper talks to its database (``hydra.sweeper.storage_options``).
+
+    - ``engine_kwargs``: passed to SQLAlchemy's ``create_engine`` for the study's storage. For
+      non-SQLite URLs ``pool_pre_ping: true`` is added unless set here: a pooled connection that
+      a database restart or a firewall dropped is tested and replaced before use.
+    - ``reconnect_timeout`` (seconds): how long an operation the database dropped (restart,
+      failover, network blip) is retried before the worker gives up; ``0``: never retried.
+    """
+
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    reconnect_timeout: float = 120.0
+
+
 # Pruners: a config group, hydra/sweeper/pruner=none|median|successive_halving|hyperband, each
 # node instantiated to its optuna.pruners class (fields = that class's arguments and defaults).
 
@@ -108,8 +123,20 @@ class EmbftOptunaSweeperConf:
     - ``max_failure_rate``/``failure_rate_min_trials``: the sweep aborts when more than
       this fraction of the trials it finished failed, once at least that many finished.
     - ``heartbeat_interval``/``grace_period`` (seconds): RUNNING trials whose heartbeat is
-      older than ``grace_period`` (default ``2 * heartbeat_interval``) are marked FAIL
-      before each batch; ``heartbeat_interval: null`` turns this off.
+      older than ``grace_period`` are marked FAIL before each batch; ``heartbeat_interval:
+      null`` turns this off. ``grace_period: null`` (default) is ``max(2 * heartbeat_interval,
+      heartbeat_interval + 120)``, 180 s for the default 60: by then embft's MLflow heartbeat
+      (stale after 120 s) says the dead trial's run is dead too, so the retried job closes it. Keep ``grace_period``
+      above a database outage you want to ride out (a live trial's beats stop meanwhile).
+    - ``stale_trial_retries``: a trial of this sweeper failed that way (its worker died:
+      kill -9, a lost machine) is queued again with the same params (Optuna's
+      ``RetryHeartbeatStaleTrialCallback``, system attributes ``failed_trial`` and
+      ``retry_history``) up to this many times; the retry takes the failed trial's place in
+      ``n_trials``. ``0``: only failed (and counted); ``null``: retried without limit.
+    - ``wait_for_running``: a worker that finds the study full waits while other workers'
+      trials run, so that one whose worker dies is still retried (``false``: leave at once;
+      the next run of the command retries it).
+    - ``storage_options``: ``engine_kwargs`` and ``reconnect_timeout`` (:class:`StorageOptionsConf`).
     - ``params``: search space as Hydra override values, e.g.
       ``{lr: "tag(log, interval(1e-5, 1e-3))", batch_size: "choice(16, 32)"}``.
       Sweep overrides given on the command line are added and win over these.
@@ -131,6 +158,9 @@ class EmbftOptunaSweeperConf:
     failure_rate_min_trials: int = 5
     heartbeat_interval: Optional[int] = 60
     grace_period: Optional[int] = None
+    stale_trial_retries: Optional[int] = 1
+    wait_for_running: bool = True
+    storage_options: StorageOptionsConf = field(default_factory=StorageOptionsConf)
     params: Optional[dict[str, str]] = None
     pruner: Any = None  # chosen by the defaults list above
 

@@ -42,6 +42,9 @@ class EmbftOptunaSweeper(Sweeper):
         grace_period: Optional[int] = None,
         params: Optional[Mapping[str, str]] = None,
         pruner: Optional[Mapping[str, Any]] = None,
+        storage_options: Optional[Mapping[str, Any]] = None,
+        stale_trial_retries: Optional[int] = 1,
+        wait_for_running: bool = True,
     ) -> None:
         from ._impl import OptunaSweeperImpl
 
@@ -59,6 +62,9 @@ class EmbftOptunaSweeper(Sweeper):
             grace_period=grace_period,
             params=params,
             pruner=pruner,
+            storage_options=storage_options,
+            stale_trial_retries=stale_trial_retries,
+            wait_for_running=wait_for_running,
         )
 
     def setup(

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PRUNER_ATTR = "pruner"  # trial user attribute: the pruner config (``_target_`` + arguments)
 PRUNED_STEP_ATTR = "pruned_step"
+RECONNECT_TIMEOUT_S = 120.0  # as the sweeper's storage_options.reconnect_timeout default
 
 
 def make_pruner(spec: Optional[Mapping[str, Any]]) -> optuna.pruners.BasePruner:
@@ -57,11 +58,18 @@ class TrialReporter:
         import optuna
         from optuna.trial import Trial
 
+        from ._impl import ReconnectingRDBStorage
+
         self.trial_number = int(trial_number)
-        rdb = optuna.storages.RDBStorage(
+        rdb = ReconnectingRDBStorage(
             storage,
-            # As the sweeper: workers share a SQLite file, so wait on its lock instead of failing.
-            engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None,
+            # As the sweeper: workers share a SQLite file, so wait on its lock instead of failing;
+            # a server's pooled connections are tested before use, and an operation that a
+            # database restart dropped is retried (the sweeper's default reconnect_timeout).
+            engine_kwargs={"connect_args": {"timeout": 60}}
+            if storage.startswith("sqlite")
+            else {"pool_pre_ping": True},
+            reconnect_timeout=RECONNECT_TIMEOUT_S,
         )
         self.study = optuna.load_study(study_name=study_name, storage=rdb)
         # Optuna has no public lookup of a live Trial by number: ask/tell code holds the Trial
