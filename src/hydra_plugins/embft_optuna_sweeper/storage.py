@@ -1,0 +1,389 @@
+"""The study's storage: trial heartbeats, a storage that reconnects when the database restarts, the
+n_trials accounting, retrying a dead worker's trial, and the database lock workers ask trials under."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import optuna
+import sqlalchemy
+import sqlalchemy.exc
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, Trial, TrialState
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger(__name__)
+
+
+# Top-level job config node that, when present, receives the trial number and study name.
+# System attributes this sweeper puts on its trials.
+HEARTBEAT_ATTR = "embft:heartbeat"  # the trial records heartbeats (its worker can be told dead)
+DISCARDED_ATTR = "embft:discarded"  # asked past n_trials after a lost database lock, never run
+RETRY_HISTORY_ATTR = "retry_history"  # Optuna's RetryHeartbeatStaleTrialCallback: the trials retried
+
+
+# --------------------------------------------------------------------------- heartbeat
+
+
+class _Heartbeat:
+    """Records heartbeats of this process's in-flight trials from a background thread.
+
+    Optuna only runs heartbeats inside ``Study.optimize``; with ask/tell we keep them
+    ourselves so that other processes can tell our live trials from stale ones.
+    """
+
+    def __init__(self, storage: RDBStorage, interval: int) -> None:
+        self._storage = storage
+        self._interval = interval
+        self._trial_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def track(self, trial: Trial) -> None:
+        trial_id = trial._trial_id  # no public accessor; needed by record_heartbeat
+        self._storage.record_heartbeat(trial_id)
+        # Marks the trial as one with heartbeats: retried when they stop, waited for by others.
+        self._storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, self._interval)
+        with self._lock:
+            self._trial_ids.add(trial_id)
+
+    def untrack(self, trials: Sequence[Trial]) -> None:
+        with self._lock:
+            self._trial_ids.difference_update(t._trial_id for t in trials)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                trial_ids = list(self._trial_ids)
+            for trial_id in trial_ids:
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception as e:  # a missed beat is harmless, a dead thread is not
+                    log.warning("Could not record heartbeat of trial id %d: %s", trial_id, e)
+
+
+class _NoHeartbeat:
+    def __enter__(self) -> _NoHeartbeat:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def track(self, trial: Trial) -> None:
+        pass
+
+    def untrack(self, trials: Sequence[Trial]) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- reconnecting storage
+
+
+def is_disconnect(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was raised from) says the database connection was lost or
+    refused: a server restart or failover, a network blip, SQLite's busy file. Optuna wraps
+    SQLAlchemy's errors in ``StorageInternalError``."""
+    seen: Optional[BaseException] = err
+    while seen is not None:
+        if isinstance(seen, sqlalchemy.exc.DBAPIError) and (
+            seen.connection_invalidated
+            or isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+        ):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def retry_on_disconnect(what: str, call: Callable[[int], Any], timeout: float) -> Any:
+    """``call(attempt)`` (attempt 1, 2, ...) until it stops failing on a lost connection, for at
+    most ``timeout`` seconds; other errors, and the last one, propagate."""
+    deadline = time.monotonic() + timeout
+    attempt = 1
+    while True:
+        try:
+            return call(attempt)
+        except Exception as e:
+            if not is_disconnect(e) or time.monotonic() >= deadline:
+                raise
+            if attempt == 1:
+                log.warning("Database connection lost (%s: %s); retrying %s", type(e).__name__, _first_line(e), what)
+        time.sleep(min(0.25 * 2 ** min(attempt - 1, 4), 2.0, max(deadline - time.monotonic(), 0.0)))
+        attempt += 1
+
+
+def _first_line(err: BaseException) -> str:
+    cause = err.__cause__ or err
+    return (str(cause).strip().splitlines() or [""])[0]
+
+
+_RETRY_DEPTH = threading.local()  # retries happen in the outermost storage call only
+
+# RDBStorage methods that talk to the database (those the Study and _CachedStorage call).
+_DB_METHODS = (
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "get_trial_param",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+    "_get_trials",
+    "get_best_trial",
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+)
+
+
+class ReconnectingRDBStorage(RDBStorage):
+    """RDBStorage that retries an operation the database dropped, for up to ``reconnect_timeout``
+    seconds, so that a database restart or failover does not end a worker.
+
+    Reads and attribute writes are idempotent, so they are simply retried; a trial's state change
+    is retried only while the trial is not in that state yet (the lost attempt's commit may have
+    landed). An error on a connection is raised before its commit in practice (the server ends
+    its sessions, then stops): only a commit that landed with its answer lost, in the instant
+    the server stops, could make a retried ``create_new_trial`` leave an extra RUNNING trial
+    that never gets a heartbeat (so it is never failed as stale and takes one of ``n_trials``).
+    """
+
+    def __init__(self, url: str, *, reconnect_timeout: float = 0.0, **kwargs: Any) -> None:
+        self.reconnect_timeout = float(reconnect_timeout)
+        retry_on_disconnect(
+            "opening the storage",
+            lambda _: super(ReconnectingRDBStorage, self).__init__(url, **kwargs),
+            self.reconnect_timeout,
+        )
+
+    def _retry(self, name: str, call: Callable[[int], Any]) -> Any:
+        if getattr(_RETRY_DEPTH, "value", 0) or self.reconnect_timeout <= 0:
+            return call(1)
+        _RETRY_DEPTH.value = 1
+        try:
+            return retry_on_disconnect(name, call, self.reconnect_timeout)
+        finally:
+            _RETRY_DEPTH.value = 0
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Optional[Sequence[float]] = None
+    ) -> bool:
+        def call(attempt: int) -> bool:
+            if attempt > 1 and RDBStorage.get_trial(self, trial_id).state == state:
+                return True  # the lost attempt's commit landed
+            return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+
+        return self._retry("set_trial_state_values", call)
+
+
+def _retrying(name: str) -> Callable[..., Any]:
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def wrapper(self: ReconnectingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._retry(name, lambda _: method(self, *args, **kwargs))
+
+    return wrapper
+
+
+for _name in _DB_METHODS:
+    setattr(ReconnectingRDBStorage, _name, _retrying(_name))
+
+
+# --------------------------------------------------------------------------- n_trials accounting
+
+
+def _retried(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of the trials that a later trial retries (Optuna's retry callback)."""
+    return {t.system_attrs[RETRY_HISTORY_ATTR][-1] for t in trials if t.system_attrs.get(RETRY_HISTORY_ATTR)}
+
+
+def _counts(trial: FrozenTrial, use_heartbeat: bool, retried: set[int]) -> bool:
+    """Whether ``trial`` takes one of the study's n_trials.
+
+    COMPLETE and PRUNED trials do; FAIL ones too, unless another trial retries them (that one
+    counts instead) or they were asked past n_trials and never run. With heartbeats, stale
+    trials were just failed, so RUNNING ones belong to live workers and count as taken; without,
+    we can't tell, so only finished ones count (and workers running concurrently may then
+    overshoot by their in-flight trials). WAITING trials (retries, enqueued ones) are asked
+    before new ones, so they only fill the remaining slots.
+    """
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    if trial.state == TrialState.FAIL:
+        return trial.number not in retried and not trial.system_attrs.get(DISCARDED_ATTR)
+    return use_heartbeat and trial.state == TrialState.RUNNING
+
+
+def _stale_callback_arg() -> str:
+    import inspect
+
+    params = inspect.signature(RDBStorage.__init__).parameters
+    return "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+
+
+_STALE_CALLBACK_ARG = _stale_callback_arg()  # Optuna 4.9 renamed failed_trial_callback
+
+
+class _RetryOwnStaleTrial:
+    """Optuna's retry of a heartbeat-stale trial (a WAITING copy with the same params, user
+    attributes and system attributes ``failed_trial``/``retry_history``), for the trials this
+    sweeper asked; a stale trial that other code left RUNNING is only failed."""
+
+    def __init__(self, max_retry: Optional[int]) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental / deprecated, by Optuna version
+            retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+            self._retry = (retry_cls or optuna.storages.RetryFailedTrialCallback)(max_retry=max_retry)
+        self.max_retry = max_retry
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.system_attrs.get(HEARTBEAT_ATTR) is None:
+            log.warning("Trial %d (not asked by this sweeper) had no heartbeat for too long: failed", trial.number)
+            return
+        retries = len(trial.system_attrs.get(RETRY_HISTORY_ATTR, []))
+        if self.max_retry is not None and retries >= self.max_retry:
+            log.warning(
+                "Trial %d had no heartbeat for too long (its worker died?): failed; retried %d time(s) already",
+                trial.number,
+                retries,
+            )
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._retry(study, trial)
+        log.warning(
+            "Trial %d had no heartbeat for too long (its worker died?): failed, and queued again with its params %s",
+            trial.number,
+            trial.params,
+        )
+
+
+def _with_installed_pg_driver(url: Any) -> Any:
+    """``postgresql://`` with psycopg2 when psycopg (3) is missing: SQLAlchemy 2.1 maps the bare
+    scheme to psycopg 3, while psycopg2-binary is what embft installs."""
+    if url.drivername != "postgresql":
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return url.set(drivername="postgresql+psycopg2")
+    return url
+
+
+def _lock_name(study_name: str) -> str:
+    return hashlib.sha256(f"embft-optuna-ask\0{study_name}".encode()).hexdigest()
+
+
+class _AskLock:
+    """A held ask lock; :meth:`held` says whether it was held all along."""
+
+    def __init__(self, conn: Optional[sqlalchemy.Connection] = None) -> None:
+        self._conn = conn
+
+    def held(self) -> bool:
+        """False when the database session holding the lock is gone (a server restart): the lock
+        went with it, so another worker may have counted the study's trials meanwhile."""
+        if self._conn is None:
+            return True
+        try:
+            self._conn.execute(sqlalchemy.text("SELECT 1"))
+            return True
+        except sqlalchemy.exc.DBAPIError:
+            return False
+
+
+@contextmanager
+def _ask_lock(storage_url: Optional[str], study_name: str, reconnect_timeout: float = 0.0) -> Iterator[_AskLock]:
+    """Serializes "count the study's trials, then ask" across the processes sharing a study.
+
+    Without it two workers can both see one trial left and both ask, overshooting n_trials.
+    PostgreSQL and MySQL get a database lock (works across machines), a SQLite file a lock
+    file beside it; other backends run unlocked (an overshoot of up to n_jobs per concurrent
+    worker is then possible). Taking a database lock is retried for ``reconnect_timeout``
+    seconds while the server is unreachable.
+    """
+    if storage_url is None:
+        yield _AskLock()
+        return
+    url = make_url(storage_url)
+    backend = url.get_backend_name()
+    name = _lock_name(study_name)
+    if backend == "sqlite":
+        database = url.database or ""
+        if not database or database == ":memory:" or database.startswith("file:"):
+            yield _AskLock()
+            return
+        from filelock import FileLock
+
+        with FileLock(database + ".embft-ask.lock"):
+            yield _AskLock()
+        return
+    if backend not in ("postgresql", "mysql", "mariadb"):
+        yield _AskLock()
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        if backend == "postgresql":
+            # A transaction-level advisory lock: released when this transaction ends, also if
+            # the process dies (the server drops the connection).
+            key = int.from_bytes(bytes.fromhex(name[:16]), "big", signed=True)
+            lock_sql, args, release_sql = "SELECT pg_advisory_xact_lock(:key)", {"key": key}, None
+        else:
+            lock = f"embft_optuna_{name[:40]}"  # MySQL lock names are at most 64 characters
+            lock_sql, args, release_sql = "SELECT GET_LOCK(:name, 600)", {"name": lock}, "SELECT RELEASE_LOCK(:name)"
+
+        def take(_: int) -> sqlalchemy.Connection:
+            conn = engine.connect()
+            try:
+                got = conn.execute(sqlalchemy.text(lock_sql), args).scalar()
+                if release_sql is not None and got != 1:
+                    raise RuntimeError(f"could not take the MySQL lock {args['name']} in 600 s")
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        conn = retry_on_disconnect("taking the ask lock", take, reconnect_timeout)
+        try:
+            yield _AskLock(conn)
+        finally:
+            try:
+                if release_sql is not None:
+                    conn.execute(sqlalchemy.text(release_sql), args)
+                conn.commit()  # ends the transaction, which releases PostgreSQL's lock
+                conn.close()
+            except sqlalchemy.exc.DBAPIError as e:  # the session is gone, and its lock with it
+                log.debug("Ask lock released with its lost connection: %s", e)
+                conn.invalidate()
+    finally:
+        engine.dispose()
