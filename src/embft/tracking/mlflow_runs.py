@@ -65,6 +65,15 @@ CLAIM_SETTLE_S = 1.0  # wait between claiming and checking, longer than a store 
 TWIN_POLL_S = 5.0  # how often a job looks again for a twin run that trains its weights right now
 RUNNING_ELSEWHERE_FILE = "running_elsewhere.json"  # in a skipped job's output folder, for the sweep summary
 
+# MLflow's own client retries (urllib3 Retry, see mlflow.environment_variables), set for an
+# http(s) store unless the environment already sets them. A refused or dropped request is retried
+# after 0, 2, 4, 8, 16, 32, 64 s (factor 1: sleeps 2**(n-1) s, plus up to 1 s jitter), so a call
+# waits out a server that is away for up to ~2 min and resumes at most ~2x the outage after it
+# began; a 40 s restart thus leaves a heartbeat at most ~30 + 62 s old, under STALE_AFTER_S, and
+# no other job takes the run for dead. MLflow's defaults (7, factor 2) wait ~4 min, longer than a
+# heartbeat may lag. MLFLOW_HTTP_REQUEST_TIMEOUT (120 s a request) stays MLflow's.
+CLIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
@@ -108,6 +117,8 @@ def setup(tracking_cfg: TrackingConfig) -> str:
                 f"tracking.uri={uri}: cannot write to {db.parent} ({err}); choose a writable location."
             ) from err
     elif uri.startswith(("http://", "https://")):
+        for name, value in CLIENT_RETRIES.items():
+            os.environ.setdefault(name, value)
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
     lock = nullcontext()
@@ -165,6 +176,14 @@ def _check_server(uri: str, timeout: float = 10.0) -> None:
             f"tracking.uri={uri}: no MLflow server answers ({reason}); start one "
             "(`make mlflow-server`) or point tracking.uri / EMBFT_MLFLOW_URI at it."
         ) from err
+
+
+def _server_away(err: BaseException) -> bool:
+    """An MLflow client call that gave up on an unreachable server (retries spent)."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(err)
+    return isinstance(err, MlflowException) and "API request to" in text and "Max retries exceeded" in text
 
 
 def _versions() -> dict[str, str]:
@@ -410,9 +429,20 @@ def job_run(
         raise
     except BaseException as err:
         beat.stop()
-        mlflow.set_tag(ERROR, f"{type(err).__name__}: {err}"[:5000])
-        mlflow.log_text(traceback.format_exc(), ERROR_ARTIFACT)
-        mlflow.end_run(status="FAILED")
+        try:
+            mlflow.set_tag(ERROR, f"{type(err).__name__}: {err}"[:5000])
+            mlflow.log_text(traceback.format_exc(), ERROR_ARTIFACT)
+        except Exception as away:  # the store is away too: the error stays in the job's log
+            log.warning("Could not log the error of run %s (%s)", run.info.run_id, away)
+        try:
+            mlflow.end_run(status="FAILED")  # ends the active run first, so the sweep's next job starts its own
+        except Exception as away:  # still RUNNING there; a rerun of the command closes it and retrains
+            log.warning("Could not mark run %s FAILED (%s)", run.info.run_id, away)
+        if _server_away(err):
+            raise EmbftError(
+                f"the MLflow server at {mlflow.get_tracking_uri()} did not answer for the client's retries "
+                f"({err}); run the command again once it is back: finished jobs are skipped."
+            ) from err
         raise
     else:
         beat.stop()
