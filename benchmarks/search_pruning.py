@@ -74,8 +74,8 @@ def run_study(name: str, pruned: bool, args: argparse.Namespace, root: Path) -> 
     from embft.training.flagembedding.records import prepare_records
     from embft.training.flagembedding.train import train
     from embft.training.flagembedding.trainer import live_sentence_transformer
+    from hydra_plugins.embft_optuna_sweeper._search_space import parse_search_space
     from hydra_plugins.embft_optuna_sweeper.reporting import PRUNER_ATTR, TrialReporter
-    from hydra_plugins.embft_optuna_sweeper.search_space import parse_search_space
 
     sizing = [
         f"data.local_dir={args.data}",

@@ -312,7 +312,7 @@ def test_two_workers_share_one_study(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_trial_seeds_follow_trial_numbers(sampler: str) -> None:
-    from hydra_plugins.embft_optuna_sweeper.samplers import _make_sampler, _PerTrialSeedSampler
+    from hydra_plugins.embft_optuna_sweeper._samplers import _make_sampler, _PerTrialSeedSampler
 
     space = {
         "x": FloatDistribution(-3.0, 5.0),
@@ -577,7 +577,7 @@ def test_fault_settings_defaults() -> None:
 def test_retry_on_disconnect_retries_lost_connections_only() -> None:
     import sqlalchemy.exc
 
-    from hydra_plugins.embft_optuna_sweeper.storage import is_disconnect, retry_on_disconnect
+    from hydra_plugins.embft_optuna_sweeper._storage import is_disconnect, retry_on_disconnect
 
     lost = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
     wrapped = optuna.exceptions.StorageInternalError("commit failed")  # how RDBStorage raises it
@@ -605,7 +605,7 @@ def test_reconnecting_storage_retries_an_operation_and_a_landed_state_change(
 ) -> None:
     import sqlalchemy.exc
 
-    from hydra_plugins.embft_optuna_sweeper.storage import ReconnectingRDBStorage
+    from hydra_plugins.embft_optuna_sweeper._storage import ReconnectingRDBStorage
 
     storage = ReconnectingRDBStorage(f"sqlite:///{tmp_path}/optuna.db", reconnect_timeout=30)
     study = optuna.create_study(storage=storage)
@@ -627,7 +627,7 @@ def test_reconnecting_storage_retries_an_operation_and_a_landed_state_change(
 
 
 def test_trials_counted_towards_n_trials() -> None:
-    from hydra_plugins.embft_optuna_sweeper.storage import DISCARDED_ATTR, _counts, _retried
+    from hydra_plugins.embft_optuna_sweeper._storage import DISCARDED_ATTR, _counts, _retried
 
     def trial(number: int, state: TrialState, **system_attrs: Any) -> optuna.trial.FrozenTrial:
         t = optuna.trial.create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None)

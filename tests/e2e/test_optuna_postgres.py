@@ -34,7 +34,7 @@ def test_two_workers_share_one_postgres_study(pg_uri: str, tmp_path: Path, pruni
     import optuna
     from sqlalchemy.engine import make_url
 
-    from hydra_plugins.embft_optuna_sweeper.storage import _with_installed_pg_driver
+    from hydra_plugins.embft_optuna_sweeper._storage import _with_installed_pg_driver
 
     n_trials, study_name = 8, f"e2e_{uuid.uuid4().hex[:8]}"
     storage = f"{pg_uri}/optuna"  # a bare postgresql:// URL, as a user would write it

@@ -274,7 +274,7 @@ def predict_in_chunks(model: Any, texts: pd.DataFrame, source: Path) -> pd.DataF
     request); a bad text stops it before any work with the message the server gives (rows from 0)."""
     from mlflow.exceptions import MlflowException
 
-    from embft.knn_classifier import MAX_ROWS, text_problem
+    from embft.tracking.knn_classifier import MAX_ROWS, text_problem
 
     problem = text_problem(texts["text"].tolist())
     if problem:

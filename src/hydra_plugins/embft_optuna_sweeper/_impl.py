@@ -30,11 +30,9 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.engine import make_url
 
-from .checks import NOP_PRUNER, check_pruner, check_sampler, parse_directions
-from .reporting import PRUNER_ATTR, make_pruner
-from .samplers import _AskTellGridSampler, _make_sampler, _PerTrialSeedSampler, _plain
-from .search_space import SearchSpace, _check_compatible, format_value, parse_search_space
-from .storage import (
+from ._samplers import _AskTellGridSampler, _make_sampler, _PerTrialSeedSampler, _plain
+from ._search_space import SearchSpace, _check_compatible, format_value, parse_search_space
+from ._storage import (
     _STALE_CALLBACK_ARG,
     DISCARDED_ATTR,
     HEARTBEAT_ATTR,
@@ -47,6 +45,8 @@ from .storage import (
     _RetryOwnStaleTrial,
     _with_installed_pg_driver,
 )
+from .checks import NOP_PRUNER, check_pruner, check_sampler, parse_directions
+from .reporting import PRUNER_ATTR, make_pruner
 
 log = logging.getLogger(__name__)
 

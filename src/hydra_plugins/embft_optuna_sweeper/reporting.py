@@ -58,7 +58,7 @@ class TrialReporter:
         import optuna
         from optuna.trial import Trial
 
-        from .storage import ReconnectingRDBStorage
+        from ._storage import ReconnectingRDBStorage
 
         self.trial_number = int(trial_number)
         rdb = ReconnectingRDBStorage(
