@@ -58,7 +58,7 @@ def test_a_search_with_live_scores_shows_the_final_scores_and_crowns_optunas_bes
         "train.passage_max_len=16",
         "eval.max_seq_length=32",
         *LIVE_SEARCH,
-        "hydra.sweeper.sampler.name=grid",
+        "hydra/sweeper/sampler=grid",
         "hydra.sweeper.n_trials=3",
     )
     assert done.returncode == 0, done.stderr[-4000:]

@@ -105,7 +105,7 @@ def test_config_node_defaults() -> None:
     conf = OmegaConf.structured(EmbftOptunaSweeperConf)
     assert conf._target_ == ("hydra_plugins.embft_optuna_sweeper.embft_optuna_sweeper.EmbftOptunaSweeper")
     assert conf.direction == "maximize" and conf.n_trials == 20 and conf.n_jobs == 1
-    assert conf.seed == 42 and conf.sampler.name == "tpe" and conf.max_failure_rate == 0.5
+    assert conf.seed == 42 and conf.sampler is None and conf.max_failure_rate == 0.5
     assert OmegaConf.to_container(conf)["storage"] == "sqlite:///${hydra.runtime.cwd}/optuna.db"
 
 
@@ -224,7 +224,7 @@ def test_grid_sampler_runs_every_combination_once(tmp_path: Path) -> None:
     _run(
         tmp_path,
         "s",
-        "hydra.sweeper.sampler.name=grid",
+        "hydra/sweeper/sampler=grid",
         "hydra.sweeper.n_trials=10",  # capped to the 6 points of the grid
         "x=choice(0.5, 1.5)",
         "y=choice(-1, 0, 2)",
@@ -235,9 +235,9 @@ def test_grid_sampler_runs_every_combination_once(tmp_path: Path) -> None:
 
 
 def test_grid_sampler_refuses_a_range(tmp_path: Path) -> None:
-    proc = _run(tmp_path, "s", "hydra.sweeper.sampler.name=grid", check=False)
+    proc = _run(tmp_path, "s", "hydra/sweeper/sampler=grid", check=False)
     assert proc.returncode != 0
-    assert "sampler.name=grid searches choice(...) params only; x, y is a range" in proc.stderr
+    assert "hydra/sweeper/sampler=grid searches choice(...) params only; x, y is a range" in proc.stderr
 
 
 def test_stale_running_trial_is_failed_and_counted(tmp_path: Path) -> None:
@@ -312,7 +312,8 @@ def test_two_workers_share_one_study(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_trial_seeds_follow_trial_numbers(sampler: str) -> None:
-    from hydra_plugins.embft_optuna_sweeper._samplers import _make_sampler, _PerTrialSeedSampler
+    from hydra_plugins.embft_optuna_sweeper._samplers import _PerTrialSeedSampler, make_sampler, sampler_factory
+    from hydra_plugins.embft_optuna_sweeper.config import SAMPLERS
 
     space = {
         "x": FloatDistribution(-3.0, 5.0),
@@ -321,7 +322,9 @@ def test_trial_seeds_follow_trial_numbers(sampler: str) -> None:
     }
 
     def per_trial() -> _PerTrialSeedSampler:
-        return _PerTrialSeedSampler(lambda seed: _make_sampler({"name": sampler}, seed), 42)
+        return _PerTrialSeedSampler(
+            lambda seed: make_sampler(sampler_factory(OmegaConf.structured(SAMPLERS[sampler])), seed), 42
+        )
 
     def tell(study: optuna.Study, trial: optuna.Trial) -> dict:
         study.tell(trial, -((trial.params["x"] - 2) ** 2))

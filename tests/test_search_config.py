@@ -90,7 +90,7 @@ def _multirun(root, *overrides: str):
     ("override", "instead"),
     [
         ("hydra.sweeper.pruner=median", "write hydra/sweeper/pruner=median (choices: none, median, successive_halving"),
-        ("hydra.sweeper.sampler=tpe", "write hydra.sweeper.sampler.name=tpe (choices: tpe, random, grid)"),
+        ("hydra.sweeper.sampler=tpe", "write hydra/sweeper/sampler=tpe (choices: tpe, random, grid"),
     ],
 )
 def test_a_sweeper_node_of_the_wrong_shape_stops_before_any_run_in_one_line(tmp_path, override, instead):
@@ -114,7 +114,14 @@ def test_the_sweeper_built_without_the_app_gives_the_same_one_line_fix(sweeper_o
     with pytest.raises(InstantiationException, match="write hydra/sweeper/pruner=median"):
         sweeper_of("search", "hydra.sweeper.pruner=median")
     for overrides, message in [
-        (["hydra.sweeper.sampler.name=cmaes"], "sampler.name must be one of tpe, random, grid, got 'cmaes'"),
+        (
+            ["hydra.sweeper.sampler._target_=optuna.samplers.NoSuchSampler"],
+            "sampler._target_=optuna.samplers.NoSuchSampler",
+        ),
+        (
+            ["+hydra.sweeper.sampler.bogus=1"],
+            "sampler._target_=optuna.samplers.TPESampler: .*bogus",
+        ),
         (["hydra.sweeper.direction=max"], "'max' is not maximize or minimize"),
         (["hydra.sweeper.direction=[{metric:val_accuracy_cosine,goal:maximize}]"], "direction entry"),
         (["hydra.sweeper.pruner.n_startup_trials=-1"], "MedianPruner.*ValueError: Number of startup trials"),

@@ -187,7 +187,7 @@ def test_a_real_search_prunes_a_trial_and_never_takes_it_for_the_best(tmp_path, 
         "eval.n_experiments=1",
         "eval.every_steps=4",
         "eval.max_seq_length=64",
-        "hydra.sweeper.sampler.name=grid",
+        "hydra/sweeper/sampler=grid",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.pruner.n_startup_trials=1",
     )

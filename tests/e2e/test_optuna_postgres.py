@@ -25,7 +25,7 @@ PRUNING = [
     "steps=4",
     "hydra/sweeper/pruner=median",
     "hydra.sweeper.pruner.n_startup_trials=1",
-    "hydra.sweeper.sampler.name=random",
+    "hydra/sweeper/sampler=random",
 ]
 
 

@@ -202,7 +202,7 @@ def test_two_workers_survive_a_postgres_restart(postgres: Postgres, tmp_path: Pa
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.study_name=restart",
         f"hydra.sweeper.n_trials={n_trials}",
-        "hydra.sweeper.sampler.name=random",
+        "hydra/sweeper/sampler=random",
         "hydra.sweeper.heartbeat_interval=1",
         # Above the outage: live trials cannot beat while the server is down.
         "hydra.sweeper.grace_period=20",
@@ -248,7 +248,7 @@ def test_killed_worker_trial_is_failed_and_retried_once(tmp_path: Path) -> None:
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.study_name=killed",
         f"hydra.sweeper.n_trials={n_trials}",
-        "hydra.sweeper.sampler.name=random",
+        "hydra/sweeper/sampler=random",
         "hydra.sweeper.heartbeat_interval=1",
         "hydra.sweeper.grace_period=3",
         f"mlflow_uri={mlflow_uri}",

@@ -30,7 +30,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.engine import make_url
 
-from ._samplers import _AskTellGridSampler, _make_sampler, _PerTrialSeedSampler, _plain
+from ._samplers import _AskTellGridSampler, _PerTrialSeedSampler, _plain, is_grid, make_sampler, sampler_factory
 from ._search_space import SearchSpace, _check_compatible, format_value, parse_search_space
 from ._storage import (
     _STALE_CALLBACK_ARG,
@@ -163,7 +163,7 @@ class OptunaSweeperImpl(Sweeper):
         self.n_trials = n_trials
         self.n_jobs = n_jobs
         self.seed = seed
-        self.sampler_conf: Mapping[str, Any] = check_sampler(sampler)
+        self.sampler = sampler_factory(check_sampler(sampler))  # Hydra instantiates the node as a partial
         self.max_failure_rate = max_failure_rate
         self.failure_rate_min_trials = failure_rate_min_trials
         self.heartbeat_interval = heartbeat_interval
@@ -285,24 +285,25 @@ class OptunaSweeperImpl(Sweeper):
         ranges = [n for n, d in space.distributions.items() if not isinstance(d, CategoricalDistribution)]
         if ranges:
             raise ValueError(
-                f"hydra.sweeper.sampler.name=grid searches choice(...) params only; {', '.join(ranges)} "
-                "is a range: write it as choice(a, b, ...) or use sampler.name=tpe"
+                f"hydra/sweeper/sampler=grid searches choice(...) params only; {', '.join(ranges)} "
+                "is a range: write it as choice(a, b, ...) or use hydra/sweeper/sampler=tpe"
             )
         grid = {n: list(d.choices) for n, d in space.distributions.items()}  # type: ignore[attr-defined]
         size = math.prod(len(v) for v in grid.values())
         if self.n_trials > size:
             log.info("Grid of %d points: n_trials %d capped to %d", size, self.n_trials, size)
             self.n_trials = size
-        return _AskTellGridSampler(grid, seed=self.seed)
+        factory = functools.partial(_AskTellGridSampler, *self.sampler.args, **self.sampler.keywords)
+        return make_sampler(factory, self.seed, search_space=grid)
 
     def _open_study(self, study_name: str, storage: Optional[RDBStorage], space: SearchSpace) -> optuna.Study:
-        if str(self.sampler_conf.get("name", "tpe")).lower() == "grid":
+        if is_grid(self.sampler):
             # GridSampler keeps which points are taken in the study itself, so workers share one grid.
             sampler: optuna.samplers.BaseSampler = self._grid_sampler(space)
         elif self.seed is None:
-            sampler = _make_sampler(self.sampler_conf, None)
+            sampler = make_sampler(self.sampler, None)
         else:
-            sampler = _PerTrialSeedSampler(functools.partial(_make_sampler, self.sampler_conf), self.seed)
+            sampler = _PerTrialSeedSampler(functools.partial(make_sampler, self.sampler), self.seed)
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,

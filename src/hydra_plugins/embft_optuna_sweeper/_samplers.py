@@ -3,6 +3,8 @@ per-trial seed so that workers never propose the same parameters."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 import warnings
@@ -32,16 +34,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _make_sampler(conf: Mapping[str, Any], seed: Optional[int]) -> optuna.samplers.BaseSampler:
-    name = str(conf.get("name", "tpe")).lower()
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name != "tpe":
-        raise ValueError(f"hydra.sweeper.sampler.name must be 'tpe', 'random' or 'grid', got {name!r}")
-    kwargs = {k: conf[k] for k in ("n_startup_trials", "multivariate", "constant_liar") if conf.get(k) is not None}
+SamplerFactory = Callable[..., optuna.samplers.BaseSampler]
+
+
+def sampler_factory(sampler: Any) -> functools.partial:
+    """The sampler node as a factory: what Hydra's instantiate made of it (`_partial_`), or a mapping
+    with `_target_` (a sweeper built without Hydra) instantiated the same way."""
+    if isinstance(sampler, functools.partial):
+        return sampler
+    from hydra.utils import instantiate
+
+    return instantiate({**_plain(sampler), "_partial_": True})
+
+
+def is_grid(factory: functools.partial) -> bool:
+    return isinstance(factory.func, type) and issubclass(factory.func, optuna.samplers.GridSampler)
+
+
+def make_sampler(factory: functools.partial, seed: Optional[int], **extra: Any) -> optuna.samplers.BaseSampler:
+    """A sampler from its factory, with `seed` where its class takes one."""
+    takes_seed = "seed" in inspect.signature(factory.func).parameters
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, **kwargs)
+        return factory(**extra, **({"seed": seed} if takes_seed else {}))
 
 
 class _AskTellGridSampler(optuna.samplers.GridSampler):

@@ -72,27 +72,41 @@ def check_pruner(pruner: Any) -> Optional[dict[str, Any]]:
     return spec
 
 
-def check_sampler(sampler: Any) -> dict[str, Any]:
-    """The sampler node as plain data ({} for the default), or a :class:`SweeperConfigError`."""
-    if sampler is None:
-        return {}
+def check_sampler(sampler: Any) -> Any:
+    """The sampler node (a mapping with `_target_`, or the factory Hydra instantiated from one), or a
+    :class:`SweeperConfigError` saying what to write."""
+    import functools
+
     if isinstance(sampler, DictConfig):
         sampler = OmegaConf.to_container(sampler, resolve=True)
     names = _choices(SAMPLERS, ", ")
+    if sampler is None:  # a sweeper built without Hydra's defaults list: TPE with Optuna's defaults
+        sampler = {"_target_": "optuna.samplers.TPESampler"}
     if isinstance(sampler, str):
         name = sampler if sampler.lower() in SAMPLERS else "tpe"
         raise SweeperConfigError(
-            f"hydra.sweeper.sampler={sampler} sets the sampler to a string; the sampler is a mapping: "
-            f"write hydra.sweeper.sampler.name={name} (choices: {names})"
+            f"hydra.sweeper.sampler={sampler} sets the sampler to a string; the sampler is a config group: "
+            f"write hydra/sweeper/sampler={name} (choices: {names}; its arguments then as e.g. "
+            "hydra.sweeper.sampler.n_startup_trials=5)"
         )
-    if not isinstance(sampler, Mapping):
+    if not isinstance(sampler, functools.partial) and (not isinstance(sampler, Mapping) or "_target_" not in sampler):
+        name = str(sampler.get("name", "")) if isinstance(sampler, Mapping) else ""
+        hint = f"hydra/sweeper/sampler={name}" if name in SAMPLERS else f"hydra/sweeper/sampler=NAME ({names})"
+        raise SweeperConfigError(f"hydra.sweeper.sampler={sampler!r} is not a sampler node (no _target_): write {hint}")
+    from ._samplers import is_grid, make_sampler, sampler_factory
+
+    target = getattr(getattr(sampler, "func", None), "__name__", None) or (
+        sampler.get("_target_") if isinstance(sampler, Mapping) else "?"
+    )
+    try:
+        factory = sampler_factory(sampler)
+        if not is_grid(factory):  # built once, so a bad argument fails here (a grid needs the search space)
+            make_sampler(factory, 0)
+    except Exception as err:
         raise SweeperConfigError(
-            f"hydra.sweeper.sampler={sampler!r} is not a sampler: write hydra.sweeper.sampler.name=NAME ({names})"
-        )
-    name = str(sampler.get("name", "tpe")).lower()
-    if name not in SAMPLERS:
-        raise SweeperConfigError(f"hydra.sweeper.sampler.name must be one of {names}, got {sampler.get('name')!r}")
-    return dict(sampler)
+            f"hydra.sweeper.sampler._target_={target}: {_first_line(err)} (choices: {names}, or any optuna.samplers class)"
+        ) from err
+    return sampler
 
 
 def _as_text(value: Any) -> Any:

@@ -11,19 +11,6 @@ from hydra.core.config_store import ConfigStore
 SWEEPER_TARGET = "hydra_plugins.embft_optuna_sweeper.embft_optuna_sweeper.EmbftOptunaSweeper"
 
 
-SAMPLERS = ("tpe", "random", "grid")
-
-
-@dataclass
-class SamplerConf:
-    """Sampler choice. ``None`` fields keep Optuna's own default for that argument."""
-
-    name: str = "tpe"  # "tpe" | "random" | "grid" (every combination of choice() params once)
-    n_startup_trials: Optional[int] = None  # TPE only
-    multivariate: Optional[bool] = None  # TPE only
-    constant_liar: Optional[bool] = None  # TPE only; helps when n_jobs > 1 or several workers
-
-
 @dataclass
 class StorageOptionsConf:
     """How the sweeper talks to its database (``hydra.sweeper.storage_options``).
@@ -75,6 +62,36 @@ class HyperbandPrunerConf:
     bootstrap_count: int = 0
 
 
+# Samplers: a config group, hydra/sweeper/sampler=tpe|random|grid, each node its optuna.samplers
+# class and arguments, as the pruners are. `_partial_`: Hydra hands the sweeper a factory, which it
+# completes with `seed` (hydra.sweeper.seed + the trial number) and, for a grid, the search space.
+
+
+@dataclass
+class TPESamplerConf:
+    _target_: str = "optuna.samplers.TPESampler"
+    _partial_: bool = True
+    n_startup_trials: int = 10
+    multivariate: bool = False
+    constant_liar: bool = False  # helps when n_jobs > 1 or several workers
+
+
+@dataclass
+class RandomSamplerConf:
+    _target_: str = "optuna.samplers.RandomSampler"
+    _partial_: bool = True
+
+
+@dataclass
+class GridSamplerConf:
+    """Every combination of the choice() params once, in a seeded order; n_trials capped to the grid."""
+
+    _target_: str = "optuna.samplers.GridSampler"
+    _partial_: bool = True
+
+
+SAMPLERS = {"tpe": TPESamplerConf, "random": RandomSamplerConf, "grid": GridSamplerConf}
+
 PRUNERS = {
     "none": NopPrunerConf,
     "median": MedianPrunerConf,
@@ -92,6 +109,9 @@ class EmbftOptunaSweeperConf:
       also be a mapping ``{metric: NAME, direction: maximize}``: the names become the
       study's metric names (shown by Optuna's plots and dashboard), so an app can point
       ``direction`` at its own list of objectives, e.g. ``direction: ${objectives}``.
+    - ``sampler`` (config group ``hydra/sweeper/sampler``: ``tpe`` (default), ``random``,
+      ``grid``; its fields are the Optuna class's arguments, e.g.
+      ``hydra.sweeper.sampler.n_startup_trials=5``; any Optuna sampler by its ``_target_``).
     - ``pruner`` (config group ``hydra/sweeper/pruner``: ``none`` (default), ``median``,
       ``successive_halving``, ``hyperband``; its fields are the Optuna class's arguments,
       e.g. ``hydra/sweeper/pruner=median hydra.sweeper.pruner.n_warmup_steps=2``). Jobs
@@ -142,7 +162,7 @@ class EmbftOptunaSweeperConf:
       Sweep overrides given on the command line are added and win over these.
     """
 
-    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"pruner": "none"}])
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"pruner": "none"}, {"sampler": "tpe"}])
     _target_: str = SWEEPER_TARGET
     direction: Any = "maximize"
     study_name: Optional[str] = None
@@ -150,10 +170,10 @@ class EmbftOptunaSweeperConf:
     n_trials: int = 20
     n_jobs: int = 1
     seed: Optional[int] = 42
-    # Typed Any so that a bare string (hydra.sweeper.sampler=tpe) composes and reaches the
-    # sweeper's check (checks.py), which says to write hydra.sweeper.sampler.name=tpe instead;
-    # the default node is still a SamplerConf, so its keys and types are checked as before.
-    sampler: Any = field(default_factory=SamplerConf)
+    # Chosen by the defaults list (hydra/sweeper/sampler=NAME). Typed Any so that a bare string
+    # (hydra.sweeper.sampler=tpe) composes and reaches the sweeper's check (checks.py), which says
+    # to write hydra/sweeper/sampler=tpe instead.
+    sampler: Any = None
     max_failure_rate: float = 0.5
     failure_rate_min_trials: int = 5
     heartbeat_interval: Optional[int] = 60
@@ -167,6 +187,8 @@ class EmbftOptunaSweeperConf:
 
 for _name, _node in PRUNERS.items():
     ConfigStore.instance().store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="embft")
+for _name, _node in SAMPLERS.items():
+    ConfigStore.instance().store(group="hydra/sweeper/sampler", name=_name, node=_node, provider="embft")
 
 ConfigStore.instance().store(
     group="hydra/sweeper",
