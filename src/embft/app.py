@@ -24,7 +24,7 @@ from embft.encoding.encoders import EncodeSettings
 from embft.errors import EmbftError
 from embft.evaluation.classification import EvalResult
 from embft.tracking import mlflow_runs, study_runs, twins
-from embft.tracking.sweep import SKIPPED_MARKER
+from embft.tracking.sweep import FAILED_MARKER, SKIPPED_MARKER
 from embft.training.base import Prepared, TrainContext, TrainResult
 
 log = logging.getLogger("embft")
@@ -468,6 +468,9 @@ def main(cfg: DictConfig) -> float:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # The run is FAILED in MLflow with its traceback; the sweep goes on and SweepSummary
             # exits non-zero at the end. NaN tells a sweeper (Optuna) that the trial failed.
+            out = Path(HydraConfig.get().runtime.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / FAILED_MARKER).write_text(f"{type(err).__name__}: {err}"[:5000])
             if isinstance(err, EmbftError) and not cfg.debug:
                 log.error("Job failed: %s", err)
             else:

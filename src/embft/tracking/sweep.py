@@ -17,6 +17,9 @@ from embft.tracking import mlflow_runs, study_runs
 log = logging.getLogger("embft")
 # Left in a job's output folder when it skipped an already finished config (counted by SweepSummary).
 SKIPPED_MARKER = ".embft-skipped"
+# Left there when the job failed: the sweep's exit status holds even when the store cannot be read
+# at the end (a tracking server still away), or the job failed before it had a run.
+FAILED_MARKER = ".embft-failed"
 
 
 class SweepSummary(Callback):
@@ -46,6 +49,7 @@ class SweepSummary(Callback):
             )
         except Exception as err:  # a summary must never mask the sweep's own outcome
             log.warning("No sweep summary: %s", err)
+            _exit_if_failed(sweep_dir, sweep, 0)
             return
         counts = study_runs.count_runs(runs)  # PRUNED counted apart, never a failure
         skipped = len(list(sweep_dir.glob(f"**/{SKIPPED_MARKER}")))
@@ -68,12 +72,17 @@ class SweepSummary(Callback):
         except EmbftError as err:
             log.error("%s", err)
             raise SystemExit(1) from None
-        failed = counts.get("FAILED", 0) + counts.get("KILLED", 0)
-        if failed:
-            log.error(
-                "%d job(s) of sweep %s failed; their MLflow runs hold the error (tag `error`, error.txt). "
-                "Rerunning the same command skips the finished jobs.",
-                failed,
-                sweep,
-            )
-            raise SystemExit(1)
+        _exit_if_failed(sweep_dir, sweep, counts.get("FAILED", 0) + counts.get("KILLED", 0))
+
+
+def _exit_if_failed(sweep_dir: Path, sweep: str, failed_runs: int) -> None:
+    """Exit 1 when a job of the sweep failed, by its MLflow run or by the marker it left."""
+    failed = max(failed_runs, len(list(sweep_dir.glob(f"**/{FAILED_MARKER}"))))
+    if failed:
+        log.error(
+            "%d job(s) of sweep %s failed; their MLflow runs hold the error (tag `error`, error.txt) where "
+            "they have one, the log above where not. Rerunning the same command skips the finished jobs.",
+            failed,
+            sweep,
+        )
+        raise SystemExit(1)
