@@ -17,11 +17,7 @@ text 916 ms with 2 threads vs 66 ms with 1, load average 8 on 2 cores).
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -31,6 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pandas as pd  # noqa: E402
+
+from embft.tracking.model_server import start_model_server, stop_model_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ag_news"
@@ -88,35 +86,6 @@ def measure(name: str, predict, texts: list[str], requests: int, batches: int, b
     )
 
 
-def serve(model_uri: str, port: int) -> subprocess.Popen:
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "models",
-        "serve",
-        "-m",
-        model_uri,
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            opener.open(f"http://127.0.0.1:{port}/ping", timeout=5).close()
-            return server
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"mlflow models serve did not come up: {' '.join(cmd)}") from None
-            time.sleep(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri")
@@ -147,10 +116,8 @@ def main() -> None:
             args.batches,
         )
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = serve(uri, port)
+        server, url = start_model_server(uri, Path(tmp) / "serve.log")
+        port = int(url.rsplit(":", 1)[1])
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
         def post(batch: list[str]) -> list:
@@ -164,8 +131,7 @@ def main() -> None:
         try:
             measure("mlflow models serve (HTTP, loopback)", post, texts, args.requests, args.batches)
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
+            stop_model_server(server)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,6 @@ import http.client
 import json
 import math
 import os
-import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,81 +47,18 @@ import pandas as pd  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_latency import DATA, build_model  # noqa: E402
 
+from embft.tracking.model_server import HOST, PeakRss, start_model_server, stop_model_server  # noqa: E402
+
 CLIENTS = (1, 8, 32)
 TEXTS_PER_REQUEST = (1, 64)
-PORTS = range(20000, 32768)  # below Linux's ephemeral ports: no client connection holds one
-HOST = "127.0.0.1"
 
 
-def serve(model_uri: str, workers: int, threads: int, log: Path, tries: int = 10) -> tuple[subprocess.Popen, int]:
-    """`mlflow models serve` on a random loopback port, another one while the port is taken
-    (no port is probed and released first); returns once every worker has loaded the model."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # uvicorn
-    }
-    for _ in range(tries):
-        port = random.SystemRandom().choice(PORTS)
-        cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri]
-        cmd += ["--env-manager", "local", "--host", HOST, "--port", str(port), "--workers", str(workers)]
-        with log.open("w") as out:
-            server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 600
-        while True:
-            text = log.read_text(errors="replace")
-            if (
-                f"Uvicorn running on http://{HOST}:{port}" in text
-                and text.count("Application startup complete") >= workers
-            ):
-                return server, port
-            if server.poll() is not None or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        stop(server)
-        if "address already in use" not in text.lower():
-            raise SystemExit(f"mlflow models serve did not come up: {' '.join(cmd)}\n{text[-3000:]}")
-    raise SystemExit(f"mlflow models serve found every port taken in {tries} tries")
-
-
-def stop(server: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-
-
-class PeakRss:
-    """The largest summed RSS of a process and its descendants, sampled every 0.2 s in a thread."""
-
-    def __init__(self, pid: int):
-        import psutil
-
-        self.root, self.peak, self._done = psutil.Process(pid), 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._done.is_set():
-            total = 0
-            for proc in [self.root, *self.root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += proc.memory_info().rss
-            self.peak = max(self.peak, total)
-            self._done.wait(0.2)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join(timeout=10)
+def serve(model_uri: str, workers: int, threads: int, log: Path) -> tuple[subprocess.Popen, int]:
+    """The server up with `workers` workers of `threads` torch threads each; (server, port)."""
+    server, url = start_model_server(
+        model_uri, log, workers=workers, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=600
+    )
+    return server, int(url.rsplit(":", 1)[1])
 
 
 def percentile(ms: list[float], q: float) -> float:
@@ -245,7 +180,7 @@ def main() -> None:
                 if server.poll() is not None:
                     raise SystemExit(f"the server exited ({server.returncode}):\n{log.read_text()[-3000:]}")
             finally:
-                stop(server)
+                stop_model_server(server)
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     sys.exit(1 if failed else 0)
 

@@ -1,11 +1,8 @@
 """The smoke sweep's model through the authenticated server: logged through the artifact proxy,
 registered as NAME@champion, loaded by alias in a fresh process, and served by `mlflow models serve`."""
 
-import contextlib
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from embft.errors import EmbftError
+from embft.tracking.model_server import start_model_server, stop_model_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # slow too: `-m "not slow"` must not need the services
 
@@ -107,64 +107,16 @@ def test_champion_loads_by_alias_in_a_fresh_process(
     assert refused.returncode == 1 and "cannot load" in refused.stderr
 
 
-SERVE_PORTS = range(20000, 32768)  # below Linux's ephemeral ports: no client connection holds one
-PICK = random.SystemRandom()  # not the test run's seeded `random`: two runs of this test pick apart
-
-
 def _stop(server: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
+    stop_model_server(server)
+
+
+def _serve(model_uri: str, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    """embft's model server starter, a test failure (its log) when the server does not come up."""
     try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-
-
-def _serve(model_uri: str, env: dict, log: Path, tries: int = 10) -> tuple[subprocess.Popen, str]:
-    """`mlflow models serve` on a random loopback port, another one while the port is taken;
-    (server, URL) once the server's own log says "Uvicorn running on URL": it holds the port then
-    (a /ping that answers could be another server's). No port is probed and released first, so
-    nothing can take it between the check and the bind."""
-    for _ in range(tries):
-        url = f"http://127.0.0.1:{PICK.choice(SERVE_PORTS)}"
-        with log.open("w") as out:
-            server = subprocess.Popen(
-                [
-                    str(Path(sys.executable).with_name("mlflow")),
-                    "models",
-                    "serve",
-                    "-m",
-                    model_uri,
-                    "--env-manager",
-                    "local",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    url.rsplit(":", 1)[1],
-                    "--workers",
-                    "1",
-                ],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 300
-        while f"Uvicorn running on {url}" not in log.read_text(errors="replace"):
-            if server.poll() is not None or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        else:
-            return server, url
-        code = server.poll()
-        _stop(server)
-        output = log.read_text(errors="replace")
-        if "address already in use" not in output.lower():
-            why = f"exited ({code})" if code is not None else "did not start in 300 s"
-            pytest.fail(f"mlflow models serve on {url} {why}:\n{output[-3000:]}", pytrace=False)
-    pytest.fail(f"mlflow models serve found every port taken in {tries} tries:\n{output[-3000:]}", pytrace=False)
+        return start_model_server(model_uri, log, env=env)
+    except EmbftError as err:
+        pytest.fail(str(err), pytrace=False)
 
 
 def test_mlflow_models_serve_answers_on_loopback(

@@ -13,12 +13,13 @@ import http.client
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from embft.tracking.model_server import PeakRss
 
 from .test_model_serving import _serve, _stop
 
@@ -70,40 +71,6 @@ def classifier(tmp_path_factory, ag_news_dir: Path) -> tuple[str, str]:
     finally:
         mlflow.set_tracking_uri(previous)
     return model_uri, uri
-
-
-class PeakRss:
-    """Samples the summed RSS of a process and its descendants every 0.2 s in a thread."""
-
-    def __init__(self, pid: int):
-        import psutil
-
-        self.root, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def now(self) -> int:
-        import psutil
-
-        total = 0
-        for proc in [self.root, *self.root.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 def _post(url: str, body: bytes, content_type: str = "application/json", timeout: float = 120) -> tuple[int, str]:
