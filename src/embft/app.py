@@ -55,8 +55,11 @@ class Job:
 
     @property
     def objective(self) -> str:
-        """The metric a sweeper optimizes: the validation score unless eval.objective=test."""
-        return names.validation(self.metric) if self.cfg.eval.objective == "validation" else self.metric
+        """The metric a sweeper optimizes: the validation score unless eval.objective=test (the one rule,
+        which the registry and log_model=best choose by too)."""
+        from embft.tracking.registry import objective_metric
+
+        return objective_metric(self.cfg)
 
     @property
     def model_id(self) -> dict[str, Any]:
