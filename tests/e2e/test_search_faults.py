@@ -192,11 +192,6 @@ def _count_trials(pg: Postgres, state: str) -> int:
         conn.close()
 
 
-@pytest.mark.xfail(
-    reason="a commit interrupted by the restart can surface as optuna StorageInternalError, which the "
-    "reconnecting storage does not retry yet (seen once in make e2e, 2026-12-03); issue 26 stays open",
-    strict=False,
-)
 def test_two_workers_survive_a_postgres_restart(postgres: Postgres, tmp_path: Path) -> None:
     import optuna
     from optuna.trial import TrialState

@@ -96,18 +96,33 @@ class _NoHeartbeat:
 # --------------------------------------------------------------------------- reconnecting storage
 
 
+# What a connection lost mid-statement surfaces as besides OperationalError/InterfaceError: a
+# session reused after the failed statement (PendingRollbackError), PostgreSQL's connection and
+# shutdown SQLSTATEs (08xxx, 57P0x), and psycopg2's bare DatabaseError when the socket drops while a
+# result is read ("... no message from the libpq"); Optuna wraps each in StorageInternalError.
+_LOST_SQLSTATES = ("08", "57P")
+_LOST_MESSAGES = ("no message from the libpq", "server closed the connection", "connection already closed")
+
+
 def is_disconnect(err: BaseException) -> bool:
-    """Whether ``err`` (or what it was raised from) says the database connection was lost or
-    refused: a server restart or failover, a network blip, SQLite's busy file. Optuna wraps
-    SQLAlchemy's errors in ``StorageInternalError``."""
+    """Whether ``err`` (or what it was raised from, or raised while handling) says the database
+    connection was lost or refused: a server restart or failover, a network blip, SQLite's busy
+    file. Optuna wraps SQLAlchemy's errors in ``StorageInternalError``."""
     seen: Optional[BaseException] = err
-    while seen is not None:
-        if isinstance(seen, sqlalchemy.exc.DBAPIError) and (
-            seen.connection_invalidated
-            or isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
-        ):
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        if isinstance(seen, (sqlalchemy.exc.PendingRollbackError, sqlalchemy.exc.DisconnectionError)):
             return True
-        seen = seen.__cause__
+        if isinstance(seen, sqlalchemy.exc.DBAPIError):
+            if seen.connection_invalidated or isinstance(
+                seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+            ):
+                return True
+            code = getattr(seen.orig, "pgcode", None) or ""
+            if code.startswith(_LOST_SQLSTATES) or any(m in str(seen.orig) for m in _LOST_MESSAGES):
+                return True
+        seen = seen.__cause__ or seen.__context__
     return False
 
 
