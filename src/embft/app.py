@@ -1,4 +1,4 @@
-"""The Hydra app: one job = a list of stages (skip-if-done, data, baseline, records, train, evaluate, log)."""
+"""The Hydra app: one job = a list of stages (skip-if-done, data, baseline, prepare, train, evaluate, served classifiers, log)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +22,7 @@ from embft.config import Config, check_values, register_configs, to_container
 from embft.data import Splits
 from embft.encoding.encoders import EncodeSettings
 from embft.errors import EmbftError
-from embft.evaluation.classification import EvalResult
+from embft.evaluation.classification import EvalResult, score_metrics
 from embft.tracking import mlflow_runs, study_runs, twins
 from embft.tracking.sweep import FAILED_MARKER, SKIPPED_MARKER
 from embft.training.base import Prepared, TrainContext, TrainResult
@@ -92,20 +92,11 @@ class JobResult:
     scores: dict[str, EvalResult]
     train: TrainResult
     eval_seconds: float
+    served: dict[str, float] = field(default_factory=dict)  # the deployable classifiers, end to end (score_served)
 
     def metrics(self, metric: str) -> dict[str, float]:
         out: dict[str, float] = {}
-        for split, prefix in (("test", ""), ("validation", names.VALIDATION_PREFIX)):
-            name, tuned, base = f"{prefix}{metric}", self.scores[split], self.baseline[split]
-            out.update(
-                {
-                    name: tuned.accuracy,
-                    names.std(name): tuned.accuracy_std,
-                    f"{prefix}{names.F1}": tuned.f1,
-                    names.baseline(name): base.accuracy,
-                    names.delta(name): tuned.accuracy - base.accuracy,
-                }
-            )
+        out.update(score_metrics(metric, self.scores, self.baseline))  # per split, every classifier
         t = self.train
         out.update(
             {
@@ -114,6 +105,9 @@ class JobResult:
                 names.TRAIN_QPS: t.queries_per_second,
                 names.EFFECTIVE_BATCH_SIZE: t.effective_batch_size,
                 names.EVAL_SECONDS: self.eval_seconds,
+                **({names.TRAIN_LABELLED_TEXTS: t.labelled_texts} if t.labelled_texts is not None else {}),
+                **t.metrics,
+                **self.served,
             }
         )
         return out
@@ -251,29 +245,23 @@ def score_baseline(job: Job, splits: Splits, base_encoder) -> dict[str, EvalResu
     """The untrained model's scores on both splits: computed once per (model, data, eval settings), cached."""
     import mlflow
 
-    from embft.evaluation.classification import baseline_key, cached_baseline, evaluate
+    from embft.evaluation.classification import baseline_key, cached_baseline, check_support, evaluate
+    from embft.evaluation.per_class import log_class_artifacts
 
     cfg = job.cfg
+    check_support(splits, cfg.eval, cfg.data.name)  # one line before minutes of encoding
     key = baseline_key(job.model_id, splits, cfg.eval, job.encode, job.device)
     with _lock(job.cache_dir, f"baseline-{key}"):
         baseline, _ = cached_baseline(
             job.cache_dir, key, lambda: evaluate(base_encoder(), splits, cfg.eval, cfg.data.name)
         )
-        metrics = {}
-        for split, prefix in (("test", ""), ("validation", names.VALIDATION_PREFIX)):
-            name = f"{prefix}{job.metric}"
-            metrics.update(
-                {
-                    name: baseline[split].accuracy,
-                    names.std(name): baseline[split].accuracy_std,
-                    f"{prefix}{names.F1}": baseline[split].f1,
-                }
-            )
+        metrics = score_metrics(job.metric, baseline)
         params = {k: v for k, v in job.params.items() if k.split(".")[0] in ("model", "data", "eval")}
         mlflow_runs.ensure_baseline_run(
             job.experiment_id, key, metrics, {s: r.scores for s, r in baseline.items()}, params
         )
     mlflow.set_tag(names.BASELINE_KEY, key)
+    log_class_artifacts(baseline, prefix="baseline_")
     log.info(
         "Baseline %s = %.4f (validation), %.4f (test)",
         job.metric,
@@ -300,6 +288,8 @@ def fine_tune(job: Job, ctx: TrainContext, prepared: Prepared):
     from embft.training.callbacks import LiveTrainingCallback
     from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
 
+    import mlflow
+
     cfg = job.cfg
 
     def score(step: int, model: Any) -> float:
@@ -314,6 +304,8 @@ def fine_tune(job: Job, ctx: TrainContext, prepared: Prepared):
         metric=names.live(names.validation(job.metric)),
     )
     result = job.trainer.train(ctx, prepared, callbacks=(live,))
+    result = replace(result, labelled_texts=prepared.labelled_texts)
+    mlflow.set_tags(result.tags)
     if live.eval_seconds:  # live scoring ran inside the Trainer's time: training alone is the rest
         seconds = result.seconds - live.eval_seconds
         result = replace(result, seconds=seconds, queries_per_second=result.n_queries / seconds)
@@ -339,14 +331,35 @@ def score_tuned(job: Job, splits: Splits, trained: TrainResult, base_encoder) ->
     return scores, time.perf_counter() - start_time
 
 
+def score_served(job: Job, splits: Splits, trained: TrainResult) -> dict[str, float]:
+    """What a user would deploy, end to end on the same rows: the tuned embedder with each classifier
+    tracking.classifier can log (kNN, logistic regression), and a head the backend trained itself (SetFit's)."""
+    from embft.evaluation.classification import eval_rows
+    from embft.tracking.serving import served_scores
+
+    scores = served_scores(trained.model_dir, splits, job.cfg)
+    if trained.head is not None:
+        for split, prefix in (("test", ""), ("validation", names.VALIDATION_PREFIX)):
+            rows = eval_rows(splits, split, job.cfg.eval)
+            predicted = trained.head(rows["text"].tolist())
+            scores[prefix + names.head_accuracy(trained.head_name)] = float(
+                (predicted == rows["label"].to_numpy()).mean()
+            )
+    log.info("Served classifiers (validation): %s", ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith(names.VALIDATION_PREFIX)))
+    return scores
+
+
 def log_results(job: Job, result: JobResult) -> None:
     import mlflow
+
+    from embft.evaluation.per_class import log_class_artifacts
 
     mlflow.log_metrics(result.metrics(job.metric))
     mlflow.set_tags({names.PRECISION: result.train.precision, names.DEVICE: result.train.device})
     mlflow.log_text(
         json.dumps({s: r.scores for s, r in result.scores.items()}, indent=2, default=float), names.SCORES_ARTIFACT
     )
+    log_class_artifacts(result.scores)  # per-class table + confusion matrix, by split
 
 
 def log_models(job: Job, splits: Splits, trained: TrainResult) -> None:
@@ -448,7 +461,7 @@ def run_job(cfg: Config) -> float | list[float] | Any:
             shutil.rmtree(trained.model_dir, ignore_errors=True)
             return optuna_pruned(live.pruned_step)
         scores, eval_seconds = score_tuned(job, splits, trained, base_encoder)
-        result = JobResult(baseline, scores, trained, eval_seconds)
+        result = JobResult(baseline, scores, trained, eval_seconds, score_served(job, splits, trained))
         log_results(job, result)
         log_models(job, splits, trained)
         clean_up(job, trained)

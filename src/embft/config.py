@@ -34,8 +34,25 @@ class Pairing(StrEnum):
 
 
 class Loss(StrEnum):
+    """train.loss: which backend takes which is in its trainer's LOSSES (checked before any work)."""
+
     stock = "stock"  # FlagEmbedding's model
     groupwise = "groupwise"  # (B,1,d)x(B,d,G) per-query scoring (embft.training.flagembedding.groupwise)
+    # sentence-transformers' losses for labelled single texts (train.backend=sentence_transformers)
+    batch_all_triplet = "batch_all_triplet"
+    batch_hard_triplet = "batch_hard_triplet"
+    batch_semi_hard_triplet = "batch_semi_hard_triplet"
+    batch_hard_soft_margin_triplet = "batch_hard_soft_margin_triplet"
+    contrastive = "contrastive"  # on pairs drawn from the labelled texts (same class = similar)
+    supcon = "supcon"  # supervised contrastive (embft.training.sentence_transformers.supcon)
+    cosine_similarity = "cosine_similarity"  # SetFit's default, on its generated pairs (train.backend=setfit)
+
+
+class ServedClassifier(StrEnum):
+    """What `classifier` in a run is: the tuned embedder + this classifier over the support set."""
+
+    knn = "knn"  # eval.k nearest support texts by eval.metric: the study's evaluation, served
+    logreg = "logreg"  # a logistic regression fitted on the support set's embeddings
 
 
 class Precision(StrEnum):
@@ -107,6 +124,14 @@ class DataConfig:
     hub_revision: Optional[str] = None
     # Folder with train.* and test.* (csv, jsonl or parquet); when set the Hub is not used.
     local_dir: Optional[str] = None
+    # Where local copies live: without local_dir, root/<folder> is read when that folder exists, else
+    # the Hub. A location (never in the config hash): EMBFT_DATA_ROOT, else ../shared/data beside the project.
+    root: Optional[str] = "${oc.env:EMBFT_DATA_ROOT,${embft_root:}/../shared/data}"
+    # This dataset's folder under root (null: no local copy there, e.g. ag_news's is a 5,000-row sample).
+    folder: Optional[str] = None
+    # The Hub's label column where it differs from the local copy's; read as class names (a ClassLabel's
+    # names), so that Hub and local labels get the same ids (names sorted). null: label_column as is.
+    hub_label_column: Optional[str] = None
     text_column: str = "text"
     label_column: str = "label"
     # Class names (or descriptions) by label id; used by the label_text pairing and in reports.
@@ -164,6 +189,8 @@ class TrainConfig:
     # Only for in-batch variants (same, no_same) with nproc_per_node > 1.
     negatives_cross_device: bool = False
     keep_model: bool = True
+    # Triplet / contrastive margin of a sentence-transformers loss; null: the loss's own default.
+    margin: Optional[float] = None
     # A job whose variant differs from a finished run's only by a no_in_batch_neg suffix that cannot
     # change training (embft.training.flagembedding.runner.inert_suffix_reason) takes that run's model scores instead of
     # training the same weights again. false: train anyway.
@@ -173,7 +200,11 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     name: str = "knn"
+    # The job's classifier: its score is the job's metric (accuracy_cosine for knn + cosine).
     method: EvalMethod = EvalMethod.knn
+    # More classifiers scored on the same embeddings (no second encoding), each under its own name
+    # (accuracy_logreg, val_accuracy_logreg, ...); a list beside `method` keeps a one-method job's hash.
+    also: list[EvalMethod] = field(default_factory=list)
     k: int = 3
     metric: Distance = Distance.cosine
     samples_per_label: int = 16
@@ -214,6 +245,13 @@ class TrackingConfig:
     # The classifier's support set: this many train rows per class (seeded by eval.seed), or
     # null for the whole train split (120k AG News texts: many minutes to embed on a CPU).
     support_per_class: Optional[int] = 256
+    # The classifier logged (and registered) with the embedder; every run logs both kinds' end-to-end
+    # accuracy on the validation and test rows (served_accuracy_knn, served_accuracy_logreg).
+    classifier: ServedClassifier = ServedClassifier.knn
+    # true: the support set is the labelled texts a single-text backend trains on (embft.training.labelled,
+    # train.max_train_queries, train.seed), so the deployed classifier reads no other labels (SetFit's head
+    # is fitted on exactly those); support_per_class still caps each class.
+    support_from_training: bool = False
     # Where the job's closing paragraph links to for a local store: the UI `make mlflow-ui` starts,
     # on the port both read from EMBFT_MLFLOW_UI_PORT (default 5000). A server's links use its URI.
     ui_url: str = "http://127.0.0.1:${oc.env:EMBFT_MLFLOW_UI_PORT,5000}"
@@ -313,6 +351,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("train.max_train_queries", _at_least(1), ">= 1 or null"),
     ("train.logging_steps", _at_least(1), ">= 1"),
     ("train.nproc_per_node", _at_least(1), ">= 1"),
+    ("train.margin", lambda v: v >= 0, ">= 0 or null"),
     ("eval.k", _at_least(1), ">= 1"),
     ("eval.samples_per_label", _at_least(1), ">= 1"),
     ("eval.n_experiments", _at_least(1), ">= 1"),

@@ -57,6 +57,9 @@ TRAIN_QUERIES = "train_queries"
 TRAIN_QPS = "train_queries_per_second"
 EFFECTIVE_BATCH_SIZE = "effective_batch_size"
 EVAL_SECONDS = "eval_seconds"
+TRAIN_LABELLED_TEXTS = "train_labelled_texts"  # distinct labelled texts training read: the labelling cost
+CLASSES_PER_BATCH = "train_classes_per_batch"  # mean distinct classes per batch (label-grouped batches)
+MIN_CLASSES_PER_BATCH = "train_min_classes_per_batch"
 F1 = "f1"
 
 VALIDATION_PREFIX = "val_"
@@ -68,6 +71,17 @@ LIVE_PREFIX = "live_"
 def score_metric(method: str, metric: str = "cosine") -> str:
     """`accuracy_cosine` for the study's kNN (the name says the distance), `accuracy_logreg` otherwise."""
     return f"accuracy_{metric}" if method == "knn" else f"accuracy_{method}"
+
+
+def served_accuracy(classifier: str) -> str:
+    """The logged classifier's end-to-end accuracy (tuned embedder + `classifier` over the support set):
+    `served_accuracy_knn`, `served_accuracy_logreg`."""
+    return f"served_accuracy_{classifier}"
+
+
+def head_accuracy(head: str) -> str:
+    """A classifier a backend trains itself, scored end to end: `setfit_head_accuracy`."""
+    return f"{head}_accuracy"
 
 
 def validation(metric: str) -> str:
@@ -96,3 +110,13 @@ def sweep_id(sweep_dir: str | Path) -> str:
     """The `embft.sweep` tag of a multirun: its folder's last two parts (`<name>/<timestamp>`)."""
     path = Path(sweep_dir)
     return f"{path.parent.name}/{path.name}"
+
+
+# Per-class metrics (eval.method's classifier): macro-F1 beside accuracy, named for imbalanced data.
+F1_MACRO = "f1_macro"
+
+
+def f1_macro(metric: str, primary: bool = True) -> str:
+    """Macro-F1 beside an accuracy: `f1_macro` for the job's classifier, `f1_macro_logreg` beside
+    eval.also's `accuracy_logreg`."""
+    return F1_MACRO if primary else f"{F1_MACRO}_{metric.removeprefix('accuracy_')}"

@@ -65,14 +65,35 @@ def text_problem(texts: list) -> Optional[str]:
     return f"`text` must be a non-empty string; bad in {len(bad)} of {len(texts)} rows: {shown}{more}"
 
 
+def make_classifier(kind: str, k: int, metric: str) -> Any:
+    """The classifier fitted on the support set's embeddings: the served model's and the job's
+    measurement of it (embft.tracking.serving.served_scores) are the same code."""
+    if kind == "knn":  # brute force: the same neighbours as the study's evaluation (MTEB with this sklearn kNN)
+        from sklearn.neighbors import KNeighborsClassifier
+
+        return KNeighborsClassifier(n_neighbors=int(k), metric=metric, algorithm="brute")
+    if kind == "logreg":  # lbfgs on the same embeddings fits the same coefficients at every load
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(max_iter=1000)
+    raise ValueError(f"classifier {kind!r}: knn or logreg")
+
+
+def predict_labels(classifier: Any, embeddings: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(label ids, scores by class id) of a fitted classifier; a class missing from the support set scores 0."""
+    proba = classifier.predict_proba(embeddings)
+    scores = np.zeros((len(embeddings), width))
+    scores[:, classifier.classes_] = proba
+    return classifier.classes_[proba.argmax(axis=1)], scores  # what predict returns, without a 2nd search
+
+
 class KnnClassifier(PythonModel):
-    """predict(frame with `text`) -> `label` (id), `label_name`, and `score_<name>` per class:
-    the share of the k nearest support texts in that class (sklearn's predict_proba)."""
+    """predict(frame with `text`) -> `label` (id), `label_name`, and `score_<name>` per class: kNN (the share
+    of the k nearest support texts in that class) or logistic regression (model config `classifier`)."""
 
     def load_context(self, context) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never ask the Hub
         from sentence_transformers import SentenceTransformer
-        from sklearn.neighbors import KNeighborsClassifier
 
         config = context.model_config
         self.label_names = list(config["label_names"])
@@ -80,9 +101,8 @@ class KnnClassifier(PythonModel):
         self.embedder = SentenceTransformer(context.artifacts["embedder"], local_files_only=True)
         self.max_chars = TEXT_CHARS_PER_TOKEN * (self.embedder.max_seq_length or 512)
         support = np.load(context.artifacts["support"])
-        # brute force: the same neighbours as the study's evaluation (MTEB with this sklearn kNN).
-        self.knn = KNeighborsClassifier(n_neighbors=int(config["k"]), metric=config["metric"], algorithm="brute")
-        self.knn.fit(support["embeddings"], support["labels"])
+        self.classifier = make_classifier(config.get("classifier", "knn"), config["k"], config["metric"])
+        self.classifier.fit(support["embeddings"], support["labels"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         problem = input_problem(model_input)
@@ -99,10 +119,7 @@ class KnnClassifier(PythonModel):
                 }
             )
         embeddings = self.embedder.encode(texts, batch_size=self.batch_size, convert_to_numpy=True)
-        proba = self.knn.predict_proba(embeddings)
-        scores = np.zeros((len(texts), width))
-        scores[:, self.knn.classes_] = proba  # a class missing from the support set scores 0
-        labels = self.knn.classes_[proba.argmax(axis=1)]  # what knn.predict returns, without a 2nd search
+        labels, scores = predict_labels(self.classifier, embeddings, width)
         out = pd.DataFrame({"label": labels.astype("int64"), "label_name": [self.label_names[i] for i in labels]})
         for i, name in enumerate(self.label_names):
             out[score_column(name)] = scores[:, i]

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 # Keys that locate things rather than choose them: they stay out of the config hash.
 # (`objectives` only says what a job returns to a search.)
 LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug", "objectives")
+# Locations inside a group: where a dataset's local copies live (data.root) is never hashed.
+NESTED_LOCATION_KEYS = (("data", "root"),)
 # Keys added after studies were logged: at these defaults they leave a job's hash as it was, so
 # rerunning an older study's command still skips its finished jobs.
 HASH_NEUTRAL = {
@@ -51,7 +53,11 @@ HASH_NEUTRAL = {
     ("train", "nproc_per_node"): 1,
     ("train", "negatives_cross_device"): False,
     ("train", "reuse_twin"): True,
+    ("train", "margin"): None,
     ("eval", "every_steps"): None,
+    ("eval", "also"): [],
+    ("data", "folder"): None,
+    ("data", "hub_label_column"): None,
     ("eval", "precision"): "fp32",
     ("eval", "backend"): "torch",
 }
@@ -89,6 +95,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def config_hash(resolved: dict) -> str:
     """Hash of the settings that decide a result (locations and trial bookkeeping excluded)."""
     chosen = {k: v for k, v in resolved.items() if k not in LOCATION_KEYS}
+    for group, key in NESTED_LOCATION_KEYS:
+        if isinstance(chosen.get(group), dict):
+            chosen[group] = {k: v for k, v in chosen[group].items() if k != key}
     for (group, key), neutral in HASH_NEUTRAL.items():
         if isinstance(chosen.get(group), dict) and chosen[group].get(key, neutral) == neutral:
             chosen[group] = {k: v for k, v in chosen[group].items() if k != key}

@@ -58,6 +58,21 @@ def support_set(train: pd.DataFrame, per_class: Optional[int], seed: int) -> pd.
     return shuffled.groupby("label").head(per_class).sort_index()[["text", "label"]].reset_index(drop=True)
 
 
+def support_source(splits: Any, cfg: Any) -> pd.DataFrame:
+    """The rows a job's support set is drawn from: the train split, or with tracking.support_from_training
+    the labelled texts its trainer read."""
+    if not cfg.tracking.support_from_training:
+        return splits.train
+    from embft.training.labelled import training_texts
+
+    return training_texts(splits.train, cfg.train.max_train_queries, cfg.train.seed)
+
+
+def support_rows(splits: Any, cfg: Any) -> pd.DataFrame:
+    """The served classifier's support set for a job (tracking.support_per_class, support_from_training)."""
+    return support_set(support_source(splits, cfg), cfg.tracking.support_per_class, cfg.eval.seed)
+
+
 def embed(model: Any, texts: Sequence[str], batch_size: int) -> np.ndarray:
     return model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True)
 
@@ -85,8 +100,10 @@ def log_models(
     support_per_class: Optional[int],
     seed: int,
     batch_size: int = 64,
+    classifier: str = "knn",
 ) -> str:
-    """Log `embedder` and `classifier` into the active run; return the classifier's model URI."""
+    """Log `embedder` and `classifier` (kNN or logistic regression over the support set, `classifier`)
+    into the active run; return the classifier's model URI."""
     import mlflow
     from mlflow.models import infer_signature
     from sentence_transformers import SentenceTransformer
@@ -117,6 +134,7 @@ def log_models(
             python_model=str(Path(__file__).with_name("knn_classifier.py")),
             artifacts={"embedder": str(model_dir), "support": str(support_file)},
             model_config={
+                "classifier": str(classifier),
                 "k": int(k),
                 "metric": str(metric),
                 "label_names": list(label_names),
@@ -129,7 +147,9 @@ def log_models(
             ),
         )
     mlflow.set_tags({names.CLASSIFIER_URI: info.model_uri, names.SUPPORT_ROWS: str(len(support))})
-    log.info("Logged the embedder and the kNN classifier (%d support rows): %s", len(support), info.model_uri)
+    log.info(
+        "Logged the embedder and the %s classifier (%d support rows): %s", classifier, len(support), info.model_uri
+    )
     return info.model_uri
 
 
@@ -183,14 +203,46 @@ def log_job_models(model_dir: Path, splits: Any, cfg: Any) -> Optional[str]:
         return None
     return log_models(
         Path(model_dir),
-        splits.train,
+        support_source(splits, cfg),
         splits.label_names,
         k=cfg.eval.k,
         metric=cfg.eval.metric,
         support_per_class=cfg.tracking.support_per_class,
         seed=cfg.eval.seed,
         batch_size=cfg.eval.batch_size,
+        classifier=str(cfg.tracking.classifier),
     )
+
+
+def served_scores(model_dir: Path, splits: Any, cfg: Any) -> dict[str, float]:
+    """What each classifier `tracking.classifier` can log would score end to end on the job's validation and
+    test rows: the embedder loaded as the served model loads it (CPU, the folder's own settings), texts cut
+    as it cuts them, the same support set and the same fitted classifier code (knn_classifier.make_classifier).
+    Metrics `served_accuracy_<kind>` and `val_served_accuracy_<kind>`."""
+    from sentence_transformers import SentenceTransformer
+
+    from embft.config import ServedClassifier
+    from embft.evaluation.classification import eval_rows
+    from embft.tracking.knn_classifier import TEXT_CHARS_PER_TOKEN, make_classifier, predict_labels
+
+    embedder = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+    max_chars = TEXT_CHARS_PER_TOKEN * (embedder.max_seq_length or 512)
+    batch = cfg.eval.batch_size
+    support = support_rows(splits, cfg)
+    fitted = {
+        kind.value: make_classifier(kind.value, cfg.eval.k, str(cfg.eval.metric)).fit(
+            embed(embedder, support["text"], batch), support["label"].to_numpy()
+        )
+        for kind in ServedClassifier
+    }
+    out = {}
+    for split, prefix in (("test", ""), ("validation", names.VALIDATION_PREFIX)):
+        rows = eval_rows(splits, split, cfg.eval)
+        vectors = embed(embedder, [t[:max_chars] for t in rows["text"]], batch)
+        for kind, classifier in fitted.items():
+            labels, _ = predict_labels(classifier, vectors, len(splits.label_names))
+            out[prefix + names.served_accuracy(kind)] = float(np.mean(labels == rows["label"].to_numpy()))
+    return out
 
 
 # ---- embft predict -----------------------------------------------------------------------

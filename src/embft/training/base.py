@@ -19,7 +19,11 @@ from embft.config import Config
 from embft.data import Splits
 from embft.errors import EmbftError
 
-BACKENDS = {"flagembedding": "embft.training.flagembedding.trainer.FlagEmbeddingTrainer"}
+BACKENDS = {
+    "flagembedding": "embft.training.flagembedding.trainer.FlagEmbeddingTrainer",
+    "sentence_transformers": "embft.training.sentence_transformers.trainer.SentenceTransformersTrainer",
+    "setfit": "embft.training.setfit.trainer.SetFitTrainer",
+}
 DEFAULT_BACKEND = "flagembedding"
 
 
@@ -33,6 +37,13 @@ class TrainResult:
     precision: str
     device: str
     losses: list[tuple[int, float]] = field(default_factory=list)
+    labelled_texts: Optional[int] = None  # distinct labelled texts training read (the app fills it from Prepared)
+    # A classifier the backend trains itself (SetFit's head): texts -> label ids, scored by the app on the
+    # validation and test rows as `<head_name>_accuracy`, never mixed with the embedder's kNN score.
+    head: Optional[Callable[[list[str]], np.ndarray]] = None
+    head_name: Optional[str] = None
+    tags: dict[str, str] = field(default_factory=dict)  # logged to the job's run
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. train_classes_per_batch
 
 
 @dataclass
@@ -54,6 +65,7 @@ class Prepared:
     """What a trainer's prepare stage made for its train stage."""
 
     n_queries: int  # training examples the train stage reads
+    labelled_texts: int  # distinct labelled texts they hold: the labelling cost (queries, positives, negatives)
     data: Any = None  # the backend's own (FlagEmbedding: its records folder)
     tags: dict[str, str] = field(default_factory=dict)  # logged to the job's run
 

@@ -3,6 +3,7 @@ runner (in-process or under torchrun), its twin rule, and a view of its live mod
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -10,13 +11,21 @@ from embft import names
 from embft.config import Config
 from embft.training.base import Prepared, TrainContext, TrainResult
 
+LOSSES = ("stock", "groupwise")
+
 
 class FlagEmbeddingTrainer:
     """FlagEmbedding's EncoderOnlyEmbedderRunner on `symmetric_class` records (the seed's study)."""
 
     def check(self, cfg: Config) -> None:
+        from embft.errors import EmbftError
         from embft.training.flagembedding.runner import check_parallel
 
+        if str(cfg.train.loss) not in LOSSES:
+            raise EmbftError(
+                f"train.loss={cfg.train.loss}: train.backend=flagembedding takes {' or '.join(LOSSES)} "
+                "(the label-aware losses are train.backend=sentence_transformers's)."
+            )
         check_parallel(cfg.train, cfg.variant)
 
     def twin_reason(self, cfg: Config) -> Optional[str]:
@@ -43,8 +52,19 @@ class FlagEmbeddingTrainer:
             batch_size=cfg.train.same_dataset_batch_size,
             pairing=str(cfg.data.pairing),
         )
-        n_records = sum(1 for _ in (records_dir / "train.jsonl").open())
-        return Prepared(n_queries=n_records, data=records_dir, tags={names.RECORDS_DIR: str(records_dir)})
+        n_records, texts = 0, set()
+        with (records_dir / "train.jsonl").open() as fh:
+            for line in fh:
+                record = json.loads(line)
+                n_records += 1
+                texts.update([record["query"], *record["pos"], *record["neg"]])
+        # label_text pairing: positives and negatives are class descriptions, counted like texts
+        return Prepared(
+            n_queries=n_records,
+            labelled_texts=len(texts),
+            data=records_dir,
+            tags={names.RECORDS_DIR: str(records_dir)},
+        )
 
     def train(self, ctx: TrainContext, prepared: Prepared, callbacks: Sequence[Any] = ()) -> TrainResult:
         from embft.training.flagembedding.train import train

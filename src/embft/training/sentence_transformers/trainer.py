@@ -1,0 +1,199 @@
+"""sentence-transformers as a trainer backend (`train.backend=sentence_transformers`): its
+SentenceTransformerTrainer with a loss for labelled texts (`train.loss`, embft.training.sentence_transformers.losses)
+on train.max_train_queries texts of the train split, batched by its label-grouped sampler."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from embft import names
+from embft.config import Config
+from embft.errors import EmbftError
+from embft.training.base import Prepared, TrainContext, TrainResult
+from embft.training.sentence_transformers.losses import LOSSES
+
+log = logging.getLogger(__name__)
+
+
+def check_single_process(cfg: Config) -> None:
+    if cfg.train.nproc_per_node != 1:
+        raise EmbftError(
+            f"train.nproc_per_node={cfg.train.nproc_per_node}: train.backend={cfg.train.backend} trains in one "
+            "process here; use train.backend=flagembedding for torchrun."
+        )
+
+
+class SentenceTransformersTrainer:
+    def check(self, cfg: Config) -> None:
+        t = cfg.train
+        spec = LOSSES.get(str(t.loss))
+        if spec is None:
+            raise EmbftError(f"train.loss={t.loss}: train.backend=sentence_transformers takes {', '.join(LOSSES)}.")
+        if t.margin is not None and not spec.takes_margin():
+            raise EmbftError(f"train.margin={t.margin}: train.loss={t.loss} has no margin; set train.margin=null.")
+        if not spec.pairs and (t.per_device_train_batch_size < 4 or t.per_device_train_batch_size % 2):
+            # the label-grouped sampler's rule: every batch holds >= 2 classes with >= 2 texts each
+            raise EmbftError(
+                f"train.per_device_train_batch_size={t.per_device_train_batch_size}: train.loss={t.loss} batches "
+                "by label and needs an even batch of at least 4 texts."
+            )
+        check_single_process(cfg)
+
+    def twin_reason(self, cfg: Config) -> Optional[str]:
+        return None  # the twin rule is about FlagEmbedding's no_in_batch_neg suffix
+
+    def prepare(self, ctx: TrainContext) -> Prepared:
+        from embft.training.labelled import training_texts
+
+        t = ctx.cfg.train
+        rows = training_texts(ctx.splits.train, t.max_train_queries, t.seed)
+        spec = LOSSES[str(t.loss)]
+        data = pair_rows(rows, t.seed) if spec.pairs else rows
+        return Prepared(n_queries=len(data), labelled_texts=len(rows), data=data)
+
+    def train(self, ctx: TrainContext, prepared: Prepared, callbacks: Sequence[Any] = ()) -> TrainResult:
+        import datasets
+        from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+        from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+
+        from embft.encoding.model_folder import save_whole, sentence_transformer
+        from embft.training.callbacks import use_progress_bar
+
+        cfg, t = ctx.cfg, ctx.cfg.train
+        spec = LOSSES[str(t.loss)]
+        model = sentence_transformer(ctx.model_path, cfg.model.pooling, cfg.model.normalize, t.query_max_len, t.device)
+        dataset = datasets.Dataset.from_pandas(prepared.data, preserve_index=False)
+        work = Path(tempfile.mkdtemp(prefix=".sentence-transformers.", dir=_mkdir(ctx.out_dir)))
+        try:
+            args = SentenceTransformerTrainingArguments(
+                output_dir=str(work),
+                num_train_epochs=t.num_train_epochs,
+                per_device_train_batch_size=t.per_device_train_batch_size,
+                learning_rate=t.learning_rate,
+                warmup_ratio=t.warmup_ratio,
+                seed=t.seed,
+                data_seed=t.seed,
+                logging_steps=t.logging_steps,
+                save_strategy="no",
+                report_to="none",
+                bf16=t.precision == "bf16",
+                use_cpu=t.device == "cpu",
+                # pairs: any batch; single texts: each batch >= 2 classes (the last partial one dropped)
+                batch_sampler=BatchSamplers.BATCH_SAMPLER if spec.pairs else BatchSamplers.GROUP_BY_LABEL,
+                dataloader_drop_last=not spec.pairs,
+            )
+            trainer = SentenceTransformerTrainer(
+                model=model, args=args, train_dataset=dataset, loss=spec.build(model, t), callbacks=list(callbacks)
+            )
+            use_progress_bar(trainer)
+            metrics = {} if spec.pairs else classes_per_batch(trainer, dataset)
+            log.info(
+                "Fine-tuning %s with sentence-transformers: %s on %d %s (%d labelled texts), batch %d, lr %g, %s on %s",
+                cfg.model.name,
+                t.loss,
+                len(dataset),
+                "pairs" if spec.pairs else "texts",
+                prepared.labelled_texts,
+                t.per_device_train_batch_size,
+                t.learning_rate,
+                t.precision,
+                t.device,
+            )
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
+            final = ctx.out_dir / "model"
+            save_whole(model, final, ctx.encode_settings)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        n_queries = trainer.state.global_step * t.per_device_train_batch_size
+        return TrainResult(
+            model_dir=final,
+            seconds=seconds,
+            n_queries=n_queries,
+            queries_per_second=n_queries / seconds if seconds else float("nan"),
+            effective_batch_size=t.per_device_train_batch_size,
+            precision=str(t.precision),
+            device=str(t.device),
+            losses=train_losses(trainer),
+            metrics=metrics,
+        )
+
+    def live_encoder(self, ctx: TrainContext, model: Any) -> Any:
+        return live_view(ctx, model)
+
+
+def live_view(ctx: TrainContext, model: Any) -> Any:
+    """The model being trained (a SentenceTransformer) seen as the evaluation encodes: its Hugging Face
+    encoder's weights, shared, at the evaluation's max_seq_length (training may use a shorter one)."""
+    from embft.training.flagembedding.trainer import live_sentence_transformer
+
+    m = ctx.cfg.model
+    encoder = SimpleNamespace(model=model[0].auto_model)
+    return live_sentence_transformer(
+        encoder, ctx.model_path, m.pooling, m.normalize, ctx.encode_settings["max_seq_length"]
+    )
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def pair_rows(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Each text once with a text of its class (label 1) and once with a text of another class (label 0)."""
+    rng = np.random.default_rng(seed)
+    texts, labels = rows["text"].tolist(), rows["label"].to_numpy()
+    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    first, second, same = [], [], []
+    for i, c in enumerate(labels):
+        mates = by_class[c][by_class[c] != i]
+        others = np.flatnonzero(labels != c)
+        for pool, label in ((mates, 1), (others, 0)):
+            if len(pool):
+                first.append(texts[i])
+                second.append(texts[int(rng.choice(pool))])
+                same.append(label)
+    return pd.DataFrame({"sentence1": first, "sentence2": second, "label": same})
+
+
+def classes_per_batch(trainer: Any, dataset: Any) -> dict[str, float]:
+    """Distinct classes per batch of one epoch of the trainer's own batch sampler (sentence-transformers'
+    issues 2920, 3668, 4013: a label-grouped sampler once gave one-class batches, so zero gradients)."""
+    import torch
+
+    args = trainer.args
+    sampler = trainer.get_batch_sampler(
+        dataset,
+        batch_size=args.per_device_train_batch_size,
+        drop_last=args.dataloader_drop_last,
+        valid_label_columns=["label"],
+        generator=torch.Generator(),
+        seed=args.seed,
+    )
+    labels = np.asarray(dataset["label"])
+    counts = [len(set(labels[list(batch)])) for batch in sampler]
+    if not counts:
+        raise EmbftError(
+            f"{len(dataset)} labelled texts fill no batch of {args.per_device_train_batch_size}: raise "
+            "train.max_train_queries or lower train.per_device_train_batch_size."
+        )
+    if min(counts) < 2:
+        log.warning(
+            "%d of %d batches hold a single class: the loss has nothing to contrast there", counts.count(1), len(counts)
+        )
+    return {names.CLASSES_PER_BATCH: float(np.mean(counts)), names.MIN_CLASSES_PER_BATCH: float(min(counts))}
+
+
+def train_losses(trainer: Any) -> list[tuple[int, float]]:
+    return [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e and "step" in e]

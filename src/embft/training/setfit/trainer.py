@@ -1,0 +1,125 @@
+"""SetFit as a trainer backend (`train.backend=setfit`): SetFit's own Trainer with its defaults (pairs by
+oversampling, CosineSimilarityLoss, a scikit-learn logistic-regression head) on train.max_train_queries
+texts of the train split. The body is scored by the same MTEB kNN as every backend; the head end to end
+as `setfit_head_accuracy`, its own metric."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from embft.config import Config
+from embft.errors import EmbftError
+from embft.training.base import Prepared, TrainContext, TrainResult
+
+log = logging.getLogger(__name__)
+HEAD = "setfit_head"
+
+
+class SetFitTrainer:
+    def check(self, cfg: Config) -> None:
+        from embft.training.sentence_transformers.trainer import check_single_process
+
+        t = cfg.train
+        if str(t.loss) != "cosine_similarity":
+            raise EmbftError(f"train.loss={t.loss}: train.backend=setfit trains with cosine_similarity (its default).")
+        if t.margin is not None:
+            raise EmbftError(
+                f"train.margin={t.margin}: SetFit's CosineSimilarityLoss has no margin; set train.margin=null."
+            )
+        if not float(t.num_train_epochs).is_integer():
+            raise EmbftError(f"train.num_train_epochs={t.num_train_epochs}: SetFit takes whole epochs.")
+        check_single_process(cfg)
+
+    def twin_reason(self, cfg: Config) -> Optional[str]:
+        return None
+
+    def prepare(self, ctx: TrainContext) -> Prepared:
+        from embft.training.labelled import training_texts
+
+        t = ctx.cfg.train
+        rows = training_texts(ctx.splits.train, t.max_train_queries, t.seed)
+        return Prepared(n_queries=len(rows), labelled_texts=len(rows), data=rows)
+
+    def train(self, ctx: TrainContext, prepared: Prepared, callbacks: Sequence[Any] = ()) -> TrainResult:
+        import datasets
+        from setfit import SetFitModel, Trainer, TrainingArguments
+        from sklearn.linear_model import LogisticRegression
+
+        from embft.encoding.model_folder import save_whole, sentence_transformer
+        from embft.training.callbacks import use_progress_bar
+
+        cfg, t = ctx.cfg, ctx.cfg.train
+        # The body as every backend builds it (the job's pooling); SetFit's default head.
+        body = sentence_transformer(ctx.model_path, cfg.model.pooling, cfg.model.normalize, t.query_max_len, t.device)
+        model = SetFitModel(model_body=body, model_head=LogisticRegression())
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".setfit.", dir=ctx.out_dir))
+        try:
+            args = TrainingArguments(
+                output_dir=str(work),
+                batch_size=t.per_device_train_batch_size,
+                num_epochs=int(t.num_train_epochs),
+                body_learning_rate=t.learning_rate,
+                warmup_proportion=t.warmup_ratio,
+                seed=t.seed,
+                logging_steps=t.logging_steps,
+                save_strategy="no",
+                report_to="none",
+                use_amp=t.precision == "bf16",
+            )
+            dataset = datasets.Dataset.from_pandas(prepared.data, preserve_index=False)
+            trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=list(callbacks))
+            _quiet_progress(trainer, use_progress_bar)
+            log.info(
+                "Fine-tuning %s with SetFit on %d labelled texts: batch %d, body lr %g, %d epoch(s), %s",
+                cfg.model.name,
+                len(dataset),
+                t.per_device_train_batch_size,
+                t.learning_rate,
+                int(t.num_train_epochs),
+                t.device,
+            )
+            start = time.perf_counter()
+            trainer.train()  # the body on generated pairs, then the head on the body's embeddings
+            seconds = time.perf_counter() - start
+            final = ctx.out_dir / "model"
+            save_whole(model.model_body, final, ctx.encode_settings)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        state = trainer.st_trainer.state if hasattr(trainer, "st_trainer") else None
+        n_pairs = (state.global_step if state else 0) * t.per_device_train_batch_size
+        return TrainResult(
+            model_dir=final,
+            seconds=seconds,
+            n_queries=n_pairs,  # pairs the body trained on
+            queries_per_second=n_pairs / seconds if seconds else float("nan"),
+            effective_batch_size=t.per_device_train_batch_size,
+            precision=str(t.precision),
+            device=str(t.device),
+            losses=[  # SetFit logs the body's loss as `embedding_loss`
+                (int(e["step"]), float(e.get("loss", e.get("embedding_loss"))))
+                for e in (state.log_history if state else [])
+                if "step" in e and ("loss" in e or "embedding_loss" in e)
+            ],
+            head=lambda texts: np.asarray(model.predict(list(texts), as_numpy=True)),
+            head_name=HEAD,
+        )
+
+    def live_encoder(self, ctx: TrainContext, model: Any) -> Any:
+        from embft.training.sentence_transformers.trainer import live_view
+
+        return live_view(ctx, model)
+
+
+def _quiet_progress(trainer: Any, use_progress_bar: Any) -> None:
+    st_trainer = getattr(trainer, "st_trainer", None)
+    if st_trainer is not None:
+        use_progress_bar(st_trainer)
