@@ -8,6 +8,7 @@ fine-tune runs with the report's metric (`--metric`; default from the runs' eval
 across them (training seeds excluded), and each configuration gets its mean and spread over seeds,
 compared with the untrained model's baseline. Configurations are ranked by the validation score
 (`val_<metric>`) where the runs have it: choices are made on validation, test is reported beside it.
+Runs that vary `data.name` also get a configurations x datasets matrix of deltas (report.datasets).
 """
 
 from embft.errors import EmbftError

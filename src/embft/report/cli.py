@@ -9,8 +9,9 @@ from pathlib import Path
 
 from embft import names
 from embft.errors import EmbftError
+from embft.report import datasets
 from embft.report.loading import load_runs
-from embft.report.rendering import plot, write_markdown
+from embft.report.rendering import SECONDS_IMAGE, plot, plot_accuracy_vs_seconds, write_markdown
 from embft.report.summary import ranked_line, summarize, used_sentence
 
 
@@ -46,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Optuna storage URL of a search (default: the study parent run's optuna.storage tag)",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        default=None,
+        metavar=("A", "B"),
+        help="across datasets: check that configuration A beats B on each (default: the best on validation)",
+    )
     args = parser.parse_args(argv)
 
     where = {}
@@ -76,8 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out_dir / (args.output_name or args.name[0].replace("/", "_"))
     out.mkdir(parents=True, exist_ok=True)
-    md = write_markdown(table, info, title, out / "report.md")
+    seconds_png = plot_accuracy_vs_seconds(info, title, out / SECONDS_IMAGE)
+    matrix = datasets.dataset_matrix(info, args.compare) if datasets.is_cross_dataset(info) else None
+    body = datasets.markdown(matrix, table, info) if matrix else None
+    md = write_markdown(table, info, title, out / "report.md", body=body, seconds_image=seconds_png and SECONDS_IMAGE)
     png = plot(table, info, title, out / "report.png")
+    if matrix:
+        print(datasets.plot(matrix, title, out / datasets.IMAGE))
+    if seconds_png:
+        print(seconds_png)
     try:  # a search also gets Optuna's plots, in report.md and on its parent run
         from embft.report.search import add_search_section
 
@@ -91,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     n_configs = len(table) - len(info.baselines)
     delta = "" if math.isnan(best["delta_mean"]) else f" (delta {best['delta_mean']:+.4f})"
     val = "" if math.isnan(best["val_accuracy_mean"]) else f"validation {best['val_accuracy_mean']:.4f}, "
+    if matrix:  # the best per dataset is in each dataset's table; across them, the conclusion
+        print(f"{title}: {used_sentence(info)}; {len(matrix.datasets)} datasets; {matrix.conclusion}")
+        return 0
     if info.ranked_by is None:  # runs from before the validation split: nothing to choose on
         print(f"{title}: {used_sentence(info)}; {n_configs} configuration(s); {ranked_line(info)}")
         return 0

@@ -53,6 +53,7 @@ def _rows(runs: list, exp_names: dict[str, str]) -> list[dict[str, Any]]:
             "twin_reason": tags.get(names.TWIN_REASON),  # took a twin run's training (app.take_twin)
             "trained_as": tags.get(names.TRAINED_AS),
             "pruned": tags.get(names.OPTUNA_PRUNED) == "true",  # stopped by the study's pruner: a partial score
+            "dataset": tags.get("data"),  # app.run_tags: the dataset where a run lacks the `data.name` param
             "start_time": run.info.start_time,
             "end_time": run.info.end_time,
         }

@@ -11,7 +11,28 @@ import numpy as np
 import pandas as pd
 
 from embft import names
-from embft.report.summary import PATH_VALUE, StudyInfo, config_label, ranked_line, seeds_text, used_sentence
+from embft.report.summary import (
+    EXTRA_SCORES,
+    LABELLED_TEXTS,
+    PATH_VALUE,
+    StudyInfo,
+    config_label,
+    ranked_line,
+    seeds_text,
+    t_interval,
+    used_sentence,
+)
+
+SECONDS_IMAGE = "accuracy_vs_train_seconds.png"
+# Column headers of the scores some trainers log (summary.EXTRA_SCORES).
+EXTRA_HEADERS = {
+    "val_served_accuracy_knn": "validation served kNN",
+    "served_accuracy_knn": "test served kNN",
+    "val_served_accuracy_logreg": "validation served logreg",
+    "served_accuracy_logreg": "test served logreg",
+    "val_setfit_head_accuracy": "validation SetFit head",
+    "setfit_head_accuracy": "test SetFit head",
+}
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -20,9 +41,19 @@ def _fmt(value: Any, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
+def _with_interval(r: pd.Series, score: str) -> str:
+    mean, low = r[f"{score}_mean"], r[f"{score}_ci95_low"]
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.4f}" + ("" if math.isnan(low) else f" [{low:.4f}, {r[f'{score}_ci95_high']:.4f}]")
+
+
 def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
     """The summary table as a markdown pipe table; rows labelled in `baselines` get no deltas, rows
-    without a validation score no rank (a rank would be a choice made on test)."""
+    without a validation score no rank (a rank would be a choice made on test). The scores of
+    summary.EXTRA_SCORES and the labelled texts read are columns where the table has them."""
+    extra = [m for m in EXTRA_SCORES if f"{m}_mean" in table]
+    texts = f"{LABELLED_TEXTS}_mean" in table
     header = [
         "rank",
         *settings,
@@ -34,9 +65,11 @@ def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
         "delta vs baseline",
         "delta 95% CI",
         "train min",
+        *(["labelled texts"] if texts else []),
         "train q/s",
+        *(EXTRA_HEADERS[m] for m in extra),
     ]
-    align = ["---"] * (1 + len(settings)) + ["---:"] * 9
+    align = ["---"] * (1 + len(settings)) + ["---:"] * (len(header) - 1 - len(settings))
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     rank = 0
     for _, r in table.iterrows():
@@ -61,18 +94,39 @@ def format_table(table: pd.DataFrame, settings: list[str], baselines=()) -> str:
             "" if baseline else delta,
             ci,
             "" if baseline else _fmt(r["train_minutes"], 2),
+            *([("" if baseline else _fmt(r[f"{LABELLED_TEXTS}_mean"], 0))] if texts else []),
             "" if baseline else _fmt(r["train_qps"], 2),
+            *("" if baseline else _with_interval(r, m) for m in extra),
         ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
 
-def write_markdown(table: pd.DataFrame, info: StudyInfo, name: str, path: Path, image: str = "report.png") -> Path:
-    """Write the report: what/when, used/skipped runs, table, interval note, plot link."""
+def fixed_block(fixed_settings: dict[str, str]) -> str:
+    """The settings every run shares as a table a person can scan, collapsed: there are ~60."""
+    shown = {k: v for k, v in fixed_settings.items() if not PATH_VALUE.match(str(v))}  # per-machine folders
+    if not shown:
+        return "- Fixed settings: none\n"
+    rows = "".join("| `" + k + "` | " + str(v).replace("|", "\\|") + " |\n" for k, v in shown.items())
+    return (
+        f"\n<details><summary>Fixed settings ({len(shown)})</summary>\n\n"
+        f"| setting | value |\n| --- | --- |\n{rows}\n</details>\n"
+    )
+
+
+def write_markdown(
+    table: pd.DataFrame,
+    info: StudyInfo,
+    name: str,
+    path: Path,
+    image: str = "report.png",
+    body: str | None = None,
+    seconds_image: str | None = None,
+) -> Path:
+    """Write the report: what/when, used/skipped runs, table (or `body`: the cross-dataset section),
+    interval note, plot links."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     when = f"{info.first_start} to {info.last_start}" if info.first_start else "unknown"
-    fixed_items = info.fixed_settings.items()
-    fixed = ", ".join(f"`{k}={v}`" for k, v in fixed_items if not PATH_VALUE.match(str(v)))
     baseline_note = {
         "runs": "the baseline runs (untrained model) with the same `embft.baseline_key`",
         "metric": f"the `{names.baseline(info.metric)}` metric logged by the fine-tune runs",
@@ -92,9 +146,8 @@ def write_markdown(table: pd.DataFrame, info: StudyInfo, name: str, path: Path, 
 - Runs: {used_sentence(info)}; usable = FINISHED fine-tune runs with `{metric}`.
 - Ranked by: {ranked_line(info)}
 - Varying settings: {", ".join(f"`{s}`" for s in info.settings) or "none (one configuration)"}
-- Fixed settings: {fixed or "none"}
-{twin_lines}
-{format_table(table, info.settings, info.baselines)}
+{twin_lines}{fixed_block(info.fixed_settings)}
+{body or format_table(table, info.settings, info.baselines)}
 
 Notes: accuracy is MTEB classification (`{metric}` on the test split, "validation mean" is
 `{names.validation(metric)}` on the rows held out of train). "accuracy std (seeds)" is the
@@ -107,6 +160,14 @@ found, so the `{names.baseline(metric)}` metric of the fine-tune runs is used).
 
 ![accuracy per configuration]({image})
 """
+    if info.extra_scores or info.has_labelled_texts:
+        text += (
+            '\n"served" columns are the deployed classifier\'s end-to-end accuracy and "SetFit head" SetFit\'s '
+            "own head, each the mean over seeds with its 95% t interval, never mixed into the MTEB score; "
+            '"labelled texts" is the mean number of labelled texts the trainer read.\n'
+        )
+    if seconds_image:
+        text += f"\n![validation accuracy against training seconds]({seconds_image})\n"
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -163,6 +224,40 @@ def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     # Outside the axes so it never hides seed points.
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_seconds(info: StudyInfo, name: str, path: Path) -> Path | None:
+    """Validation score against training seconds, a point per configuration (means over seeds, bars
+    the t intervals), labelled; None (nothing written) when the runs' seconds or scores do not vary."""
+    runs = info.runs
+    if runs.empty or runs["train_seconds"].nunique() < 2 or runs["val_accuracy"].notna().sum() == 0:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for label, vals in info.val_accuracies.items():
+        secs = np.asarray(info.train_seconds.get(label, []), dtype=float)
+        y = np.asarray(vals, dtype=float)
+        if np.isnan(y).all() or np.isnan(secs).all():
+            continue
+        points.append((label, np.nanmean(secs), t_interval(secs), np.nanmean(y), t_interval(y)))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, (label, x, (x_low, x_high), y, (y_low, y_high)) in enumerate(points):
+        xerr = None if math.isnan(x_low) else [[x - x_low], [x_high - x]]
+        yerr = None if math.isnan(y_low) else [[y - y_low], [y_high - y]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=f"C{i % 10}")
+        ax.annotate(label.replace(", ", "\n"), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xlabel("train_seconds (mean over seeds)")
+    ax.set_ylabel(f"{info.ranked_by or 'validation score'} (mean over seeds)")
+    ax.set_title(f"{name}: validation score against training time (bars: 95% t intervals, {seeds_text(info)})")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -7,7 +7,7 @@ import datetime as dt
 import math
 import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,18 @@ TABLE_NUMBERS = [
     "train_qps",
 ]
 PATH_VALUE = re.compile(r"^(/|~|[A-Za-z]:[\\/])")
+DATA_PARAM = "data.name"  # the dataset: a cross-dataset study varies it (report.datasets)
+# Scores some trainers log beside the MTEB kNN score (the deployed classifier end to end, SetFit's own
+# head): a column each, mean and interval over seeds, only where some run has them.
+EXTRA_SCORES = (
+    "val_served_accuracy_knn",
+    "served_accuracy_knn",
+    "val_served_accuracy_logreg",
+    "served_accuracy_logreg",
+    "val_setfit_head_accuracy",
+    "setfit_head_accuracy",
+)
+LABELLED_TEXTS = "train_labelled_texts"  # the labelled texts a trainer read: the cost held equal, or not
 
 
 @dataclass
@@ -64,6 +76,13 @@ class StudyInfo:
     first_start: str | None
     last_start: str | None
     twins: dict[str, str]  # configuration label -> "n of m runs took a twin's training (why)"
+    extra_scores: list[str] = field(default_factory=list)  # EXTRA_SCORES some used run has
+    has_labelled_texts: bool = False
+    val_accuracies: dict[str, list[float]] = field(default_factory=dict)  # label -> validation score per seed
+    train_seconds: dict[str, list[float]] = field(default_factory=dict)  # label -> train_seconds per seed
+    # One row per used run: its setting columns, `_key`, dataset, seed, scores and deltas (test `delta`,
+    # validation `val_delta`), for views across the configurations (report.datasets).
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _metric(df: pd.DataFrame, name: str) -> pd.Series:
@@ -172,7 +191,7 @@ def _baselines(df: pd.DataFrame, used: pd.DataFrame, settings: list[str], metric
     """Baseline table rows per `embft.baseline_key` of the used runs, and accuracy by key.
 
     Uses the baseline runs with that key when there are any, else the `baseline_accuracy_cosine`
-    metric the fine-tune runs logged. Returns (rows, {key: accuracy}, {"runs"/"metric"}).
+    metric the fine-tune runs logged. Returns (rows, {key: accuracy}, {"runs"/"metric"}, {key: validation score}).
     """
     base_runs = df[_usable(df, "baseline", metric)]
     logged = _metric(used, names.baseline(metric))
@@ -192,12 +211,13 @@ def _baselines(df: pd.DataFrame, used: pd.DataFrame, settings: list[str], metric
         common = {k: group[k].iloc[0] for k in settings if group[k].nunique() == 1}
         found.append((key, common, accs, mteb_std, source, val))
 
-    rows, by_key = [], {}
+    rows, by_key, val_by_key = [], {}, {}
     for key, common, accs, mteb_std, source, val in found:
         label = "baseline"
         if len(found) > 1:
             label += f" ({config_label(common) if common else key})"
         by_key[key] = float(accs.mean())
+        val_by_key[key] = float(val.mean())
         rows.append(
             {
                 "configuration": label,
@@ -209,7 +229,7 @@ def _baselines(df: pd.DataFrame, used: pd.DataFrame, settings: list[str], metric
                 "mteb_std_mean": mteb_std.mean(),
             }
         )
-    return rows, by_key, {f[4] for f in found}
+    return rows, by_key, {f[4] for f in found}, val_by_key
 
 
 def _baseline_keys(used: pd.DataFrame, selected: pd.DataFrame) -> pd.Series:
@@ -264,13 +284,20 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
     for key in settings:
         used[key] = used[f"params.{key}"].fillna("(unset)").astype(str)
     used["_key"] = _baseline_keys(used, selected)
-    base_rows, base_acc, sources = _baselines(df, used, settings, metric)
+    base_rows, base_acc, sources, base_val = _baselines(df, used, settings, metric)
     acc = _metric(used, metric)
     val_acc = _metric(used, names.validation(metric))
     delta = _metric(used, names.delta(metric))
     delta = delta.where(delta.notna(), acc - used["_key"].map(base_acc))
+    val_delta = _metric(used, names.delta(names.validation(metric)))
+    val_delta = val_delta.where(val_delta.notna(), val_acc - used["_key"].map(base_val))
+    seconds = _metric(used, names.TRAIN_SECONDS)
+    extra = [m for m in EXTRA_SCORES if _metric(used, m).notna().any()]
+    has_texts = bool(_metric(used, LABELLED_TEXTS).notna().any())
+    extra_columns = [f"{m}_{part}" for m in extra for part in ("mean", "ci95_low", "ci95_high")]
+    extra_columns += [f"{LABELLED_TEXTS}_mean"] if has_texts else []
 
-    rows, accuracies, twins = [], {}, {}
+    rows, accuracies, val_accuracies, train_seconds, twins = [], {}, {}, {}, {}
     groups = used.groupby(settings, sort=False) if settings else [((), used)]
     for values, group in groups:
         values = values if isinstance(values, tuple) else (values,)
@@ -291,14 +318,17 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
                 "delta_ci95_high": high,
                 "train_minutes": _metric(group, "train_seconds").mean() / 60,
                 "train_qps": _metric(group, "train_queries_per_second").mean(),
+                **_extra_numbers(group, extra, has_texts),
             }
         )
         accuracies[label] = acc[ix].tolist()
+        val_accuracies[label] = val_acc[ix].tolist()
+        train_seconds[label] = seconds[ix].tolist()
         took = group["twin_reason"].dropna() if "twin_reason" in group else pd.Series(dtype=str)
         if len(took):
             twins[label] = f"{len(took)} of {len(group)} runs took a twin run's training ({'; '.join(took.unique())})"
 
-    table = pd.DataFrame(rows + base_rows, columns=["configuration", *settings, *TABLE_NUMBERS])
+    table = pd.DataFrame(rows + base_rows, columns=["configuration", *settings, *TABLE_NUMBERS, *extra_columns])
     has_val = bool(val_acc.notna().any())
     if has_val:  # runs without a validation score are never ranked on test: they come last, unranked
         table = table.sort_values(["val_accuracy_mean"], ascending=False, kind="stable", na_position="last")
@@ -324,8 +354,45 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
         first_start=_ms_to_str(start.min()) if len(start) else None,
         last_start=_ms_to_str(start.max()) if len(start) else None,
         twins=twins,
+        extra_scores=extra,
+        has_labelled_texts=has_texts,
+        val_accuracies=val_accuracies,
+        train_seconds=train_seconds,
+        runs=_run_frame(used, settings, acc, val_acc, delta, val_delta, seconds),
     )
     return table, info
+
+
+def _extra_numbers(group: pd.DataFrame, extra: list[str], has_texts: bool) -> dict[str, float]:
+    """Mean and t interval over seeds of each extra score; the mean of the labelled texts read."""
+    numbers = {}
+    for m in extra:
+        values = _metric(group, m)
+        low, high = t_interval(values)
+        numbers.update({f"{m}_mean": values.mean(), f"{m}_ci95_low": low, f"{m}_ci95_high": high})
+    if has_texts:
+        numbers[f"{LABELLED_TEXTS}_mean"] = _metric(group, LABELLED_TEXTS).mean()
+    return numbers
+
+
+def _run_frame(used, settings, acc, val_acc, delta, val_delta, seconds) -> pd.DataFrame:
+    """The used runs with what a view across configurations needs; the dataset from `data.name`,
+    else the run's `data` tag."""
+    runs = used[[*settings, "_key"]].copy()
+    dataset = used[f"params.{DATA_PARAM}"] if f"params.{DATA_PARAM}" in used else pd.Series(None, used.index)
+    if "dataset" in used:
+        dataset = dataset.where(dataset.notna(), used["dataset"])
+    runs["dataset"] = dataset.fillna("(unset)").astype(str)
+    runs["seed"] = used[f"params.{SEED_PARAM}"] if f"params.{SEED_PARAM}" in used else None
+    for name, values in {
+        "accuracy": acc,
+        "val_accuracy": val_acc,
+        "delta": delta,
+        "val_delta": val_delta,
+        "train_seconds": seconds,
+    }.items():
+        runs[name] = values
+    return runs
 
 
 def _ms_to_str(ms: float) -> str:
