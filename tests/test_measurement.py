@@ -79,7 +79,7 @@ def test_dataset_own_validation_split_is_used(tmp_path):
     synthetic(n_per_class=5, seed=2).to_csv(folder / "dev.csv", index=False)
     splits = load_splits(DataConfig(name="local", local_dir=str(folder), validation_split="dev"))
     assert len(splits.validation) == 20 and len(splits.train) == 48
-    assert splits.notes["validation_source"].endswith("dev.csv")
+    assert "split dev" in splits.notes["validation_source"] and "dev.csv" in splits.notes["validation_source"]
 
 
 def test_validation_smaller_than_the_classes_is_refused(tmp_path):

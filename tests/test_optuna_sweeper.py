@@ -601,12 +601,16 @@ def test_retry_on_disconnect_retries_lost_connections_only() -> None:
     # A restart seen mid-commit: each of these reached Optuna's commit as a plain SQLAlchemyError.
     for cause in (
         sqlalchemy.exc.PendingRollbackError("Can't reconnect until invalid transaction is rolled back"),
-        sqlalchemy.exc.DatabaseError("COMMIT", {}, PgError("error with status PGRES_TUPLES_OK and no message from the libpq")),
+        sqlalchemy.exc.DatabaseError(
+            "COMMIT", {}, PgError("error with status PGRES_TUPLES_OK and no message from the libpq")
+        ),
         sqlalchemy.exc.InternalError("UPDATE", {}, PgError("terminating connection", pgcode="57P01")),
     ):
         assert is_disconnect(committed_through(cause)), cause
     # Bad data is not a lost connection: retrying it would only fail again.
-    too_long = sqlalchemy.exc.DataError("INSERT", {}, PgError("value too long for type character varying(512)", "22001"))
+    too_long = sqlalchemy.exc.DataError(
+        "INSERT", {}, PgError("value too long for type character varying(512)", "22001")
+    )
     assert not is_disconnect(committed_through(too_long))
 
     attempts: list[int] = []

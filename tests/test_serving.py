@@ -63,7 +63,13 @@ def _cfg(log_model: str = "best", name: str = "embft-test"):
 
     return OmegaConf.create(
         {
-            "tracking": {"log_model": log_model, "registered_model_name": name, "support_per_class": 20},
+            "tracking": {
+                "log_model": log_model,
+                "registered_model_name": name,
+                "support_per_class": 20,
+                "classifier": "knn",
+                "support_from_training": False,
+            },
             "eval": {"method": "knn", "k": K, "metric": "cosine", "seed": 7, "batch_size": 16},
         }
     )

@@ -244,3 +244,27 @@ def test_a_setfit_job_scores_its_body_by_knn_and_its_head_apart(compose, tmp_pat
     assert run.info.status == "FINISHED" and run.data.params["train.backend"] == "setfit"
     assert m["train_labelled_texts"] == 8 and m["train_queries"] > 8  # SetFit trains on pairs of them
     assert 0 <= m["setfit_head_accuracy"] <= 1 and 0 <= m["val_setfit_head_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_live_scores_and_pruning_reach_a_sentence_transformers_job(compose, tmp_path):
+    """The same callback as FlagEmbedding's: live validation scores by step, on the shared weights."""
+    from embft.app import run_job
+
+    cfg = _job(
+        compose,
+        tmp_path,
+        [
+            "train=sentence_transformers",
+            "train.per_device_train_batch_size=8",
+            "train.num_train_epochs=2",
+            "eval.every_steps=2",
+        ],
+    )
+    run_job(cfg)
+    client, run = _finetune_run(tmp_path)
+    history = client.get_metric_history(run.info.run_id, "live_val_accuracy_cosine")
+    assert [h.step for h in history] == [2, 4, 6]  # 24 texts / 8 = 3 steps an epoch, 2 epochs
+    assert all(0 <= h.value <= 1 for h in history)
+    # the last live score is the trained model's, scored as the final evaluation scores it
+    assert history[-1].value == pytest.approx(run.data.metrics["val_accuracy_cosine"], abs=1e-6)

@@ -284,11 +284,11 @@ def prepare(job: Job, ctx: TrainContext) -> Prepared:
 def fine_tune(job: Job, ctx: TrainContext, prepared: Prepared):
     """Train; with eval.every_steps, score the live model on validation as it trains and report it to the
     Optuna trial, which may prune it. Returns (TrainResult, LiveTrainingCallback)."""
+    import mlflow
+
     from embft.evaluation.classification import evaluate
     from embft.training.callbacks import LiveTrainingCallback
     from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
-
-    import mlflow
 
     cfg = job.cfg
 
@@ -345,7 +345,10 @@ def score_served(job: Job, splits: Splits, trained: TrainResult) -> dict[str, fl
             scores[prefix + names.head_accuracy(trained.head_name)] = float(
                 (predicted == rows["label"].to_numpy()).mean()
             )
-    log.info("Served classifiers (validation): %s", ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith(names.VALIDATION_PREFIX)))
+    log.info(
+        "Served classifiers (validation): %s",
+        ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith(names.VALIDATION_PREFIX)),
+    )
     return scores
 
 

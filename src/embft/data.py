@@ -77,17 +77,60 @@ def _read_local(folder: Path, split: str) -> tuple[pd.DataFrame, str]:
     return frame, str(path)
 
 
-def _read_hub(path: str, revision: Optional[str], split: str) -> pd.DataFrame:
+def _read_hub(cfg: DataConfig, split: str) -> pd.DataFrame:
     import datasets
 
+    path, revision = cfg.hub_path, cfg.hub_revision
     try:
-        return datasets.load_dataset(path, revision=revision, split=split).to_pandas()
+        dataset = datasets.load_dataset(path, revision=revision, split=split)
     except (ConnectionError, OSError, ValueError) as err:
+        local = f"data.root/{cfg.folder} (now {cfg.root})" if cfg.folder else "../shared/data/ag_news"
         raise EmbftError(
             f"Cannot load dataset {path!r} (revision {revision}) split {split!r} from the Hugging Face Hub "
             f"({type(err).__name__}). Offline, point data.local_dir at a local copy, e.g. "
-            f"data.local_dir=../shared/data/ag_news."
+            f"data.local_dir={local}."
         ) from err
+    frame = dataset.to_pandas()
+    column = cfg.hub_label_column
+    if column:
+        if column not in frame.columns:
+            raise EmbftError(
+                f"{path}[{split}] has no column {column!r} (columns: {list(frame.columns)}): set data.hub_label_column."
+            )
+        feature = dataset.features[column]
+        if isinstance(feature, datasets.ClassLabel):  # ids in the Hub's order -> names, sorted into ids as locally
+            frame[column] = feature.int2str(frame[column].tolist())
+        if column != cfg.label_column:
+            frame = frame.drop(columns=[cfg.label_column], errors="ignore").rename(columns={column: cfg.label_column})
+    return frame
+
+
+def data_root(cfg: DataConfig) -> Optional[Path]:
+    """data.root as a folder (None when unset). A DataConfig built in code carries the schema's default
+    unresolved; it is resolved here as composition would."""
+    root = cfg.root
+    if root and "${" in root:
+        from omegaconf import OmegaConf
+
+        from embft.config import register_configs
+
+        register_configs()  # the embft_root resolver
+        root = OmegaConf.create({"root": root}).root
+    return Path(root).expanduser().resolve() if root else None
+
+
+def local_folder(cfg: DataConfig) -> Optional[Path]:
+    """Where the local copy is: data.local_dir (must exist), else data.root/data.folder where that
+    folder exists, else None (the Hub)."""
+    if cfg.local_dir:
+        folder = Path(cfg.local_dir).expanduser().resolve()
+        if not folder.is_dir():
+            raise EmbftError(f"data.local_dir={cfg.local_dir!r}: no such folder ({folder}).")
+        return folder
+    root = data_root(cfg) if cfg.folder else None
+    if root is not None and (root / cfg.folder).is_dir():
+        return root / cfg.folder
+    return None
 
 
 def _clean(
@@ -97,10 +140,17 @@ def _clean(
         if col not in frame.columns:
             raise EmbftError(f"{where} has no column {col!r} (columns: {list(frame.columns)}): set data.{role}_column.")
     frame = frame[[text_col, label_col]].rename(columns={text_col: "text", label_col: "label"})
-    if frame["label"].isna().any():
+    labels = frame["label"]
+    # A blank string is as missing as NaN: it would otherwise become a class of its own.
+    missing = labels.isna() | (labels.astype("string").str.strip() == "").fillna(False)
+    if missing.any():
+        rows = ", ".join(str(i) for i in missing[missing].index[:5])
         raise EmbftError(
-            f"{where}: {int(frame['label'].isna().sum())} rows have no label in column {label_col!r}; fill or drop them."
+            f"{where}: {int(missing.sum())} rows have no label in column {label_col!r} (rows {rows}"
+            f"{', ...' if missing.sum() > 5 else ''}); fill or drop them."
         )
+    if not pd.api.types.is_numeric_dtype(labels):
+        frame = frame.assign(label=labels.astype(str).str.strip())
     texts = frame["text"].astype("string").str.strip()
     empty = texts.isna() | (texts == "")
     n_empty = int(empty.sum())
@@ -142,13 +192,30 @@ def hold_out_validation(train: pd.DataFrame, size: float, seed: int, where: str)
     return rest.sort_index().reset_index(drop=True), val.sort_index().reset_index(drop=True)
 
 
-def _check_positives(train: pd.DataFrame, where: str) -> None:
-    counts = train["label"].value_counts()
-    lonely = counts[counts < 2].index.tolist()
+def _class_names(label_names: list[str], mapping: Optional[dict]) -> Callable[[int], Any]:
+    """Label id -> the class as a person knows it: the name before ':' in data.label_names, the
+    original string label, or the id itself."""
+    by_id = {i: name for name, i in (mapping or {}).items()}
+    by_id.update({i: name.split(":")[0].strip() for i, name in enumerate(label_names)})
+    return lambda i: by_id.get(int(i), int(i))
+
+
+def _check_positives(train: pd.DataFrame, where: str, name: Callable[[int], Any] = int) -> None:
+    counts = train["label"].value_counts().sort_index()
+    lonely = [name(i) for i in counts[counts < 2].index]
     if lonely:
         raise EmbftError(
             f"{where}: class(es) {lonely} have a single example, so no positive can be drawn; "
             f"add examples, lower data.validation or drop the class."
+        )
+
+
+def _check_known(frame: pd.DataFrame, train: pd.DataFrame, where: str, name: Callable[[int], Any]) -> None:
+    unseen = sorted(set(frame["label"]) - set(train["label"]))
+    if unseen:
+        raise EmbftError(
+            f"{where}: class(es) {[name(i) for i in unseen]} never occur in train; kNN cannot predict them "
+            "(drop those rows or add training examples)."
         )
 
 
@@ -160,25 +227,25 @@ def load_splits(cfg: DataConfig) -> Splits:
     names = {"train": cfg.train_split, "test": cfg.test_split}
     if cfg.validation_split:
         names["validation"] = cfg.validation_split
-    if cfg.local_dir:
-        folder = Path(cfg.local_dir).expanduser().resolve()
-        if not folder.is_dir():
-            raise EmbftError(f"data.local_dir={cfg.local_dir!r}: no such folder ({folder}).")
+    folder = local_folder(cfg)
+    if folder is not None:
         read = {role: _read_local(folder, split) for role, split in names.items()}
         raw = {role: frame for role, (frame, _) in read.items()}
-        src = {role: where for role, (_, where) in read.items()}
+        src = {role: f"data={cfg.name}, split {names[role]} ({where})" for role, (_, where) in read.items()}
         source = f"local:{folder}"
     else:
         if not cfg.hub_path:
-            raise EmbftError(f"data={cfg.name}: set data.local_dir (or data.hub_path for a Hub dataset).")
-        raw = {role: _read_hub(cfg.hub_path, cfg.hub_revision, split) for role, split in names.items()}
-        src = {role: f"{cfg.hub_path}[{split}]" for role, split in names.items()}
+            where = f" (no folder {cfg.folder!r} in data.root={cfg.root})" if cfg.folder else ""
+            raise EmbftError(f"data={cfg.name}: set data.local_dir (or data.hub_path for a Hub dataset){where}.")
+        raw = {role: _read_hub(cfg, split) for role, split in names.items()}
+        src = {role: f"data={cfg.name}, split {split} ({cfg.hub_path}[{split}])" for role, split in names.items()}
         source = f"hub:{cfg.hub_path}@{cfg.hub_revision}"
 
     cleaned, empty = {}, {}
     for role, frame in raw.items():
         cleaned[role], empty[role] = _clean(frame, src[role], cfg.text_column, cfg.label_column, cfg.max_empty_fraction)
     frames, mapping = _label_ids(cleaned, src["train"])
+    name = _class_names(list(cfg.label_names), mapping)
     train, test = frames["train"], frames["test"]
     train_src, test_src = src["train"], src["test"]
     notes: dict[str, Any] = {f"{role}_empty_dropped": n for role, n in empty.items()}
@@ -196,13 +263,12 @@ def load_splits(cfg: DataConfig) -> Splits:
     counts = train["label"].value_counts()
     if len(counts) < 2:
         raise EmbftError(f"{train_src}: only one class ({counts.index.tolist()}); classification needs at least two.")
-    _check_positives(train, train_src)
-    unseen = sorted(set(test["label"]) - set(train["label"]))
-    if unseen:
-        raise EmbftError(f"{test_src}: labels {unseen} never occur in train; kNN cannot predict them.")
+    _check_positives(train, train_src, name)
+    _check_known(test, train, test_src, name)
 
     if "validation" in frames:
         validation = frames["validation"]
+        _check_known(validation, train, src["validation"], name)
         notes["validation_source"] = src["validation"]
     else:
         train, validation = hold_out_validation(train, cfg.validation, cfg.seed, train_src)
@@ -220,7 +286,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         test_rows=len(test),
     )
 
-    _check_positives(train, f"{train_src} (after holding out the validation rows)")
+    _check_positives(train, f"{train_src} (after holding out the validation rows)", name)
 
     n_labels = int(max(train["label"].max(), test["label"].max(), validation["label"].max())) + 1
     if cfg.label_names:

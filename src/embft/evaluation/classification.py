@@ -13,16 +13,18 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
-from embft.config import EvalConfig
+from embft import names
+from embft.config import EvalConfig, EvalMethod
 from embft.data import Splits
 from embft.encoding.encoders import EncodeSettings
+from embft.errors import EmbftError
 from embft.names import score_metric
 
 log = logging.getLogger(__name__)
@@ -30,20 +32,32 @@ log = logging.getLogger(__name__)
 SPLITS = ("validation", "test")
 
 
+# Bumped when EvalResult gains what a cached baseline must hold (2: confusion matrices, `also`).
+RESULT_FORMAT = 2
+
+
 @dataclass
 class EvalResult:
     accuracy: float
     accuracy_std: float
+    # MTEB 2.26's classification `f1`: sklearn's f1_score(average="macro") per experiment, averaged
+    # over the experiments (as `accuracy` is), i.e. macro-F1; logged as f1_macro (and f1, as before).
     f1: float
     n_test: int  # rows scored (of the split the result is for)
     scores: dict[str, Any]  # MTEB's scores for the split, per experiment included
+    # (true, predicted) counts summed over the experiments, from the predictions MTEB scored.
+    confusion: list[list[int]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)  # the matrix's classes by id, as a person names them
+    # The other classifiers of eval.also on the same embeddings, by metric name (accuracy_logreg).
+    also: dict[str, EvalResult] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=float)
 
     @classmethod
     def from_dict(cls, data: dict) -> EvalResult:
-        return cls(**data)
+        also = {name: cls.from_dict(r) for name, r in data.get("also", {}).items()}
+        return cls(**{**data, "also": also})
 
 
 def metric_name(eval_cfg: EvalConfig) -> str:
@@ -51,9 +65,61 @@ def metric_name(eval_cfg: EvalConfig) -> str:
     return score_metric(str(eval_cfg.method), str(eval_cfg.metric))
 
 
-def _evaluator_model(eval_cfg: EvalConfig):
+def methods(eval_cfg: EvalConfig) -> list[str]:
+    """eval.method first (the job's metric), then eval.also without repeats."""
+    out = [str(eval_cfg.method)]
+    for method in getattr(eval_cfg, "also", None) or ():
+        if str(method) not in out:
+            out.append(str(method))
+    return out
+
+
+def score_metrics(
+    metric: str, scores: dict[str, EvalResult], baseline: Optional[dict[str, EvalResult]] = None
+) -> dict[str, float]:
+    """Per split (test unprefixed, validation `val_`): each classifier's accuracy (eval.method's is
+    `metric`, eval.also's `accuracy_logreg`, ...) with its std over experiments and its macro-F1
+    (`f1_macro`, `f1_macro_logreg`); `f1` too (MTEB's name, kept for earlier runs). With `baseline`,
+    `baseline_*` and `delta_*` (tuned minus untrained) beside each accuracy and macro-F1."""
+    out: dict[str, float] = {}
+    for split, prefix in (("test", ""), ("validation", names.VALIDATION_PREFIX)):
+        if split not in scores:
+            continue
+        tuned, base = scores[split], (baseline or {}).get(split)
+        out[f"{prefix}{names.F1}"] = tuned.f1
+        scored = [(metric, tuned, base, True)]
+        scored += [(m, r, base.also.get(m) if base else None, False) for m, r in tuned.also.items()]
+        for m, t, b, primary in scored:
+            out[names.std(f"{prefix}{m}")] = t.accuracy_std
+            for name, value, base_value in (
+                (f"{prefix}{m}", t.accuracy, b.accuracy if b else None),
+                (f"{prefix}{names.f1_macro(m, primary)}", t.f1, b.f1 if b else None),
+            ):
+                out[name] = value
+                if base_value is not None:
+                    out[names.baseline(name)] = base_value
+                    out[names.delta(name)] = value - base_value
+    return out
+
+
+def check_support(splits: Splits, eval_cfg: EvalConfig, dataset_name: str) -> None:
+    """Every class needs eval.samples_per_label train rows for the kNN support set: with fewer, MTEB
+    quietly samples a smaller, unbalanced set and that class's score means something else."""
+    counts = splits.train["label"].value_counts().sort_index()
+    short = counts[counts < eval_cfg.samples_per_label]
+    if len(short):
+        names = [splits.label_names[i].split(":")[0] if i < len(splits.label_names) else i for i in short.index]
+        listed = ", ".join(f"{n!r} ({c} rows)" for n, c in zip(names, short))
+        raise EmbftError(
+            f"data={dataset_name}, split train: class(es) {listed} have fewer rows than "
+            f"eval.samples_per_label={eval_cfg.samples_per_label} for the kNN support set; lower "
+            f"eval.samples_per_label to {int(short.min())} or add examples."
+        )
+
+
+def _evaluator_model(eval_cfg: EvalConfig, method: Optional[str] = None):
     # MTEB 2.x dropped method="kNN-pytorch": a task's evaluator_model is any sklearn classifier.
-    if eval_cfg.method == "knn":
+    if (method or eval_cfg.method) == EvalMethod.knn:
         from sklearn.neighbors import KNeighborsClassifier
 
         return KNeighborsClassifier(n_neighbors=eval_cfg.k, metric=str(eval_cfg.metric), algorithm="brute")
@@ -78,10 +144,19 @@ def eval_rows(splits: Splits, split: str, eval_cfg: EvalConfig) -> pd.DataFrame:
     return cap_test(splits.validation, eval_cfg.max_validation_rows, eval_cfg.seed)
 
 
-def make_task(splits: Splits, eval_cfg: EvalConfig, dataset_name: str, which: Sequence[str] = SPLITS):
+def make_task(
+    splits: Splits,
+    eval_cfg: EvalConfig,
+    dataset_name: str,
+    which: Sequence[str] = SPLITS,
+    method: Optional[str] = None,
+):
     """An AbsTaskClassification whose data is already in memory (no Hub access).
 
-    The kNN's support set is sampled from `splits.train` only; `which` are the scored splits.
+    The kNN's support set is sampled from `splits.train` only; `which` are the scored splits;
+    `method` the classifier (eval.method by default). Tasks of one dataset share their name, so an
+    embedding cache serves each of them. `task.predictions[split]` collects (y_true, y_pred) per
+    experiment: the arrays MTEB computes its scores from.
     """
     import datasets
     from mteb.abstasks.classification import AbsTaskClassification
@@ -113,65 +188,94 @@ def make_task(splits: Splits, eval_cfg: EvalConfig, dataset_name: str, which: Se
             sample_creation=None,
             bibtex_citation=None,
         )
-        evaluator_model = _evaluator_model(eval_cfg)
+        evaluator_model = _evaluator_model(eval_cfg, method)
         samples_per_label = eval_cfg.samples_per_label
         n_experiments = eval_cfg.n_experiments
 
         def load_data(self, **kwargs: Any) -> None:
             self.dataset = dataset
             self.data_loaded = True
+            self.predictions: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+        def evaluate(self, model: Any, split: str = "test", *args: Any, **kwargs: Any) -> Any:
+            self._scoring = split  # which split _calculate_scores' predictions belong to
+            return super().evaluate(model, split, *args, **kwargs)
 
         def _calculate_scores(self, y_test: Any, y_pred: Any) -> Any:
             # datasets 4 hands MTEB a lazy Column of labels, which each of sklearn's ~20 input checks
             # per experiment reads row by row through Arrow: ~10 s of a 2,000-row evaluation.
-            return super()._calculate_scores(np.asarray(y_test), y_pred)
+            y_test = np.asarray(y_test)
+            self.predictions.setdefault(self._scoring, []).append((y_test, np.asarray(y_pred)))
+            return super()._calculate_scores(y_test, y_pred)
 
     task = EmbftClassification(seed=eval_cfg.seed)
     task.load_data()
     return task
 
 
+def _result(task: Any, scores: dict, split: str, label_names: list[str], n_classes: int) -> EvalResult:
+    from embft.evaluation.per_class import class_names, confusion
+
+    per_experiment = [float(s["accuracy"]) for s in scores["scores_per_experiment"]]
+    pooled = sum(confusion(y_true, y_pred, n_classes) for y_true, y_pred in task.predictions[split])
+    return EvalResult(
+        accuracy=float(scores["accuracy"]),
+        accuracy_std=float(np.std(per_experiment)),
+        f1=float(scores["f1"]),
+        n_test=len(task.dataset[split]),
+        scores=json.loads(json.dumps(scores, default=float)),
+        confusion=pooled.tolist(),
+        classes=class_names(label_names, n_classes),
+    )
+
+
 def evaluate(
     model: Any, splits: Splits, eval_cfg: EvalConfig, dataset_name: str, which: Sequence[str] = SPLITS
 ) -> dict[str, EvalResult]:
-    """Run the MTEB task on a SentenceTransformer (MTEB's result cache off); a result per split."""
+    """Run the MTEB task on a SentenceTransformer (MTEB's result cache off); a result per split, for
+    eval.method, with eval.also's classifiers in `EvalResult.also`.
+
+    Every classifier scores the same embeddings: one embedding cache serves the tasks (one per
+    classifier, same name, same support-set sampling), so each text is encoded once in all.
+    """
     import mteb
     from mteb.models import CachedEmbeddingWrapper, SentenceTransformerEncoderWrapper
 
-    task = make_task(splits, eval_cfg, dataset_name, which)
-    sizes = {split: len(task.dataset[split]) for split in which}
+    chosen = methods(eval_cfg)
+    tasks = {m: make_task(splits, eval_cfg, dataset_name, which, method=m) for m in chosen}
+    first = tasks[chosen[0]]
     log.info(
         "Evaluating on %s (%s, %d experiments)",
-        ", ".join(f"{n} {s}" for s, n in sizes.items()),
-        metric_name(eval_cfg),
+        ", ".join(f"{len(first.dataset[s])} {s}" for s in which),
+        ", ".join(score_metric(m, str(eval_cfg.metric)) for m in chosen),
         eval_cfg.n_experiments,
     )
-    # MTEB encodes the kNN's support texts once per scored split; its embedding cache (this call only,
-    # this model only) encodes each text once. A new cache says "No existing files found": by design.
+    n_classes = max(len(splits.label_names), int(splits.train["label"].max()) + 1)
+    # MTEB encodes the kNN's support texts once per scored split (and per task); its embedding cache (this
+    # call only, this model only) encodes each text once. A new cache says "No existing files found": by design.
     logging.getLogger("mteb.models.cache_wrappers.cache_backends.numpy_cache").setLevel(logging.ERROR)
+    by_method: dict[str, dict[str, EvalResult]] = {}
     with tempfile.TemporaryDirectory(prefix="embft-embeddings-") as cache_dir, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="(No existing files found|Dimension file not found|Hash collision)")
         cached = CachedEmbeddingWrapper(SentenceTransformerEncoderWrapper(model), cache_dir)
-        result = mteb.evaluate(
-            cached,
-            task,
-            cache=None,
-            overwrite_strategy="always",
-            encode_kwargs={"batch_size": eval_cfg.batch_size},
-            show_progress_bar=True,
-        )
+        for method, task in tasks.items():
+            result = mteb.evaluate(
+                cached,
+                task,
+                cache=None,
+                overwrite_strategy="always",
+                encode_kwargs={"batch_size": eval_cfg.batch_size},
+                show_progress_bar=True,
+            )
+            by_method[method] = {
+                split: _result(task, result.task_results[0].scores[split][0], split, splits.label_names, n_classes)
+                for split in which
+            }
         cached.close()
-    out = {}
-    for split in which:
-        scores = result.task_results[0].scores[split][0]
-        per_experiment = [float(s["accuracy"]) for s in scores["scores_per_experiment"]]
-        out[split] = EvalResult(
-            accuracy=float(scores["accuracy"]),
-            accuracy_std=float(np.std(per_experiment)),
-            f1=float(scores["f1"]),
-            n_test=sizes[split],
-            scores=json.loads(json.dumps(scores, default=float)),
-        )
+    out = by_method[chosen[0]]
+    for method in chosen[1:]:
+        for split in which:
+            out[split].also[score_metric(method, str(eval_cfg.metric))] = by_method[method][split]
     return out
 
 
@@ -212,6 +316,7 @@ def baseline_key(
             "encode": settings.as_dict(),
             "device": device,
             "versions": evaluator_versions(settings),
+            "result_format": RESULT_FORMAT,  # a cache without confusion matrices is not reused
         },
         sort_keys=True,
     )
