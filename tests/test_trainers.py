@@ -268,3 +268,22 @@ def test_live_scores_and_pruning_reach_a_sentence_transformers_job(compose, tmp_
     assert all(0 <= h.value <= 1 for h in history)
     # the last live score is the trained model's, scored as the final evaluation scores it
     assert history[-1].value == pytest.approx(run.data.metrics["val_accuracy_cosine"], abs=1e-6)
+
+
+def test_flagembeddings_labelled_texts_count_every_text_its_records_read(compose, tmp_path) -> None:
+    """100 query records read the labels of their positives and negatives too: that is the labelling cost."""
+    import json
+    from types import SimpleNamespace
+
+    from embft.data import Splits
+    from embft.training.flagembedding.trainer import FlagEmbeddingTrainer
+
+    train = _train({0: 60, 1: 60, 2: 60})
+    splits = Splits(train=train, test=train.head(3), label_names=["a", "b", "c"], source="test")
+    cfg = compose(["train.max_train_queries=10", "train.train_group_size=4"])
+    ctx = SimpleNamespace(cfg=cfg, splits=splits, cache_dir=tmp_path / "cache", encode=None, model_key="m")
+    prepared = FlagEmbeddingTrainer().prepare(ctx)
+    records = [json.loads(line) for line in (prepared.data / "train.jsonl").read_text().splitlines()]
+    texts = {t for r in records for t in [r["query"], *r["pos"], *r["neg"]]}
+    assert prepared.n_queries == 10 and prepared.labelled_texts == len(texts)
+    assert 10 < prepared.labelled_texts <= 10 * 5  # a query, a positive and 3 negatives each, some shared
