@@ -299,9 +299,10 @@ def train_label_aware(
     out = Path(tempfile.mkdtemp(dir=work))
     if loss == "setfit":
         from setfit import SetFitModel, Trainer, TrainingArguments
+        from sklearn.linear_model import LogisticRegression
 
         setfit = Trainer(
-            model=SetFitModel(model_body=model),
+            model=SetFitModel(model_body=model, model_head=LogisticRegression()),
             args=TrainingArguments(
                 output_dir=str(out),
                 batch_size=batch,
