@@ -287,3 +287,17 @@ def test_flagembeddings_labelled_texts_count_every_text_its_records_read(compose
     texts = {t for r in records for t in [r["query"], *r["pos"], *r["neg"]]}
     assert prepared.n_queries == 10 and prepared.labelled_texts == len(texts)
     assert 10 < prepared.labelled_texts <= 10 * 5  # a query, a positive and 3 negatives each, some shared
+
+
+def test_setfits_head_is_scored_at_the_evaluations_length_like_every_other_classifier() -> None:
+    from types import SimpleNamespace
+
+    from embft.training.setfit.trainer import _predict_at
+
+    seen = []
+    body = SimpleNamespace(max_seq_length=64)
+    model = SimpleNamespace(
+        model_body=body, predict=lambda texts, as_numpy: seen.append(body.max_seq_length) or [0] * len(texts)
+    )
+    assert list(_predict_at(model, ["a", "b"], 256)) == [0, 0]
+    assert seen == [256] and body.max_seq_length == 64  # the body is left at its training length

@@ -73,7 +73,8 @@ class SentenceTransformersTrainer:
         spec = LOSSES[str(t.loss)]
         model = sentence_transformer(ctx.model_path, cfg.model.pooling, cfg.model.normalize, t.query_max_len, t.device)
         dataset = datasets.Dataset.from_pandas(prepared.data, preserve_index=False)
-        work = Path(tempfile.mkdtemp(prefix=".sentence-transformers.", dir=_mkdir(ctx.out_dir)))
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".sentence-transformers.", dir=ctx.out_dir))
         try:
             args = SentenceTransformerTrainingArguments(
                 output_dir=str(work),
@@ -143,11 +144,6 @@ def live_view(ctx: TrainContext, model: Any) -> Any:
     return live_sentence_transformer(
         encoder, ctx.model_path, m.pooling, m.normalize, ctx.encode_settings["max_seq_length"]
     )
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def pair_rows(rows: pd.DataFrame, seed: int) -> pd.DataFrame:

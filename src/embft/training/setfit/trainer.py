@@ -109,7 +109,7 @@ class SetFitTrainer:
                 for e in (state.log_history if state else [])
                 if "step" in e and ("loss" in e or "embedding_loss" in e)
             ],
-            head=lambda texts: np.asarray(model.predict(list(texts), as_numpy=True)),
+            head=lambda texts: _predict_at(model, texts, ctx.encode_settings.get("max_seq_length")),
             head_name=HEAD,
         )
 
@@ -117,6 +117,18 @@ class SetFitTrainer:
         from embft.training.sentence_transformers.trainer import live_view
 
         return live_view(ctx, model)
+
+
+def _predict_at(model: Any, texts: Sequence[str], max_seq_length: Optional[int]) -> np.ndarray:
+    """The head's labels with the body encoding at the evaluation's length, as every other classifier
+    the job scores encodes (SetFit fitted the head on training-length embeddings)."""
+    body = model.model_body
+    trained_length = body.max_seq_length
+    body.max_seq_length = max_seq_length or trained_length
+    try:
+        return np.asarray(model.predict(list(texts), as_numpy=True))
+    finally:
+        body.max_seq_length = trained_length
 
 
 def _quiet_progress(trainer: Any, use_progress_bar: Any) -> None:
