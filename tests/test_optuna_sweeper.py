@@ -577,6 +577,31 @@ def test_fault_settings_defaults() -> None:
     assert conf.storage_options.reconnect_timeout == 120 and dict(conf.storage_options.engine_kwargs) == {}
 
 
+def test_ask_lock_lost_with_its_connection_is_reported_and_released_without_raising() -> None:
+    """CI's PostgreSQL restart: the lock's check statement fails and SQLAlchemy invalidates the
+    connection, after which a commit raises PendingRollbackError; the worker must go on."""
+    import sqlalchemy
+
+    from hydra_plugins.embft_optuna_sweeper._storage import _AskLock
+
+    engine = sqlalchemy.create_engine("sqlite://", poolclass=sqlalchemy.pool.NullPool)
+    healthy = engine.connect()
+    healthy.execute(sqlalchemy.text("SELECT 1"))  # the lock's transaction
+    lock = _AskLock(healthy)
+    assert lock.held()
+    lock.release()
+    assert healthy.closed and not healthy.in_transaction()
+
+    conn = engine.connect()
+    conn.execute(sqlalchemy.text("SELECT 1"))
+    conn.connection.dbapi_connection.close()  # the server ended the session
+    lost = _AskLock(conn)
+    assert not lost.held()
+    assert not lost.held()  # stays lost: no statement on the invalidated connection
+    lost.release()  # raised PendingRollbackError from commit() before
+    assert conn.closed
+
+
 def test_retry_on_disconnect_retries_lost_connections_only() -> None:
     import sqlalchemy.exc
 
@@ -652,6 +677,49 @@ def test_reconnecting_storage_retries_an_operation_and_a_landed_state_change(
     assert calls == [TrialState.COMPLETE]  # the retry saw the landed state: no second attempt
     monkeypatch.undo()
     assert storage.get_trial(trial._trial_id).state == TrialState.COMPLETE
+
+
+def test_reconnecting_storage_covers_every_database_call_of_optunas_cached_storage() -> None:
+    """study.ask() reaches RDBStorage through _CachedStorage's private calls (CI: a restart during
+    a suggest's _set_trial_param ended a worker); a new Optuna calling another one fails here."""
+    import inspect
+    import re
+
+    from optuna.storages import _cached_storage
+
+    from hydra_plugins.embft_optuna_sweeper._storage import _DB_METHODS, ReconnectingRDBStorage
+
+    called = set(re.findall(r"self\._backend\.(\w+)", inspect.getsource(_cached_storage)))
+    no_database = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
+    overridden = {"set_trial_state_values", "_set_trial_param"}  # retried with a landed-commit check
+    assert called - no_database - overridden <= set(_DB_METHODS)
+    for name in overridden:
+        assert name in vars(ReconnectingRDBStorage)
+
+
+def test_a_suggest_whose_param_commit_landed_is_not_inserted_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy.exc
+
+    from hydra_plugins.embft_optuna_sweeper._storage import ReconnectingRDBStorage
+
+    storage = ReconnectingRDBStorage(f"sqlite:///{tmp_path}/optuna.db", reconnect_timeout=30)
+    study = optuna.create_study(storage=storage)
+    lost = sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+    real = optuna.storages.RDBStorage._set_trial_param
+    calls: list[str] = []
+
+    def commit_then_drop(self: Any, trial_id: int, name: str, *args: Any) -> None:
+        calls.append(name)
+        real(self, trial_id, name, *args)  # lands, then the answer is lost
+        raise optuna.exceptions.StorageInternalError("commit") from lost
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "_set_trial_param", commit_then_drop)
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)})
+    monkeypatch.undo()
+    assert calls == ["lr"]  # the retry saw the landed row: no duplicate insert
+    assert storage.get_trial(trial._trial_id).params == {"lr": trial.params["lr"]}
 
 
 def test_trials_counted_towards_n_trials() -> None:

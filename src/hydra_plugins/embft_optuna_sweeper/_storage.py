@@ -150,7 +150,8 @@ def _first_line(err: BaseException) -> str:
 
 _RETRY_DEPTH = threading.local()  # retries happen in the outermost storage call only
 
-# RDBStorage methods that talk to the database (those the Study and _CachedStorage call).
+# RDBStorage methods that talk to the database (those the Study and _CachedStorage call, private
+# ones included: a test checks this list against what the installed _CachedStorage calls).
 _DB_METHODS = (
     "create_new_study",
     "delete_study",
@@ -165,7 +166,7 @@ _DB_METHODS = (
     "get_trial_system_attrs",
     "get_all_studies",
     "create_new_trial",
-    "set_trial_param",
+    "_create_new_trial",
     "get_trial_param",
     "set_trial_intermediate_value",
     "set_trial_user_attr",
@@ -175,6 +176,7 @@ _DB_METHODS = (
     "get_all_trials",
     "_get_trials",
     "get_best_trial",
+    "_get_best_trial_id",
     "record_heartbeat",
     "_get_stale_trial_ids",
 )
@@ -218,6 +220,25 @@ class ReconnectingRDBStorage(RDBStorage):
             return RDBStorage.set_trial_state_values(self, trial_id, state, values)
 
         return self._retry("set_trial_state_values", call)
+
+    def _set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: Any,
+        previous_distribution: Any = None,
+    ) -> None:
+        # set_trial_param and the cached storage's suggest both land here; a param row is unique
+        # per trial, so a retry whose lost attempt's commit landed must not insert it again.
+        def call(attempt: int) -> None:
+            if attempt > 1 and param_name in RDBStorage.get_trial(self, trial_id).params:
+                return
+            RDBStorage._set_trial_param(
+                self, trial_id, param_name, param_value_internal, distribution, previous_distribution
+            )
+
+        self._retry("_set_trial_param", call)
 
 
 def _retrying(name: str) -> Callable[..., Any]:
@@ -324,17 +345,37 @@ class _AskLock:
 
     def __init__(self, conn: Optional[sqlalchemy.Connection] = None) -> None:
         self._conn = conn
+        self._lost = False
 
     def held(self) -> bool:
         """False when the database session holding the lock is gone (a server restart): the lock
         went with it, so another worker may have counted the study's trials meanwhile."""
-        if self._conn is None:
-            return True
+        if self._conn is None or self._lost:
+            return self._conn is None
         try:
             self._conn.execute(sqlalchemy.text("SELECT 1"))
             return True
-        except sqlalchemy.exc.DBAPIError:
+        except (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.PendingRollbackError):
+            # SQLAlchemy invalidated the connection; its transaction can only be rolled back now.
+            self._lost = True
             return False
+
+    def release(self, release_sql: Optional[str] = None, args: Optional[dict[str, Any]] = None) -> None:
+        """Ends the lock's transaction (which releases PostgreSQL's lock) and closes its
+        connection; a lost session took its lock with it, so then only the connection goes."""
+        if self._conn is None:
+            return
+        try:
+            if not self._lost:
+                if release_sql is not None:
+                    self._conn.execute(sqlalchemy.text(release_sql), args or {})
+                self._conn.commit()
+        except (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.PendingRollbackError) as e:
+            log.debug("Ask lock released with its lost connection: %s", e)
+            self._lost = True
+        if self._lost:
+            self._conn.invalidate()  # never hand a dead connection back; NullPool closes it
+        self._conn.close()
 
 
 @contextmanager
@@ -388,17 +429,10 @@ def _ask_lock(storage_url: Optional[str], study_name: str, reconnect_timeout: fl
                 raise
             return conn
 
-        conn = retry_on_disconnect("taking the ask lock", take, reconnect_timeout)
+        lock = _AskLock(retry_on_disconnect("taking the ask lock", take, reconnect_timeout))
         try:
-            yield _AskLock(conn)
+            yield lock
         finally:
-            try:
-                if release_sql is not None:
-                    conn.execute(sqlalchemy.text(release_sql), args)
-                conn.commit()  # ends the transaction, which releases PostgreSQL's lock
-                conn.close()
-            except sqlalchemy.exc.DBAPIError as e:  # the session is gone, and its lock with it
-                log.debug("Ask lock released with its lost connection: %s", e)
-                conn.invalidate()
+            lock.release(release_sql, args)
     finally:
         engine.dispose()
