@@ -149,3 +149,28 @@ def test_jobs_probing_one_store_folder_together_do_not_collide(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(probe, range(8)))  # raises the first OSError of any thread
     assert not list((tmp_path / "mlruns").iterdir()), "probes leave nothing behind"
+
+
+def test_a_killed_sweeps_parent_run_is_closed_by_the_next_sweep(store, tmp_path):
+    """Ctrl-C or `kill` ends a grid sweep without Hydra's end callback: its parent run stayed
+    RUNNING for good. The next sweep in the experiment marks it KILLED; a live sweep's parent and
+    an Optuna study's (shared by workers) are left alone."""
+    from omegaconf import OmegaConf
+
+    from embft import names
+    from embft.tracking import study_runs
+
+    client, exp = store
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "multirun" / "grid" / "t0")}}})
+    own = study_runs.start_parent_run(exp, config)  # this process: alive
+    assert client.get_run(own).data.tags[PID] == str(os.getpid())
+    here, ns = socket.gethostname(), mlflow_runs._pid_namespace()
+    dead = {HOST: here, PID: str(dead_pid()), PID_NS: ns}
+    killed_sweep = client.create_run(exp, tags={names.ROLE: "sweep", **dead})
+    study = client.create_run(exp, tags={names.ROLE: "study", **dead})
+    elsewhere = client.create_run(exp, tags={names.ROLE: "sweep", HOST: "other-machine", PID: "1234", PID_NS: ns})
+
+    assert study_runs.close_dead_sweep_parents(exp) == [killed_sweep.info.run_id]
+    assert status(client, killed_sweep) == "KILLED"
+    assert [status(client, r) for r in (study, elsewhere)] == ["RUNNING", "RUNNING"]
+    assert client.get_run(own).info.status == "RUNNING"

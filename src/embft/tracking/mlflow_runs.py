@@ -263,18 +263,27 @@ def heartbeat_age(run: Any, now: Optional[float] = None) -> float:
     return (time.time() if now is None else now) - beat
 
 
+def process_gone(run: Any) -> bool:
+    """Whether the run's process (its HOST/PID tags) ran on this very machine and has ended."""
+    tags = run.data.tags
+    same_machine = tags.get(HOST) == socket.gethostname() and tags.get(PID_NS, "") == _pid_namespace()
+    if not (same_machine and tags.get(PID, "").isdigit()):
+        return False
+    try:
+        os.kill(int(tags[PID]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, another user's
+        pass
+    return False
+
+
 def is_alive(run: Any, now: Optional[float] = None) -> tuple[bool, str]:
     """(alive, why) for a RUNNING run: a fresh heartbeat, unless its process is gone from this machine."""
     tags = run.data.tags
     age = heartbeat_age(run, now)
-    same_machine = tags.get(HOST) == socket.gethostname() and tags.get(PID_NS, "") == _pid_namespace()
-    if same_machine and tags.get(PID, "").isdigit():
-        try:
-            os.kill(int(tags[PID]), 0)
-        except ProcessLookupError:
-            return False, f"its process {tags[PID]} on this machine is gone"
-        except PermissionError:  # exists, another user's
-            pass
+    if process_gone(run):
+        return False, f"its process {tags[PID]} on this machine is gone"
     if age > STALE_AFTER_S:
         return False, f"no heartbeat for {age:.0f} s"
     return True, f"heartbeat {max(age, 0):.0f} s ago"

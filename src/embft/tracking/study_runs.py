@@ -113,6 +113,10 @@ def start_parent_run(experiment_id: str, config: Any) -> str:
         return run_id
     kind, _, name = key.partition(":")
     tags = {names.ROLE: kind, names.PARENT_KEY: key, "mlflow.runName": f"{kind}-{name.replace('/', '_')}"}
+    if kind == "sweep":  # one process owns a grid sweep's parent: a later sweep can tell it died
+        from embft.tracking import mlflow_runs
+
+        tags.update({k: v for k, v in mlflow_runs.process_tags().items() if k != names.HEARTBEAT})
     if kind == "study":
         from sqlalchemy.engine import make_url
 
@@ -126,6 +130,27 @@ def start_parent_run(experiment_id: str, config: Any) -> str:
         client.update_run(winner, status="RUNNING")
     log.info("MLflow parent run %s (%s)", winner, key)
     return winner
+
+
+def close_dead_sweep_parents(experiment_id: str) -> list[str]:
+    """Mark KILLED the grid sweeps' parent runs left RUNNING by a sweep whose process is gone from
+    this machine (Ctrl-C or a kill: Hydra calls no callback then); returns their ids. A study's
+    parent is shared by workers and left alone."""
+    import mlflow
+
+    from embft.tracking import mlflow_runs
+
+    client = mlflow.MlflowClient()
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{names.ROLE}` = 'sweep' and attributes.status = 'RUNNING'"
+    )
+    closed = []
+    for run in found:
+        if mlflow_runs.process_gone(run):
+            log.warning("Marking sweep parent run %s (its sweep process is gone) as KILLED", run.info.run_id)
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def job_tags(experiment_id: str, study_name: Optional[str], sweep: Optional[str]) -> dict[str, str]:

@@ -35,6 +35,7 @@ class SweepSummary(Callback):
             log.error("%s", err)
             raise SystemExit(1) from None
         try:  # the study's (or sweep's) parent run; the jobs run without it if MLflow refuses
+            study_runs.close_dead_sweep_parents(experiment_id)
             study_runs.start_parent_run(experiment_id, config)
         except Exception as err:
             log.warning("No parent run: %s", err)
