@@ -174,3 +174,24 @@ def test_a_killed_sweeps_parent_run_is_closed_by_the_next_sweep(store, tmp_path)
     assert status(client, killed_sweep) == "KILLED"
     assert [status(client, r) for r in (study, elsewhere)] == ["RUNNING", "RUNNING"]
     assert client.get_run(own).info.status == "RUNNING"
+
+
+def test_a_sweep_that_skipped_jobs_closes_its_parent_run_with_every_count(store, tmp_path):
+    """A rerun that skips finished configs counts them as "skipped (already FINISHED)": the parent
+    run's metrics once failed MLflow's name check, so the counts were lost."""
+    from omegaconf import OmegaConf
+
+    from embft.tracking import study_runs
+
+    client, exp = store
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "multirun" / "rerun" / "t0")}}})
+    parent = study_runs.start_parent_run(exp, config)
+    counts = {"FINISHED": 3, "skipped (already FINISHED)": 2, "running elsewhere": 1}
+    study_runs.finish_parent_run(exp, parent, config, counts)
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == {
+        "sweep_n_finished": 3,
+        "sweep_n_skipped_already_finished": 2,
+        "sweep_n_running_elsewhere": 1,
+    }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -211,7 +212,8 @@ def finish_parent_run(experiment_id: str, run_id: str, config: Any, counts: Mapp
     try:
         finished = sum(counts.values())
         now = int(time.time() * 1000)
-        metrics = [Metric(f"sweep_n_{s.lower()}", n, now, 0) for s, n in counts.items()]  # this sweep's runs
+        # this sweep's runs; "skipped (already FINISHED)" -> sweep_n_skipped_already_finished (MLflow's name rules)
+        metrics = [Metric("sweep_n_" + re.sub(r"\W+", "_", s.lower()).strip("_"), n, now, 0) for s, n in counts.items()]
         results_file = Path(config.hydra.sweep.dir) / RESULTS_FILE
         if results_file.is_file():
             results = OmegaConf.to_container(OmegaConf.load(results_file))
