@@ -133,8 +133,20 @@ def test_matrix_numbers_counts_and_conclusion(store):
         "The best configuration on validation, `variant=same` (mean delta +0.0325 over 2 datasets), is the best "
         "on 1 of 2 datasets: not on emotion (`variant=no_same` +0.0200 vs +0.0150)."
     )
-    named = datasets.dataset_matrix(info, ("variant=same", "variant=no_same")).conclusion
-    assert named == "`variant=same` beats `variant=no_same` on validation on 1 of 2 datasets: not on emotion."
+    compared = datasets.dataset_matrix(info, ("variant=same", "variant=no_same"))
+    assert compared.conclusion.startswith(
+        "`variant=same` beats `variant=no_same` on validation on 1 of 2 datasets: not on emotion. Paired by seed"
+    )
+    # Paired by seed: same's validation score minus no_same's, seed by seed.
+    paired = datasets.paired_differences(compared, "variant=same", "variant=no_same").set_index("dataset")
+    for data, outcome in (("ag_news", "win"), ("emotion", "tie")):
+        diff = [a - b for a, b in zip(VAL_DELTA[("same", data)], VAL_DELTA[("no_same", data)])]
+        low, high = _interval(diff, T_975_2)
+        assert paired.loc[data, "n_seeds"] == 3
+        assert paired.loc[data, "mean"] == pytest.approx(np.mean(diff))
+        assert (paired.loc[data, "ci95_low"], paired.loc[data, "ci95_high"]) == pytest.approx((low, high))
+        assert paired.loc[data, "outcome"] == outcome
+        assert f"{data} {np.mean(diff):+.4f} [{low:+.4f}, {high:+.4f}] {outcome}" in compared.conclusion
 
 
 def test_conclusion_that_holds_on_every_dataset(store):

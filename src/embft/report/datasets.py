@@ -9,7 +9,7 @@ dataset (its folder, columns, label names) are the dataset's, not a configuratio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ class DatasetMatrix:
     summary: pd.DataFrame  # one row per configuration, best mean validation delta first
     baselines: dict[str, tuple[float, float]]  # dataset -> untrained (validation, test) score
     conclusion: str
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # the used runs, with their `configuration`
 
 
 def is_cross_dataset(info: StudyInfo) -> bool:
@@ -98,7 +99,7 @@ def dataset_matrix(info: StudyInfo, compare: tuple[str, str] | None = None) -> D
         data: (float((g["val_accuracy"] - g["val_delta"]).mean()), float((g["accuracy"] - g["delta"]).mean()))
         for data, g in runs.groupby("dataset")
     }
-    matrix = DatasetMatrix(info.metric, datasets, settings, cells, summary, baselines, "")
+    matrix = DatasetMatrix(info.metric, datasets, settings, cells, summary, baselines, "", runs)
     matrix.conclusion = _compare_sentence(matrix, *compare) if compare else _best_sentence(matrix)
     return matrix
 
@@ -134,8 +135,31 @@ def _best_sentence(matrix: DatasetMatrix) -> str:
     return text + f"is the best on {held} of {len(matrix.datasets)} datasets: not on " + ", ".join(misses) + "."
 
 
+def paired_differences(matrix: DatasetMatrix, first: str, second: str) -> pd.DataFrame:
+    """Per dataset, `first`'s validation score minus `second`'s, paired by training seed (the seeds
+    both ran): mean, 95% t interval and outcome. Pairing removes what a seed does to both sides."""
+    rows = []
+    for data in matrix.datasets:
+        here = matrix.runs[matrix.runs["dataset"] == data]
+        a, b = (here[here["configuration"] == c].groupby("seed")["val_accuracy"].mean() for c in (first, second))
+        diff = (a - b).dropna()
+        low, high = t_interval(diff)
+        rows.append(
+            {
+                "dataset": data,
+                "n_seeds": len(diff),
+                "mean": diff.mean() if len(diff) else math.nan,
+                "ci95_low": low,
+                "ci95_high": high,
+                "outcome": outcome(low, high),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def _compare_sentence(matrix: DatasetMatrix, first: str, second: str) -> str:
-    """Whether `first` has the higher mean validation delta than `second` on each dataset."""
+    """Whether `first` has the higher mean validation delta than `second` on each dataset, and by how
+    much, paired by seed."""
     known = set(matrix.cells["configuration"])
     for label in (first, second):
         if label not in known:
@@ -143,9 +167,19 @@ def _compare_sentence(matrix: DatasetMatrix, first: str, second: str) -> str:
     lost = [d for d in matrix.datasets if not _value(matrix, first, d) > _value(matrix, second, d)]
     text = f"`{first}` beats `{second}` on validation "
     if not lost:
-        return text + f"on every dataset ({len(matrix.datasets)}): the conclusion holds on each."
-    held = len(matrix.datasets) - len(lost)
-    return text + f"on {held} of {len(matrix.datasets)} datasets: not on " + ", ".join(lost) + "."
+        text += f"on every dataset ({len(matrix.datasets)}): the conclusion holds on each."
+    else:
+        held = len(matrix.datasets) - len(lost)
+        text += f"on {held} of {len(matrix.datasets)} datasets: not on " + ", ".join(lost) + "."
+    paired = paired_differences(matrix, first, second)
+    return (
+        text
+        + " Paired by seed, validation difference (95% interval, outcome): "
+        + "; ".join(
+            f"{r.dataset} {_interval(r.mean, r.ci95_low, r.ci95_high)} {r.outcome}" for r in paired.itertuples()
+        )
+        + "."
+    )
 
 
 def _interval(mean: float, low: float, high: float) -> str:
