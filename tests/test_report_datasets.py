@@ -149,6 +149,34 @@ def test_matrix_numbers_counts_and_conclusion(store):
         assert f"{data} {np.mean(diff):+.4f} [{low:+.4f}, {high:+.4f}] {outcome}" in compared.conclusion
 
 
+def test_compare_says_trend_when_a_paired_interval_spans_zero() -> None:
+    """A higher mean on every dataset is not "holds on each" while a paired interval spans 0."""
+    import pandas as pd
+
+    scores = {  # (configuration, dataset) -> validation score per seed 1, 2, 3
+        ("A", "ag_news"): [0.80, 0.81, 0.82],
+        ("B", "ag_news"): [0.75, 0.755, 0.77],  # A ahead on every seed: win
+        ("A", "emotion"): [0.40, 0.36, 0.41],
+        ("B", "emotion"): [0.35, 0.39, 0.37],  # A ahead on mean, not on seed 2: tie
+    }
+    runs = pd.DataFrame(
+        [
+            {"configuration": c, "dataset": d, "seed": str(seed), "val_accuracy": v}
+            for (c, d), values in scores.items()
+            for seed, v in zip(SEEDS, values)
+        ]
+    )
+    cells = runs.groupby(["configuration", "dataset"], as_index=False)["val_accuracy"].mean()
+    cells = cells.rename(columns={"val_accuracy": "val_delta_mean"})
+    matrix = datasets.DatasetMatrix("accuracy_cosine", ["ag_news", "emotion"], [], cells, pd.DataFrame(), {}, "", runs)
+    text = datasets._compare_sentence(matrix, "A", "B")
+    assert text.startswith(
+        "`A` beats `B` on validation on mean on every dataset (2), but the paired interval spans or lies "
+        "below 0 on emotion: the conclusion holds there only as a trend."
+    )
+    assert "ag_news +0.0517 [" in text and "] win; emotion +0.0200 [" in text and text.endswith("] tie.")
+
+
 def test_conclusion_that_holds_on_every_dataset(store):
     """Without no_same's emotion runs (where it beat same), same is the best on each dataset; a
     configuration missing on a dataset gets "-" there and counts only the datasets it ran on."""

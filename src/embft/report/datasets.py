@@ -164,22 +164,25 @@ def _compare_sentence(matrix: DatasetMatrix, first: str, second: str) -> str:
     for label in (first, second):
         if label not in known:
             return f"No comparison: no configuration `{label}` (configurations: {', '.join(sorted(known))})."
+    n = len(matrix.datasets)
     lost = [d for d in matrix.datasets if not _value(matrix, first, d) > _value(matrix, second, d)]
-    text = f"`{first}` beats `{second}` on validation "
-    if not lost:
-        text += f"on every dataset ({len(matrix.datasets)}): the conclusion holds on each."
-    else:
-        held = len(matrix.datasets) - len(lost)
-        text += f"on {held} of {len(matrix.datasets)} datasets: not on " + ", ".join(lost) + "."
     paired = paired_differences(matrix, first, second)
-    return (
-        text
-        + " Paired by seed, validation difference (95% interval, outcome): "
-        + "; ".join(
-            f"{r.dataset} {_interval(r.mean, r.ci95_low, r.ci95_high)} {r.outcome}" for r in paired.itertuples()
+    unsure = [r.dataset for r in paired.itertuples() if r.outcome != "win"]
+    text = f"`{first}` beats `{second}` on validation "
+    if not lost and not unsure:
+        text += f"on every dataset ({n}), each paired interval above 0: the conclusion holds on each."
+    elif not lost:
+        text += (
+            f"on mean on every dataset ({n}), but the paired interval spans or lies below 0 on "
+            + ", ".join(unsure)
+            + ": the conclusion holds there only as a trend."
         )
-        + "."
+    else:
+        text += f"on {n - len(lost)} of {n} datasets: not on " + ", ".join(lost) + "."
+    pairs = "; ".join(
+        f"{r.dataset} {_interval(r.mean, r.ci95_low, r.ci95_high)} {r.outcome}" for r in paired.itertuples()
     )
+    return text + f" Paired by seed, validation difference (95% interval, outcome): {pairs}."
 
 
 def _interval(mean: float, low: float, high: float) -> str:
