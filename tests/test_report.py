@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -26,8 +27,9 @@ ACC = {
 }
 
 
-def _run(client, exp_id, *, role, params, metrics, status="FINISHED", sweep=SWEEP, key="k1"):
-    tags = {"embft.role": role, "embft.baseline_key": key, "embft.config_hash": "h"}
+def _run(client, exp_id, *, role, params, metrics, status="FINISHED", sweep=SWEEP, key="k1", config_hash=None):
+    # Each run its own config unless told: runs of one config hash count once (the newest).
+    tags = {"embft.role": role, "embft.baseline_key": key, "embft.config_hash": config_hash or uuid.uuid4().hex[:16]}
     if sweep:
         tags["embft.sweep"] = sweep
     run = client.create_run(exp_id, tags=tags)
@@ -349,3 +351,22 @@ def test_a_run_that_took_its_twins_training_shares_its_baseline(tmp_path):
     table, info = report.summarize(report.load_runs(client, "grid"))
     assert list(info.baselines) == ["baseline"], info.baselines
     assert (table["configuration"] == "baseline").sum() == 1
+
+
+def test_a_forced_rerun_replaces_its_configs_old_run_instead_of_adding_a_seed(tmp_path):
+    """force=true leaves two FINISHED runs of one config (tests/test_promises.py shows it through the
+    command): the report counts the config once, as its newest run, and says why the other was skipped."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("forced", artifact_location=str(tmp_path / "art"))
+    _run(client, exp, role="baseline", params={"model.name": "bge-small"}, metrics={"accuracy_cosine": BASELINE})
+    for seed, acc in ((1, 0.70), (2, 0.66)):
+        _run(client, exp, role="finetune", params=_ft_params("2e-05", seed, seed), metrics=_ft_metrics(acc), config_hash=f"s{seed}")
+    time.sleep(0.01)  # the rerun starts later (start_time in ms)
+    _run(client, exp, role="finetune", params=_ft_params("2e-05", 1, 9), metrics=_ft_metrics(0.60), config_hash="s1")
+
+    table, info = report.summarize(report.load_runs(client, "forced"))
+    (row,) = table[table["configuration"] != "baseline"].to_dict("records")
+    assert row["n_seeds"] == 2, "the rerun of seed 1 replaces its first run; it is not a third seed"
+    assert sorted(info.accuracies[row["configuration"]]) == [0.60, 0.66], "the newest run of seed 1 counts"
+    assert info.n_used == 2 and info.n_skipped == 1 and info.skipped_by_status == {report.summary.SUPERSEDED: 1}
+    assert "1 FINISHED, superseded by a newer FINISHED run of the same config" in report.used_sentence(info)

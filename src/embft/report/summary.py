@@ -99,6 +99,22 @@ def _usable(df: pd.DataFrame, role: str, metric: str) -> pd.Series:
     return (df["role"] == role) & (df["status"] == "FINISHED") & ~_pruned(df) & _metric(df, metric).notna()
 
 
+SUPERSEDED = "FINISHED, superseded by a newer FINISHED run of the same config (force=true)"
+
+
+def _superseded(df: pd.DataFrame, used: pd.Series) -> pd.Series:
+    """Usable runs with a newer usable run of the same config hash: a config counts once, as its
+    newest result, so a `force=true` rerun replaces its old run instead of adding a seed."""
+    if "config_hash" not in df:
+        return pd.Series(False, df.index)
+    hashed = used & df["config_hash"].notna()
+    start = pd.to_numeric(df["start_time"], errors="coerce")
+    newest = start[hashed].groupby(df.loc[hashed, "config_hash"]).transform("max")
+    out = pd.Series(False, df.index)
+    out[newest.index] = start[newest.index] < newest
+    return out
+
+
 def _skip_reason(row: pd.Series, metric: str) -> str:
     if row["status"] != "FINISHED":
         return str(row["status"])
@@ -267,13 +283,18 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
     metric = metric or default_metric(df)
     selected = df[df["selected"]] if "selected" in df else df
     used_mask = _usable(selected, "finetune", metric)
+    superseded = _superseded(selected, used_mask)
+    used_mask &= ~superseded
     # Baseline runs are reported as the baseline, not as used or skipped study runs.
     skipped = selected[
         ~used_mask
+        & ~superseded
         & ~_usable(selected, "baseline", metric)
         & ~selected["role"].isin((names.ROLE_STUDY, names.ROLE_SWEEP))
     ]  # parent runs hold no job
     skipped_by = skipped.apply(_skip_reason, axis=1, metric=metric).value_counts().to_dict() if len(skipped) else {}
+    if superseded.any():
+        skipped_by[SUPERSEDED] = int(superseded.sum())
     if not used_mask.any():
         counts = ", ".join(f"{n} {s}" for s, n in skipped_by.items()) or "none"
         raise EmbftError(f"no usable runs: need FINISHED role=finetune runs with {metric} (skipped: {counts})")
@@ -341,7 +362,7 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
         experiments=sorted(set(selected["experiment"].dropna())),
         sweeps=sorted(set(selected["sweep"].dropna())),
         n_used=len(used),
-        n_skipped=len(skipped),
+        n_skipped=len(skipped) + int(superseded.sum()),
         skipped_by_status=skipped_by,
         settings=settings,
         fixed_settings=_fixed_settings(used, settings),
