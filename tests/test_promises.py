@@ -2,7 +2,7 @@
 training), sharing jobs between assertions to keep CI short:
 
 - two identical jobs started together: exactly one trains, the other skips; no live run KILLED;
-- Ctrl-C marks the run KILLED, and `force=true` reruns a finished job to completion;
+- Ctrl-C and SIGTERM mark the run KILLED, and `force=true` reruns a finished job to completion;
 - the baseline cache is reused for equal eval settings and recomputed when one changes;
 - `train=fast` and `eval=logreg` end to end; `embft report NAME` with its default output folder;
 - a variant whose no_in_batch_neg suffix cannot change training takes its twin's run (reuse_twin);
@@ -144,6 +144,30 @@ def test_ctrl_c_marks_the_run_killed_and_force_reruns_a_finished_job(root, tiny_
     assert code == 0 and "Skipping" not in output, output[-3000:]
     statuses = sorted(r.info.status for r in tuned(root) if r.data.params["train.max_train_queries"] == "48")
     assert statuses == ["FINISHED", "FINISHED", "KILLED"]
+
+
+def test_sigterm_in_training_ends_the_run_killed_and_the_process_by_sigterm(root, tiny_args, twin_jobs, tmp_path):
+    """`kill`, `timeout` and schedulers send SIGTERM: the job cleans up as after Ctrl-C (its run
+    KILLED, no model folder left) and still ends by SIGTERM, as the sender expects."""
+    args = [*tiny_args, "train.max_train_queries=40"]
+    env = {**os.environ, "EMBFT_ROOT": str(root), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    marker, log = tmp_path / "in_training", tmp_path / "job.log"
+    job = start_held_in_training(args, env, marker, log)
+    try:
+        wait_until_held_in_training(job, marker, log)
+        job.send_signal(signal.SIGTERM)
+        code = job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    output = log.read_text()
+    assert code == -signal.SIGTERM and "Terminated by SIGTERM" in output, f"exit code {code}\n{output[-3000:]}"
+    statuses = [r.info.status for r in tuned(root) if r.data.params["train.max_train_queries"] == "40"]
+    assert statuses == ["KILLED"], output[-3000:]
+    leftovers = [p for p in (root / "outputs" / NAME).rglob("model") if p.is_dir()]
+    assert not leftovers, f"a terminated job leaves no model folders: {leftovers}"
 
 
 def test_train_fast_and_logreg_end_to_end_recompute_the_baseline(root, tiny_args, twin_jobs):

@@ -1,7 +1,19 @@
 """`python -m embft [overrides]` runs the Hydra app; `python -m embft report NAME` writes a report;
 `python -m embft predict MODEL_URI INPUT [--out FILE]` classifies a file with a logged classifier."""
 
+import os
+import signal
 import sys
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a scheduler's stop) raised as a KeyboardInterrupt, so a job cleans
+    up as after Ctrl-C: its MLflow run ends KILLED, not RUNNING, and no half-saved model stays."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated("SIGTERM")
 
 
 def main() -> None:
@@ -15,7 +27,14 @@ def main() -> None:
         raise SystemExit(predict_main(sys.argv[2:]))
     from embft.app import main as app_main
 
-    app_main()
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        app_main()
+    except Terminated:
+        # Cleaned up; end by SIGTERM itself (exit status 143 in a shell), as the sender expects.
+        sys.stderr.write("Terminated by SIGTERM (cleaned up as after Ctrl-C: a running job's run is KILLED)\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":
