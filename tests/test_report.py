@@ -360,7 +360,14 @@ def test_a_forced_rerun_replaces_its_configs_old_run_instead_of_adding_a_seed(tm
     exp = client.create_experiment("forced", artifact_location=str(tmp_path / "art"))
     _run(client, exp, role="baseline", params={"model.name": "bge-small"}, metrics={"accuracy_cosine": BASELINE})
     for seed, acc in ((1, 0.70), (2, 0.66)):
-        _run(client, exp, role="finetune", params=_ft_params("2e-05", seed, seed), metrics=_ft_metrics(acc), config_hash=f"s{seed}")
+        _run(
+            client,
+            exp,
+            role="finetune",
+            params=_ft_params("2e-05", seed, seed),
+            metrics=_ft_metrics(acc),
+            config_hash=f"s{seed}",
+        )
     time.sleep(0.01)  # the rerun starts later (start_time in ms)
     _run(client, exp, role="finetune", params=_ft_params("2e-05", 1, 9), metrics=_ft_metrics(0.60), config_hash="s1")
 

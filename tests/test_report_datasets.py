@@ -279,3 +279,26 @@ def test_trainer_arms_extra_scores_and_accuracy_vs_seconds(trainers, tmp_path):
     assert "## Across datasets" not in text and not (out / "report_datasets.png").exists()
     assert "![validation accuracy against training seconds](accuracy_vs_train_seconds.png)" in text
     assert (out / "accuracy_vs_train_seconds.png").stat().st_size > 5000
+
+
+def test_points_are_labelled_by_the_setting_that_tells_the_configurations_apart():
+    from embft.report.rendering import distinct_labels
+
+    labels = [
+        "backend=setfit, loss=cosine_similarity, lr=2e-05",
+        "backend=st, loss=supcon, lr=2e-05",
+        "backend=st, loss=contrastive, lr=1e-4",
+    ]
+    assert list(distinct_labels(labels).values()) == ["loss=cosine_similarity", "loss=supcon", "loss=contrastive"]
+    # No single setting tells them apart: the whole label.
+    labels = ["lr=1, seed=1", "lr=1, seed=2", "lr=2, seed=1"]
+    assert distinct_labels(labels) == {label: label for label in labels}
+    # Two settings where one is not enough.
+    labels = ["loss=stock, variant=same", "loss=stock, variant=no_same", "loss=supcon, variant=same"]
+    assert distinct_labels(labels) == {label: label for label in labels}
+    labels = [f"{label}, seed=1" for label in labels]
+    assert list(distinct_labels(labels).values()) == [
+        "loss=stock, variant=same",
+        "loss=stock, variant=no_same",
+        "loss=supcon, variant=same",
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -230,9 +231,25 @@ def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
     return path
 
 
+def distinct_labels(labels: list[str]) -> dict[str, str]:
+    """Each `k=v, k=v` label cut to the fewest settings (one or two, first in order) that tell every
+    configuration apart, e.g. `loss=supcon`, so points can be labelled legibly; else the whole label."""
+    parts = [label.split(", ") for label in labels]
+    if len(labels) > 1 and len({len(p) for p in parts}) == 1:
+        for size in (1, 2):
+            for keep in itertools.combinations(range(len(parts[0])), size):
+                cut = [", ".join(p[i] for i in keep) for p in parts]
+                if len(set(cut)) == len(labels):
+                    return dict(zip(labels, cut))
+    return {label: label for label in labels}
+
+
 def plot_accuracy_vs_seconds(info: StudyInfo, name: str, path: Path) -> Path | None:
-    """Validation score against training seconds, a point per configuration (means over seeds, bars
-    the t intervals), labelled; None (nothing written) when the runs' seconds or scores do not vary."""
+    """Validation score against training seconds, a point per configuration (means over seeds;
+    vertical bars the score's t interval, horizontal ones the seeds' range of seconds, which cannot
+    go below 0 as a t interval would), labelled by the setting that tells them apart, one panel per
+    dataset; a log axis when the seconds span more than 20x. None (nothing written) when seconds or
+    scores do not vary."""
     runs = info.runs
     if runs.empty or runs["train_seconds"].nunique() < 2 or runs["val_accuracy"].notna().sum() == 0:
         return None
@@ -241,23 +258,36 @@ def plot_accuracy_vs_seconds(info: StudyInfo, name: str, path: Path) -> Path | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = []
-    for label, vals in info.val_accuracies.items():
-        secs = np.asarray(info.train_seconds.get(label, []), dtype=float)
-        y = np.asarray(vals, dtype=float)
-        if np.isnan(y).all() or np.isnan(secs).all():
-            continue
-        points.append((label, np.nanmean(secs), t_interval(secs), np.nanmean(y), t_interval(y)))
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, (label, x, (x_low, x_high), y, (y_low, y_high)) in enumerate(points):
-        xerr = None if math.isnan(x_low) else [[x - x_low], [x_high - x]]
-        yerr = None if math.isnan(y_low) else [[y - y_low], [y_high - y]]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=f"C{i % 10}")
-        ax.annotate(label.replace(", ", "\n"), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
-    ax.set_xlabel("train_seconds (mean over seeds)")
-    ax.set_ylabel(f"{info.ranked_by or 'validation score'} (mean over seeds)")
-    ax.set_title(f"{name}: validation score against training time (bars: 95% t intervals, {seeds_text(info)})")
-    ax.grid(alpha=0.3)
+    # The dataset is the panel, so its own settings (folder, label names, ...) label nothing.
+    settings = [k for k in info.settings if not k.startswith("data.")]
+    runs = runs.assign(_label=[config_label({k: r[k] for k in settings}) for _, r in runs.iterrows()])
+    datasets = sorted(runs["dataset"].unique())
+    short = distinct_labels(list(dict.fromkeys(runs["_label"])))
+    cols = min(len(datasets), 2)
+    rows = math.ceil(len(datasets) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(9 * cols, 5.5 * rows), squeeze=False)
+    for ax in axes.flat[len(datasets) :]:
+        ax.set_visible(False)
+    for ax, dataset in zip(axes.flat, datasets):
+        points = []
+        for i, (label, group) in enumerate(runs[runs["dataset"] == dataset].groupby("_label", sort=False)):
+            secs, y = group["train_seconds"].to_numpy(float), group["val_accuracy"].to_numpy(float)
+            if np.isnan(y).all() or np.isnan(secs).all():
+                continue
+            x, (y_low, y_high) = np.nanmean(secs), t_interval(y)
+            yerr = None if math.isnan(y_low) else [[np.nanmean(y) - y_low], [y_high - np.nanmean(y)]]
+            xerr = [[x - np.nanmin(secs)], [np.nanmax(secs) - x]]
+            ax.errorbar(x, np.nanmean(y), xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=f"C{i % 10}")
+            ax.annotate(short[label], (x, np.nanmean(y)), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            points.append(x)
+        if points and min(points) > 0 and max(points) / min(points) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel("train_seconds (mean over seeds; bars: the seeds' range)")
+        ax.set_ylabel(f"{info.ranked_by or 'validation score'} (mean over seeds)")
+        if len(datasets) > 1:
+            ax.set_title(dataset)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{name}: validation score against training time (bars: 95% t intervals, {seeds_text(info)})")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
