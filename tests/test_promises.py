@@ -251,8 +251,11 @@ def test_report_command_writes_into_experiments_by_default(root, twin_jobs, tmp_
     report = tmp_path / "experiments" / NAME / "report.md"
     assert report.is_file() and (report.parent / "report.png").stat().st_size > 0
     usable = [r for r in tuned(root) if r.info.status == "FINISHED" and "accuracy_cosine" in r.data.metrics]
+    configs = {r.data.tags["embft.config_hash"] for r in usable}  # force=true reran one: it counts once
     text = report.read_text()
-    assert f"- Experiment(s): {NAME}" in text and f"used {len(usable)} runs" in text, text[:1500]
+    assert f"- Experiment(s): {NAME}" in text and f"used {len(configs)} runs" in text, text[:1500]
+    superseded = len(usable) - len(configs)
+    assert superseded == 0 or f"{superseded} FINISHED, superseded by a newer FINISHED run" in text, text[:1500]
 
 
 def test_optuna_trials_run_in_parallel_through_joblib(tmp_path, tiny_args):
