@@ -282,22 +282,32 @@ def test_trainer_arms_extra_scores_and_accuracy_vs_seconds(trainers, tmp_path):
 
 
 def test_points_are_labelled_by_the_setting_that_tells_the_configurations_apart():
-    from embft.report.rendering import distinct_labels
+    import pandas as pd
 
-    labels = [
-        "backend=setfit, loss=cosine_similarity, lr=2e-05",
-        "backend=st, loss=supcon, lr=2e-05",
-        "backend=st, loss=contrastive, lr=1e-4",
+    from embft.report.rendering import distinct_settings
+    from embft.report.summary import config_label
+
+    def distinct_labels(rows: list[dict]) -> list[str]:
+        frame = pd.DataFrame(rows).assign(_label=[config_label(r) for r in rows])
+        keys = distinct_settings(frame, list(rows[0]), "_label")
+        return [config_label({k: r[k] for k in keys}) for r in rows]
+
+    rows = [
+        {"train.backend": "setfit", "train.loss": "cosine_similarity", "train.lr": "2e-05"},
+        {"train.backend": "st", "train.loss": "supcon", "train.lr": "2e-05"},
+        {"train.backend": "st", "train.loss": "contrastive", "train.lr": "1e-4"},
     ]
-    assert list(distinct_labels(labels).values()) == ["loss=cosine_similarity", "loss=supcon", "loss=contrastive"]
-    # No single setting tells them apart: the whole label.
-    labels = ["lr=1, seed=1", "lr=1, seed=2", "lr=2, seed=1"]
-    assert distinct_labels(labels) == {label: label for label in labels}
+    assert distinct_labels(rows) == ["loss=cosine_similarity", "loss=supcon", "loss=contrastive"]
+    # No single setting tells them apart, nor two of three: the whole label.
+    rows = [{"lr": 1, "seed": 1}, {"lr": 1, "seed": 2}, {"lr": 2, "seed": 1}]
+    assert distinct_labels(rows) == ["lr=1, seed=1", "lr=1, seed=2", "lr=2, seed=1"]
     # Two settings where one is not enough.
-    labels = ["loss=stock, variant=same", "loss=stock, variant=no_same", "loss=supcon, variant=same"]
-    assert distinct_labels(labels) == {label: label for label in labels}
-    labels = [f"{label}, seed=1" for label in labels]
-    assert list(distinct_labels(labels).values()) == [
+    rows = [
+        {"train.loss": "stock", "variant.name": "same", "train.seed": 1},
+        {"train.loss": "stock", "variant.name": "no_same", "train.seed": 1},
+        {"train.loss": "supcon", "variant.name": "same", "train.seed": 1},
+    ]
+    assert distinct_labels(rows) == [
         "loss=stock, variant=same",
         "loss=stock, variant=no_same",
         "loss=supcon, variant=same",

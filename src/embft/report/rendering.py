@@ -231,17 +231,19 @@ def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
     return path
 
 
-def distinct_labels(labels: list[str]) -> dict[str, str]:
-    """Each `k=v, k=v` label cut to the fewest settings (one or two, first in order) that tell every
-    configuration apart, e.g. `loss=supcon`, so points can be labelled legibly; else the whole label."""
-    parts = [label.split(", ") for label in labels]
-    if len(labels) > 1 and len({len(p) for p in parts}) == 1:
-        for size in (1, 2):
-            for keep in itertools.combinations(range(len(parts[0])), size):
-                cut = [", ".join(p[i] for i in keep) for p in parts]
-                if len(set(cut)) == len(labels):
-                    return dict(zip(labels, cut))
-    return {label: label for label in labels}
+def distinct_settings(frame: pd.DataFrame, settings: list[str], by: str) -> list[str]:
+    """The fewest settings (one or two, first in order) whose values tell every `by` group apart,
+    e.g. [`train.loss`], so points can be labelled legibly; all of `settings` where none do."""
+    n = frame[by].nunique()
+    for size in (1, 2):
+        for keep in itertools.combinations(settings, size):
+            if (
+                n > 1
+                and len(frame.drop_duplicates([by, *keep])) == n
+                and frame[list(keep)].drop_duplicates().shape[0] == n
+            ):
+                return list(keep)
+    return settings
 
 
 def plot_accuracy_vs_seconds(info: StudyInfo, name: str, path: Path) -> Path | None:
@@ -262,7 +264,8 @@ def plot_accuracy_vs_seconds(info: StudyInfo, name: str, path: Path) -> Path | N
     settings = [k for k in info.settings if not k.startswith("data.")]
     runs = runs.assign(_label=[config_label({k: r[k] for k in settings}) for _, r in runs.iterrows()])
     datasets = sorted(runs["dataset"].unique())
-    short = distinct_labels(list(dict.fromkeys(runs["_label"])))
+    keys = distinct_settings(runs, settings, "_label")
+    short = {r["_label"]: config_label({k: r[k] for k in keys}) for _, r in runs.iterrows()}
     cols = min(len(datasets), 2)
     rows = math.ceil(len(datasets) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(9 * cols, 5.5 * rows), squeeze=False)

@@ -78,8 +78,6 @@ class StudyInfo:
     twins: dict[str, str]  # configuration label -> "n of m runs took a twin's training (why)"
     extra_scores: list[str] = field(default_factory=list)  # EXTRA_SCORES some used run has
     has_labelled_texts: bool = False
-    val_accuracies: dict[str, list[float]] = field(default_factory=dict)  # label -> validation score per seed
-    train_seconds: dict[str, list[float]] = field(default_factory=dict)  # label -> train_seconds per seed
     # One row per used run: its setting columns, `_key`, dataset, seed, scores and deltas (test `delta`,
     # validation `val_delta`), for views across the configurations (report.datasets).
     runs: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -318,7 +316,7 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
     extra_columns = [f"{m}_{part}" for m in extra for part in ("mean", "ci95_low", "ci95_high")]
     extra_columns += [f"{LABELLED_TEXTS}_mean"] if has_texts else []
 
-    rows, accuracies, val_accuracies, train_seconds, twins = [], {}, {}, {}, {}
+    rows, accuracies, twins = [], {}, {}
     groups = used.groupby(settings, sort=False) if settings else [((), used)]
     for values, group in groups:
         values = values if isinstance(values, tuple) else (values,)
@@ -343,8 +341,6 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
             }
         )
         accuracies[label] = acc[ix].tolist()
-        val_accuracies[label] = val_acc[ix].tolist()
-        train_seconds[label] = seconds[ix].tolist()
         took = group["twin_reason"].dropna() if "twin_reason" in group else pd.Series(dtype=str)
         if len(took):
             twins[label] = f"{len(took)} of {len(group)} runs took a twin run's training ({'; '.join(took.unique())})"
@@ -377,8 +373,6 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
         twins=twins,
         extra_scores=extra,
         has_labelled_texts=has_texts,
-        val_accuracies=val_accuracies,
-        train_seconds=train_seconds,
         runs=_run_frame(used, settings, acc, val_acc, delta, val_delta, seconds),
     )
     return table, info
