@@ -237,8 +237,10 @@ def test_a_job_waiting_for_a_twin_whose_heartbeat_stops_trains_itself(store, mon
     client, exp = store
     monkeypatch.setattr(mlflow_runs, "STALE_AFTER_S", 2.0)
     monkeypatch.setattr(mlflow_runs, "TWIN_POLL_S", 0.2)
+    now_ms = int(time.time() * 1000)
     twin = client.create_run(
         exp,
+        start_time=now_ms - 1000,  # started first: the job waits for it
         tags={
             names.ROLE: names.ROLE_FINETUNE,
             names.TWIN_KEY: "tk",
@@ -246,8 +248,7 @@ def test_a_job_waiting_for_a_twin_whose_heartbeat_stops_trains_itself(store, mon
             names.HOST: "another-machine",  # not this machine's process table: only the heartbeat tells
         },
     )
-    time.sleep(0.05)
-    own = client.create_run(exp, tags={names.ROLE: names.ROLE_FINETUNE, names.TWIN_KEY: "tk"})
+    own = client.create_run(exp, start_time=now_ms, tags={names.ROLE: names.ROLE_FINETUNE, names.TWIN_KEY: "tk"})
     found = []
     started = time.monotonic()
     waiter = threading.Thread(

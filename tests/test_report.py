@@ -27,12 +27,24 @@ ACC = {
 }
 
 
-def _run(client, exp_id, *, role, params, metrics, status="FINISHED", sweep=SWEEP, key="k1", config_hash=None):
+def _run(
+    client,
+    exp_id,
+    *,
+    role,
+    params,
+    metrics,
+    status="FINISHED",
+    sweep=SWEEP,
+    key="k1",
+    config_hash=None,
+    start_time=None,
+):
     # Each run its own config unless told: runs of one config hash count once (the newest).
     tags = {"embft.role": role, "embft.baseline_key": key, "embft.config_hash": config_hash or uuid.uuid4().hex[:16]}
     if sweep:
         tags["embft.sweep"] = sweep
-    run = client.create_run(exp_id, tags=tags)
+    run = client.create_run(exp_id, start_time=start_time, tags=tags)
     now = int(time.time() * 1000)
     client.log_batch(
         run.info.run_id,
@@ -359,6 +371,7 @@ def test_a_forced_rerun_replaces_its_configs_old_run_instead_of_adding_a_seed(tm
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.create_experiment("forced", artifact_location=str(tmp_path / "art"))
     _run(client, exp, role="baseline", params={"model.name": "bge-small"}, metrics={"accuracy_cosine": BASELINE})
+    first = int(time.time() * 1000)
     for seed, acc in ((1, 0.70), (2, 0.66)):
         _run(
             client,
@@ -367,9 +380,10 @@ def test_a_forced_rerun_replaces_its_configs_old_run_instead_of_adding_a_seed(tm
             params=_ft_params("2e-05", seed, seed),
             metrics=_ft_metrics(acc),
             config_hash=f"s{seed}",
+            start_time=first,
         )
-    time.sleep(0.01)  # the rerun starts later (start_time in ms)
-    _run(client, exp, role="finetune", params=_ft_params("2e-05", 1, 9), metrics=_ft_metrics(0.60), config_hash="s1")
+    rerun = dict(params=_ft_params("2e-05", 1, 9), metrics=_ft_metrics(0.60), config_hash="s1")
+    _run(client, exp, role="finetune", **rerun, start_time=first + 1000)  # the rerun starts later
 
     table, info = report.summarize(report.load_runs(client, "forced"))
     (row,) = table[table["configuration"] != "baseline"].to_dict("records")
