@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pandas as pd  # noqa: E402
 
-from embft.tracking.model_server import start_model_server, stop_model_server  # noqa: E402
+from model_server import start_model_server, stop_model_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ag_news"
@@ -39,7 +39,7 @@ def build_model(store: Path, per_class: int) -> str:
     import mlflow
 
     from embft.encoding.model_folder import sentence_transformer
-    from embft.tracking.serving import log_models
+    from embft.serving.models import log_models
 
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     experiment = mlflow.create_experiment("serve_latency", artifact_location=(store / "artifacts").as_uri())

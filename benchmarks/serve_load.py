@@ -45,9 +45,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_server import HOST, PeakRss, start_model_server, stop_model_server  # noqa: E402
 from serve_latency import DATA, build_model  # noqa: E402
-
-from embft.tracking.model_server import HOST, PeakRss, start_model_server, stop_model_server  # noqa: E402
 
 CLIENTS = (1, 8, 32)
 TEXTS_PER_REQUEST = (1, 64)

@@ -229,7 +229,7 @@ def test_support_per_class_defaults_to_256_texts_per_class(compose, monkeypatch)
     import pandas as pd
 
     from embft.config import TrackingConfig
-    from embft.tracking import serving
+    from embft.serving import models as serving
 
     default = readme_number(r"`tracking\.support_per_class` texts per class, default (\d+)")
     assert TrackingConfig().support_per_class == default

@@ -127,7 +127,7 @@ def test_a_pruned_leader_never_wins_best_and_a_run_without_validation_is_not_eli
 def test_log_model_best_is_not_blocked_by_a_pruned_leader(store):
     import mlflow
 
-    from embft.tracking.serving import is_best_so_far
+    from embft.serving.models import is_best_so_far
 
     client, exp = store
     _finetune(client, exp, {"val_accuracy_cosine": 0.90}, pruned=True)

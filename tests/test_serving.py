@@ -17,7 +17,9 @@ import pytest
 from conftest import ROOT, make_tiny_bert
 from embft import names
 from embft.errors import EmbftError
-from embft.tracking import mlflow_runs, registry, serving
+from embft.serving import models as serving
+from embft.serving.predict import predict_main
+from embft.tracking import mlflow_runs, registry
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 K = 5  # not the default 3: a classifier that ignored the job's k would disagree
@@ -214,7 +216,7 @@ def test_predict_cli_keeps_the_input_format(tiny_st: Path, frames, store, tmp_pa
 
     rows.to_parquet(tmp_path / "in.parquet")
     assert (
-        serving.predict_main(
+        predict_main(
             [model_uri, str(tmp_path / "in.parquet"), "--out", str(tmp_path / "out.parquet"), "--tracking-uri", uri]
         )
         == 0
@@ -225,12 +227,12 @@ def test_predict_cli_keeps_the_input_format(tiny_st: Path, frames, store, tmp_pa
 
     rows.to_json(tmp_path / "in.jsonl", orient="records", lines=True)
     capsys.readouterr()
-    assert serving.predict_main([f"runs:/{run_id}/classifier", str(tmp_path / "in.jsonl"), "--tracking-uri", uri]) == 0
+    assert predict_main([f"runs:/{run_id}/classifier", str(tmp_path / "in.jsonl"), "--tracking-uri", uri]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["label_name"] for r in lines] == expected and {"score_World", "id"} <= set(lines[0])
 
     rows[["id"]].to_csv(tmp_path / "no_text.csv", index=False)
-    assert serving.predict_main([model_uri, str(tmp_path / "no_text.csv"), "--tracking-uri", uri]) == 1
+    assert predict_main([model_uri, str(tmp_path / "no_text.csv"), "--tracking-uri", uri]) == 1
     assert "needs a `text` column" in capsys.readouterr().err
-    assert serving.predict_main(["models:/nope@champion", str(tmp_path / "in.jsonl"), "--tracking-uri", uri]) == 1
+    assert predict_main(["models:/nope@champion", str(tmp_path / "in.jsonl"), "--tracking-uri", uri]) == 1
     assert "cannot load models:/nope@champion" in capsys.readouterr().err

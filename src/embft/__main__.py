@@ -22,7 +22,7 @@ def main() -> None:
 
         raise SystemExit(report_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "predict":
-        from embft.tracking.serving import predict_main
+        from embft.serving.predict import predict_main
 
         raise SystemExit(predict_main(sys.argv[2:]))
     from embft.app import main as app_main

@@ -235,7 +235,7 @@ class TrackingConfig:
     # null: the store decides (a tracking server's proxied `mlflow-artifacts:` store).
     artifact_root: Optional[str] = "${paths.root_dir}/mlruns/artifacts"
     experiment_name: str = "${name}"
-    # Models in MLflow (embft.tracking.serving, embft.tracking.registry).
+    # Models in MLflow (embft.serving, embft.tracking.registry).
     # none | best | all. best: a job logs its embedder + kNN classifier when it leads its sweep
     # or study so far, so a single run gets its model (what a user expects from a run) and a
     # sweep ends with its best model logged without paying for every trial's ~90 MB copy.

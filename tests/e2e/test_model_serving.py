@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from embft.errors import EmbftError
-from embft.tracking.model_server import start_model_server, stop_model_server
+from model_server import start_model_server, stop_model_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # slow too: `-m "not slow"` must not need the services
 

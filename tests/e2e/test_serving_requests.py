@@ -3,8 +3,8 @@ of bad inputs with a 4xx and one message naming the problem (or, for a 1 MB text
 answering afterwards, and stays within a memory bound; `embft predict` refuses the same bad texts.
 
 A tiny random BERT stands in for the fine-tuned embedder (what is checked is the input handling of
-knn_classifier.py and MLflow's scoring server, not the labels' quality), logged by
-embft.tracking.serving.log_models into a throwaway sqlite store: no tracking server is needed.
+embft/serving/classifier.py and MLflow's scoring server, not the labels' quality), logged by
+embft.serving.models.log_models into a throwaway sqlite store: no tracking server is needed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from embft.tracking.model_server import PeakRss
+from model_server import PeakRss
 
 from .test_model_serving import _serve, _stop
 
@@ -45,7 +45,7 @@ def classifier(tmp_path_factory, ag_news_dir: Path) -> tuple[str, str]:
     from sentence_transformers import SentenceTransformer, models
 
     from conftest import make_tiny_bert
-    from embft.tracking.serving import log_models
+    from embft.serving.models import log_models
 
     folder = tmp_path_factory.mktemp("served")
     word = models.Transformer(str(make_tiny_bert(folder / "bert")), max_seq_length=64)
@@ -136,7 +136,7 @@ def _ping(url: str) -> int:
 def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_answering(classifier, server) -> None:
     import mlflow
 
-    from embft.tracking.knn_classifier import MAX_ROWS
+    from embft.serving.classifier import MAX_ROWS
 
     process, url, log = server
     model_uri, tracking_uri = classifier
@@ -191,8 +191,8 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_answerin
 
 
 def test_embft_predict_refuses_the_same_texts_and_reads_a_file_past_the_cap(classifier, tmp_path: Path, capsys) -> None:
-    from embft.tracking import serving
-    from embft.tracking.knn_classifier import MAX_ROWS
+    from embft.serving import predict as serving
+    from embft.serving.classifier import MAX_ROWS
 
     model_uri, tracking_uri = classifier
     pd.DataFrame({"text": [TEXTS[0], None, "", "   ", 42]}).to_json(

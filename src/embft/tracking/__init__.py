@@ -1,1 +1,1 @@
-"""Tracking: MLflow runs and hashes, study parent runs, the registry, serving and the kNN classifier, MLflow names."""
+"""Tracking: MLflow runs and hashes, study parent runs, the registry, MLflow names."""

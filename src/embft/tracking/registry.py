@@ -23,9 +23,7 @@ def objective_metric(config: Any) -> str:
     otherwise (a config without the key chooses on validation too: never on test by default)."""
     from omegaconf import OmegaConf
 
-    from embft.evaluation.classification import metric_name
-
-    metric = metric_name(config.eval)
+    metric = names.score_metric(str(config.eval.method), str(config.eval.metric))  # evaluation's metric_name
     objective = OmegaConf.select(config, "eval.objective", default="validation")
     return metric if str(objective) == "test" else names.validation(metric)
 

@@ -254,17 +254,17 @@ def finish_parent_run(experiment_id: str, run_id: str, config: Any, counts: Mapp
 
 
 def _log_plots(client: Any, run_id: str, config: Any) -> None:
-    """The search plots (embft.report.search) of the study, as artifacts `plots/*.png`."""
+    """The search plots (embft.tracking.study_plots) of the study, as artifacts `plots/*.png`."""
     import optuna
 
-    from embft.report import search
+    from embft.tracking.study_plots import write_plots
 
     sweeper = config.hydra.sweeper
     name = sweeper.study_name or config.hydra.job.name
     try:
         study = optuna.load_study(study_name=str(name), storage=str(sweeper.storage))
         out = Path(config.hydra.sweep.dir) / "plots"
-        for path in search.write_plots(study, out).values():
+        for path in write_plots(study, out).values():
             client.log_artifact(run_id, str(path), "plots")
     except Exception as err:  # plots are a view; a missing one must not fail the sweep
         log.warning("No search plots for study %s: %s", name, err)

@@ -67,7 +67,7 @@ def text_problem(texts: list) -> Optional[str]:
 
 def make_classifier(kind: str, k: int, metric: str) -> Any:
     """The classifier fitted on the support set's embeddings: the served model's and the job's
-    measurement of it (embft.tracking.serving.served_scores) are the same code."""
+    measurement of it (embft.evaluation.served.served_scores) are the same code."""
     if kind == "knn":  # brute force: the same neighbours as the study's evaluation (MTEB with this sklearn kNN)
         from sklearn.neighbors import KNeighborsClassifier
 

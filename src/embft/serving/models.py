@@ -1,8 +1,8 @@
-"""Models in MLflow: log a job's fine-tuned embedder and its kNN classifier; `embft predict`.
+"""Models in MLflow: log a job's fine-tuned embedder and its classifier with its support set.
 
 Per job (when `tracking.log_model` asks for it), two logged models in the job's run:
 - `embedder`: the fine-tuned SentenceTransformer, MLflow's sentence_transformers flavor;
-- `classifier`: a pyfunc (embft/tracking/knn_classifier.py, logged as code) = that embedder + the job's
+- `classifier`: a pyfunc (embft/serving/classifier.py, logged as code) = that embedder + the job's
   kNN (eval.k, eval.metric) over a support set embedded from the train split + the label names.
 Over a tracking server both upload through its artifact proxy (`mlflow-artifacts:`), so a
 worker needs no disk shared with the server. The run gets tag `embft.classifier_uri`, which the
@@ -11,10 +11,7 @@ registry (embft.tracking.registry) registers.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from importlib import metadata
@@ -32,7 +29,6 @@ from embft.tracking import mlflow_runs
 log = logging.getLogger(__name__)
 
 INPUT_EXAMPLE = pd.DataFrame({"text": ["Stocks rallied after the central bank held rates steady."]})
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
 def _pins(*packages: str) -> list[str]:
@@ -63,9 +59,9 @@ def support_source(splits: Any, cfg: Any) -> pd.DataFrame:
     the labelled texts its trainer read."""
     if not cfg.tracking.support_from_training:
         return splits.train
-    from embft.training.labelled import training_texts
+    from embft.training.labelled import budget_rows
 
-    return training_texts(splits.train, cfg.train.max_train_queries, cfg.train.seed)
+    return budget_rows(splits.train, cfg.train)
 
 
 def support_rows(splits: Any, cfg: Any) -> pd.DataFrame:
@@ -81,7 +77,7 @@ def classifier_signature(label_names: Sequence[str]):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from embft.tracking.knn_classifier import score_column
+    from embft.serving.classifier import score_column
 
     outputs = [ColSpec("long", "label"), ColSpec("string", "label_name")]
     outputs += [ColSpec("double", score_column(n)) for n in label_names]
@@ -131,7 +127,7 @@ def log_models(
         )
         info = mlflow.pyfunc.log_model(
             name="classifier",
-            python_model=str(Path(__file__).with_name("knn_classifier.py")),
+            python_model=str(Path(__file__).with_name("classifier.py")),
             artifacts={"embedder": str(model_dir), "support": str(support_file)},
             model_config={
                 "classifier": str(classifier),
@@ -212,145 +208,3 @@ def log_job_models(model_dir: Path, splits: Any, cfg: Any) -> Optional[str]:
         batch_size=cfg.eval.batch_size,
         classifier=str(cfg.tracking.classifier),
     )
-
-
-def served_scores(model_dir: Path, splits: Any, cfg: Any) -> dict[str, float]:
-    """What each classifier `tracking.classifier` can log would score end to end on the job's validation and
-    test rows: the embedder loaded as the served model loads it (CPU, the folder's own settings), texts cut
-    as it cuts them, the same support set and the same fitted classifier code (knn_classifier.make_classifier).
-    Metrics `served_accuracy_<kind>` and `val_served_accuracy_<kind>`."""
-    from sentence_transformers import SentenceTransformer
-
-    from embft.config import ServedClassifier
-    from embft.evaluation.classification import eval_rows
-    from embft.tracking.knn_classifier import TEXT_CHARS_PER_TOKEN, make_classifier, predict_labels
-
-    embedder = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
-    max_chars = TEXT_CHARS_PER_TOKEN * (embedder.max_seq_length or 512)
-    batch = cfg.eval.batch_size
-    support = support_rows(splits, cfg)
-    fitted = {
-        kind.value: make_classifier(kind.value, cfg.eval.k, str(cfg.eval.metric)).fit(
-            embed(embedder, support["text"], batch), support["label"].to_numpy()
-        )
-        for kind in ServedClassifier
-    }
-    out = {}
-    for split, prefix in (("test", ""), ("validation", names.VALIDATION_PREFIX)):
-        rows = eval_rows(splits, split, cfg.eval)
-        vectors = embed(embedder, [t[:max_chars] for t in rows["text"]], batch)
-        for kind, classifier in fitted.items():
-            labels, _ = predict_labels(classifier, vectors, len(splits.label_names))
-            out[prefix + names.served_accuracy(kind)] = float(np.mean(labels == rows["label"].to_numpy()))
-    return out
-
-
-# ---- embft predict -----------------------------------------------------------------------
-
-
-def file_format(path: Path) -> str:
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise EmbftError(f"{path}: unknown file type {path.suffix!r}; use .csv, .jsonl or .parquet.")
-    return fmt
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    fmt = file_format(path)
-    if not path.is_file():
-        raise EmbftError(f"{path}: no such file.")
-    readers = {  # a csv's texts stay strings ("42" is a text); its empty cells are null, refused by predict
-        "csv": lambda p: pd.read_csv(p, dtype={"text": str}),
-        "jsonl": lambda p: pd.read_json(p, lines=True, dtype={"text": object}),
-        "parquet": pd.read_parquet,
-    }
-    frame = readers[fmt](path)
-    if "text" not in frame.columns:
-        raise EmbftError(f"{path}: needs a `text` column (has {', '.join(map(str, frame.columns)) or 'none'}).")
-    return frame
-
-
-def write_table(frame: pd.DataFrame, fmt: str, out: Optional[Path]) -> None:
-    if fmt == "parquet":
-        if out is None:
-            raise EmbftError("Parquet output needs --out FILE.")
-        frame.to_parquet(out, index=False)
-    elif fmt == "csv":
-        frame.to_csv(out if out else sys.stdout, index=False)
-    else:
-        text = frame.to_json(orient="records", lines=True, force_ascii=False)
-        if out:
-            out.write_text(text)
-        else:
-            sys.stdout.write(text)
-
-
-def predict_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="embft predict",
-        description="Classify the `text` column of a csv/jsonl/parquet file with a logged classifier; "
-        "writes the input columns plus label, label_name and score_<name> per class.",
-    )
-    parser.add_argument("model_uri", help="models:/NAME@champion, models:/m-..., runs:/RUN_ID/classifier, or a folder")
-    parser.add_argument("input", type=Path)
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="output file (format from its suffix); default: stdout, input's format. Input "
-        "columns named like an output column are kept as <name>_input",
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow store for models:/ and runs:/ URIs (default: MLFLOW_TRACKING_URI, "
-        "else the project's sqlite store)",
-    )
-    args = parser.parse_args(list(argv))
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        frame = read_table(args.input)
-        fmt = file_format(args.out) if args.out else file_format(args.input)
-        model = load_classifier(args.model_uri, args.tracking_uri)
-        labels = predict_in_chunks(model, frame[["text"]], args.input)
-        # An input column named like an output one (e.g. a gold `label`) is kept as `<name>_input`.
-        frame = frame.rename(columns={c: f"{c}_input" for c in labels.columns if c in frame.columns})
-        write_table(pd.concat([frame.reset_index(drop=True), labels.reset_index(drop=True)], axis=1), fmt, args.out)
-    except EmbftError as err:
-        print(f"embft predict: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def predict_in_chunks(model: Any, texts: pd.DataFrame, source: Path) -> pd.DataFrame:
-    """The classifier's predictions for a whole file, MAX_ROWS rows per call (a served model's cap per
-    request); a bad text stops it before any work with the message the server gives (rows from 0)."""
-    from mlflow.exceptions import MlflowException
-
-    from embft.tracking.knn_classifier import MAX_ROWS, text_problem
-
-    problem = text_problem(texts["text"].tolist())
-    if problem:
-        raise EmbftError(f"{source}: {problem}")
-    try:
-        chunks = [model.predict(texts.iloc[s : s + MAX_ROWS]) for s in range(0, len(texts), MAX_ROWS)]
-    except MlflowException as err:  # e.g. MLflow's check against the model's signature
-        raise EmbftError(f"{source}: {err.message.strip().splitlines()[0]}") from err
-    if not chunks:
-        return model.predict(texts)
-    return pd.concat(chunks, ignore_index=True)
-
-
-def load_classifier(model_uri: str, tracking_uri: Optional[str] = None):
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from embft.config import default_tracking_uri
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    except (MlflowException, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EmbftError(f"cannot load {model_uri} from {uri}: {first}") from err
