@@ -28,7 +28,7 @@ from embft.tracking.sweep import FAILED_MARKER, SKIPPED_MARKER
 from embft.training.base import Prepared, TrainContext, TrainResult
 
 log = logging.getLogger("embft")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the package: a wheel finds its configs too
 
 register_configs()
 
@@ -335,7 +335,7 @@ def score_served(job: Job, splits: Splits, trained: TrainResult) -> dict[str, fl
     """What a user would deploy, end to end on the same rows: the tuned embedder with each classifier
     tracking.classifier can log (kNN, logistic regression), and a head the backend trained itself (SetFit's)."""
     from embft.evaluation.classification import eval_rows
-    from embft.evaluation.served import served_scores
+    from embft.tracking.serving import served_scores
 
     scores = served_scores(trained.model_dir, splits, job.cfg)
     if trained.head is not None:
@@ -367,7 +367,7 @@ def log_results(job: Job, result: JobResult) -> None:
 
 def log_models(job: Job, splits: Splits, trained: TrainResult) -> None:
     """The embedder and a kNN classifier into the run (tracking.log_model), before the folder goes."""
-    from embft.serving.models import log_job_models
+    from embft.tracking.serving import log_job_models
 
     log_job_models(trained.model_dir, splits, job.cfg)
 
