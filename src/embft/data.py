@@ -1,4 +1,5 @@
-"""Data preparation: load a labelled dataset, validate it, and write FlagEmbedding training records."""
+"""Data loading: read a labelled dataset (local files or the Hub), validate it, and hold out the validation
+split. Training records are written by each trainer (FlagEmbedding's: training/flagembedding/records.py)."""
 
 from __future__ import annotations
 

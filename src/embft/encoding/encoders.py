@@ -5,12 +5,12 @@ so they are always encoded the same way. Two fast paths, both checked against to
 tests/test_encoders.py:
 
 - precision=bf16: the model's forward runs under `torch.autocast(device, bfloat16)` (weights stay
-  fp32). Measured on MiniLM / AG News (2-vCPU AMD EPYC with AVX512-BF16, 2026-11-30): max
-  1 - cos(fp32, bf16) = 2.9e-5 at ~2x the fp32 speed. Casting the weights instead
-  (`model.to(torch.bfloat16)`) runs at the same speed but differs by 3.5e-3, 120x more, because
-  LayerNorm, softmax and the pooling then run in bf16 too; autocast keeps those in fp32.
-- backend=onnx: sentence-transformers' own `backend="onnx"` (Optimum exports the folder to ONNX in
-  a few seconds, then ONNX Runtime runs it); fp32, differs from torch by ~2e-7.
+  fp32). Casting the weights instead (`model.to(torch.bfloat16)`) differs from fp32 far more,
+  because LayerNorm, softmax and the pooling then run in bf16 too; autocast keeps those in fp32.
+- backend=onnx: sentence-transformers' own `backend="onnx"` (Optimum exports the folder to ONNX,
+  then ONNX Runtime runs it); fp32.
+
+Measured speeds and differences, with their command, machine and date: the docs' performance page.
 
 `auto` is resolved by `resolve_eval_settings` to a concrete value before anything is hashed or
 logged, so a bf16 result is never taken for the fp32 one of the same config.
