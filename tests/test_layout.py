@@ -6,7 +6,8 @@ import itertools
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "embft"
-PACKAGES = {"training", "training.flagembedding", "encoding", "evaluation", "tracking", "report"}
+PACKAGES = {"training", "training.flagembedding", "encoding", "evaluation", "tracking", "report", "serving"}
+BACKENDS = ("flagembedding", "sentence_transformers", "setfit")  # training/<backend>/: one each
 MAX_LINES = 650  # "about 600": a file past it holds more than one concern
 PLUGIN = SRC.parent / "hydra_plugins"
 
@@ -91,6 +92,28 @@ def test_no_import_cycle_between_packages():
         packages.setdefault(_package(module), set()).update(_package(d) for d in deps)
     packages = {p: deps - {p} for p, deps in packages.items()}
     assert _cycles(packages) == [], packages
+
+
+def test_tracking_imports_no_stage_above_it():
+    """tracking/ (MLflow runs, hashes, the registry) is used by the stages; it uses none of them."""
+    above = ("training", "evaluation", "report", "serving")
+    found = {
+        (m, d) for m, deps in GRAPH.items() if m.startswith("embft.tracking") for d in deps if d.split(".")[1] in above
+    }
+    assert found == set()
+
+
+def test_training_backends_do_not_import_each_other():
+    """Code two backends share lives in training/ proper, not in one of them."""
+
+    def backend(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[2] if len(parts) > 2 and parts[1] == "training" and parts[2] in BACKENDS else None
+
+    sideways = {
+        (m, d) for m, deps in GRAPH.items() for d in deps if backend(m) and backend(d) not in (None, backend(m))
+    }
+    assert sideways == set()
 
 
 def test_the_cycle_check_sees_a_cycle():

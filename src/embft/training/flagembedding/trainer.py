@@ -10,6 +10,7 @@ from typing import Any, Optional
 from embft import names
 from embft.config import Config
 from embft.training.base import Prepared, TrainContext, TrainResult
+from embft.training.common import live_sentence_transformer
 
 LOSSES = ("stock", "groupwise")
 
@@ -83,24 +84,3 @@ class FlagEmbeddingTrainer:
         return live_sentence_transformer(
             model, ctx.model_path, ctx.cfg.model.pooling, ctx.cfg.model.normalize, ctx.encode_settings["max_seq_length"]
         )
-
-
-def live_sentence_transformer(
-    embedder: Any, model_path: str, pooling: str, normalize: bool, max_seq_length: Optional[int] = None
-):
-    """A SentenceTransformer over the Trainer's live encoder (`embedder.model`: FlagEmbedding's
-    embedder wraps the Hugging Face encoder being trained), sharing its weights: no copy, every
-    optimizer step is seen. Pooling and normalization as the job's model; config and tokenizer come
-    from `model_path`."""
-    from sentence_transformers import models
-
-    from embft.encoding.model_folder import assemble_sentence_transformer
-
-    encoder = embedder.model
-
-    class _LiveTransformer(models.Transformer):
-        def _load_model(self, *args: Any, **kwargs: Any):  # sentence-transformers' loading hook
-            return encoder
-
-    transformer = _LiveTransformer(model_path, max_seq_length=max_seq_length)
-    return assemble_sentence_transformer(transformer, pooling, normalize, str(next(encoder.parameters()).device))

@@ -5,12 +5,8 @@ on train.max_train_queries texts of the train split, batched by its label-groupe
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import numpy as np
@@ -20,17 +16,10 @@ from embft import names
 from embft.config import Config
 from embft.errors import EmbftError
 from embft.training.base import Prepared, TrainContext, TrainResult
+from embft.training.common import check_single_process, live_view, quiet_arguments, train_and_save
 from embft.training.sentence_transformers.losses import LOSSES
 
 log = logging.getLogger(__name__)
-
-
-def check_single_process(cfg: Config) -> None:
-    if cfg.train.nproc_per_node != 1:
-        raise EmbftError(
-            f"train.nproc_per_node={cfg.train.nproc_per_node}: train.backend={cfg.train.backend} trains in one "
-            "process here; use train.backend=flagembedding for torchrun."
-        )
 
 
 class SentenceTransformersTrainer:
@@ -66,27 +55,23 @@ class SentenceTransformersTrainer:
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
         from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
-        from embft.encoding.model_folder import save_whole, sentence_transformer
+        from embft.encoding.model_folder import sentence_transformer
         from embft.training.callbacks import use_progress_bar
 
         cfg, t = ctx.cfg, ctx.cfg.train
         spec = LOSSES[str(t.loss)]
         model = sentence_transformer(ctx.model_path, cfg.model.pooling, cfg.model.normalize, t.query_max_len, t.device)
         dataset = datasets.Dataset.from_pandas(prepared.data, preserve_index=False)
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".sentence-transformers.", dir=ctx.out_dir))
-        try:
+        metrics: dict[str, float] = {}
+
+        def build(work: Path) -> Any:
             args = SentenceTransformerTrainingArguments(
-                output_dir=str(work),
+                **quiet_arguments(work, t),
                 num_train_epochs=t.num_train_epochs,
                 per_device_train_batch_size=t.per_device_train_batch_size,
                 learning_rate=t.learning_rate,
                 warmup_ratio=t.warmup_ratio,
-                seed=t.seed,
                 data_seed=t.seed,
-                logging_steps=t.logging_steps,
-                save_strategy="no",
-                report_to="none",
                 bf16=t.precision == "bf16",
                 use_cpu=t.device == "cpu",
                 # pairs: any batch; single texts: each batch >= 2 classes (the last partial one dropped)
@@ -97,7 +82,7 @@ class SentenceTransformersTrainer:
                 model=model, args=args, train_dataset=dataset, loss=spec.build(model, t), callbacks=list(callbacks)
             )
             use_progress_bar(trainer)
-            metrics = {} if spec.pairs else classes_per_batch(trainer, dataset)
+            metrics.update({} if spec.pairs else classes_per_batch(trainer, dataset))
             log.info(
                 "Fine-tuning %s with sentence-transformers: %s on %d %s (%d labelled texts), batch %d, lr %g, %s on %s",
                 cfg.model.name,
@@ -110,13 +95,9 @@ class SentenceTransformersTrainer:
                 t.precision,
                 t.device,
             )
-            start = time.perf_counter()
-            trainer.train()
-            seconds = time.perf_counter() - start
-            final = ctx.out_dir / "model"
-            save_whole(model, final, ctx.encode_settings)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            return trainer
+
+        trainer, seconds, final = train_and_save(ctx, "sentence-transformers", build, model)
         n_queries = trainer.state.global_step * t.per_device_train_batch_size
         return TrainResult(
             model_dir=final,
@@ -132,18 +113,6 @@ class SentenceTransformersTrainer:
 
     def live_encoder(self, ctx: TrainContext, model: Any) -> Any:
         return live_view(ctx, model)
-
-
-def live_view(ctx: TrainContext, model: Any) -> Any:
-    """The model being trained (a SentenceTransformer) seen as the evaluation encodes: its Hugging Face
-    encoder's weights, shared, at the evaluation's max_seq_length (training may use a shorter one)."""
-    from embft.training.flagembedding.trainer import live_sentence_transformer
-
-    m = ctx.cfg.model
-    encoder = SimpleNamespace(model=model[0].auto_model)
-    return live_sentence_transformer(
-        encoder, ctx.model_path, m.pooling, m.normalize, ctx.encode_settings["max_seq_length"]
-    )
 
 
 def pair_rows(rows: pd.DataFrame, seed: int) -> pd.DataFrame:

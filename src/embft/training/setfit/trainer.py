@@ -6,9 +6,6 @@ as `setfit_head_accuracy`, its own metric."""
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +15,7 @@ import numpy as np
 from embft.config import Config
 from embft.errors import EmbftError
 from embft.training.base import Prepared, TrainContext, TrainResult
+from embft.training.common import check_single_process, live_view, quiet_arguments, train_and_save
 
 log = logging.getLogger(__name__)
 HEAD = "setfit_head"
@@ -25,8 +23,6 @@ HEAD = "setfit_head"
 
 class SetFitTrainer:
     def check(self, cfg: Config) -> None:
-        from embft.training.sentence_transformers.trainer import check_single_process
-
         t = cfg.train
         if str(t.loss) != "cosine_similarity":
             raise EmbftError(f"train.loss={t.loss}: train.backend=setfit trains with cosine_similarity (its default).")
@@ -53,26 +49,21 @@ class SetFitTrainer:
         from setfit import SetFitModel, Trainer, TrainingArguments
         from sklearn.linear_model import LogisticRegression
 
-        from embft.encoding.model_folder import save_whole, sentence_transformer
+        from embft.encoding.model_folder import sentence_transformer
         from embft.training.callbacks import use_progress_bar
 
         cfg, t = ctx.cfg, ctx.cfg.train
         # The body as every backend builds it (the job's pooling); SetFit's default head.
         body = sentence_transformer(ctx.model_path, cfg.model.pooling, cfg.model.normalize, t.query_max_len, t.device)
         model = SetFitModel(model_body=body, model_head=LogisticRegression())
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".setfit.", dir=ctx.out_dir))
-        try:
+
+        def build(work: Path) -> Any:
             args = TrainingArguments(
-                output_dir=str(work),
+                **quiet_arguments(work, t),
                 batch_size=t.per_device_train_batch_size,
                 num_epochs=int(t.num_train_epochs),
                 body_learning_rate=t.learning_rate,
                 warmup_proportion=t.warmup_ratio,
-                seed=t.seed,
-                logging_steps=t.logging_steps,
-                save_strategy="no",
-                report_to="none",
                 use_amp=t.precision == "bf16",
             )
             dataset = datasets.Dataset.from_pandas(prepared.data, preserve_index=False)
@@ -87,13 +78,9 @@ class SetFitTrainer:
                 int(t.num_train_epochs),
                 t.device,
             )
-            start = time.perf_counter()
-            trainer.train()  # the body on generated pairs, then the head on the body's embeddings
-            seconds = time.perf_counter() - start
-            final = ctx.out_dir / "model"
-            save_whole(model.model_body, final, ctx.encode_settings)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            return trainer  # its train(): the body on generated pairs, then the head on the body's embeddings
+
+        trainer, seconds, final = train_and_save(ctx, "setfit", build, model.model_body)
         state = trainer.st_trainer.state if hasattr(trainer, "st_trainer") else None
         n_pairs = (state.global_step if state else 0) * t.per_device_train_batch_size
         return TrainResult(
@@ -114,8 +101,6 @@ class SetFitTrainer:
         )
 
     def live_encoder(self, ctx: TrainContext, model: Any) -> Any:
-        from embft.training.sentence_transformers.trainer import live_view
-
         return live_view(ctx, model)
 
 
