@@ -20,7 +20,7 @@ SERVICES := VENV=$(VENV) scripts/e2e_services.sh
 # keeps the generated credentials in .e2e/ (never in the repository or on a command line).
 E2E_ENV = eval "$$($(SERVICES) env)"
 
-.PHONY: install run grid search test test-fast lint format mlflow-ui mlflow-server services-up services-down e2e clean
+.PHONY: install run grid search test test-fast lint docs docs-serve format mlflow-ui mlflow-server services-up services-down e2e clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ $(BIN)/python:
 # editable_mode=compat keeps the hydra_plugins namespace package discoverable by Hydra.
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,docs]' --config-settings editable_mode=compat
 
 run: install
 	$(BIN)/python -m embft data.local_dir=$(DATA)
@@ -51,6 +51,14 @@ test-fast: install
 lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or a page left out of
+# the nav fails. CI runs it (.ci/run). `make docs-serve`: the site on http://127.0.0.1:8000, rebuilt on save.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # the variable: no banner about MkDocs 2
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 format: install
 	$(BIN)/ruff format .

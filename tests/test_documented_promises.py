@@ -1,5 +1,5 @@
-"""README promises that no other test checked, each against the behaviour (and, where the README
-gives a number, against the README's own wording, so the two cannot drift apart):
+"""Documented promises (README.md and the docs site, docs/) that no other test checked, each against the
+behaviour (and, where the docs give a number, against their own wording, so the two cannot drift apart):
 
 - `objectives` naming the test score is refused under `eval.objective=validation`;
 - a job skipped because its config already has a FINISHED run returns that run's metrics;
@@ -28,15 +28,16 @@ import pytest
 
 from conftest import ROOT, make_tiny_bert
 
-README = (ROOT / "README.md").read_text()
+# What a user reads: the README and the documentation site's pages (docs/), where most promises live.
+README = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))])
 NAME = "docpromises"
 
 
 def readme_number(pattern: str) -> float:
-    """The one number README.md states where `pattern` (a regex with one group) matches."""
-    text = " ".join(README.split())  # the README wraps its lines anywhere
+    """The one number the docs (README.md and docs/) state where `pattern` (a regex with one group) matches."""
+    text = " ".join(README.split())  # the docs wrap their lines anywhere
     found = re.findall(pattern, text)
-    assert len(found) == 1, f"README.md should say this exactly once: {pattern!r} (found {found})"
+    assert len(found) == 1, f"README.md and docs/ should say this exactly once: {pattern!r} (found {found})"
     return float(found[0])
 
 

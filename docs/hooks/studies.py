@@ -1,0 +1,18 @@
+"""MkDocs hook: the committed studies (experiments/<name>/ in the repository) join the site under
+studies/<name>/ as they are, so a study page is its README.md itself and its links to report.md and
+the plots resolve; no copy that could drift from the repository's files."""
+
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+KINDS = {".md", ".png", ".txt", ".svg"}
+
+
+def on_files(files, config):
+    experiments = Path(config["config_file_path"]).parent / "experiments"
+    for path in sorted(experiments.rglob("*")):
+        if path.is_file() and path.suffix in KINDS:
+            uri = "studies/" + path.relative_to(experiments).as_posix()
+            files.append(File.generated(config, uri, abs_src_path=str(path)))
+    return files
