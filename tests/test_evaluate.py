@@ -20,6 +20,19 @@ def test_metric_name_says_which_classifier():
     assert metric_name(SimpleNamespace(method="logreg", metric="cosine")) == "accuracy_logreg"
 
 
+def test_the_evaluation_and_the_served_model_build_the_same_classifier():
+    """One factory: accuracy_logreg (MTEB's evaluator) and served_accuracy_logreg differ by support set only."""
+    from embft.evaluation.classification import _evaluator_model
+    from embft.serving.classifier import LOGREG_MAX_ITER, make_classifier
+
+    cfg = SimpleNamespace(method="knn", k=5, metric="cosine")
+    for method in ("knn", "logreg"):
+        evaluated, served = _evaluator_model(cfg, method), make_classifier(method, 5, "cosine")
+        assert type(evaluated) is type(served) and evaluated.get_params() == served.get_params()
+    assert _evaluator_model(cfg, "logreg").max_iter == LOGREG_MAX_ITER
+    assert _evaluator_model(cfg).n_neighbors == 5
+
+
 def test_corrupt_baseline_cache_is_recomputed(tmp_path):
     result = {
         "validation": EvalResult(accuracy=0.5, accuracy_std=0.01, f1=0.4, n_test=10, scores={}),

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from embft import names
-from embft.config import EvalConfig, EvalMethod
+from embft.config import EvalConfig
 from embft.data import Splits
 from embft.encoding.encoders import EncodeSettings
 from embft.errors import EmbftError
@@ -118,14 +118,11 @@ def check_support(splits: Splits, eval_cfg: EvalConfig, dataset_name: str) -> No
 
 
 def _evaluator_model(eval_cfg: EvalConfig, method: Optional[str] = None):
-    # MTEB 2.x dropped method="kNN-pytorch": a task's evaluator_model is any sklearn classifier.
-    if (method or eval_cfg.method) == EvalMethod.knn:
-        from sklearn.neighbors import KNeighborsClassifier
+    # MTEB 2.x dropped method="kNN-pytorch": a task's evaluator_model is any sklearn classifier. The
+    # served model's factory: a logreg or kNN figure is the same classifier wherever it is computed.
+    from embft.serving.classifier import make_classifier
 
-        return KNeighborsClassifier(n_neighbors=eval_cfg.k, metric=str(eval_cfg.metric), algorithm="brute")
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(max_iter=100)
+    return make_classifier(str(method or eval_cfg.method), eval_cfg.k, str(eval_cfg.metric))
 
 
 def cap_test(test: pd.DataFrame, max_rows: Optional[int], seed: int) -> pd.DataFrame:
@@ -305,21 +302,23 @@ def baseline_key(
     score is reused only by a job that would compute the same one."""
     from omegaconf import OmegaConf
 
+    from embft.serving.classifier import LOGREG_MAX_ITER
+
     cfg = (
         OmegaConf.to_container(eval_cfg, resolve=True, enum_to_str=True) if not isinstance(eval_cfg, dict) else eval_cfg
     )
-    payload = json.dumps(
-        {
-            "model": model_id,
-            "data": splits.fingerprint(),
-            "eval": cfg,
-            "encode": settings.as_dict(),
-            "device": device,
-            "versions": evaluator_versions(settings),
-            "result_format": RESULT_FORMAT,  # a cache without confusion matrices is not reused
-        },
-        sort_keys=True,
-    )
+    key = {
+        "model": model_id,
+        "data": splits.fingerprint(),
+        "eval": cfg,
+        "encode": settings.as_dict(),
+        "device": device,
+        "versions": evaluator_versions(settings),
+        "result_format": RESULT_FORMAT,  # a cache without confusion matrices is not reused
+    }
+    if "logreg" in (str(cfg.get("method")), *map(str, cfg.get("also") or ())):
+        key["logreg_max_iter"] = LOGREG_MAX_ITER  # a logreg score fitted with another budget is not reused
+    payload = json.dumps(key, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

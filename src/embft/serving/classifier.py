@@ -29,6 +29,8 @@ from mlflow.pyfunc import PythonModel
 MAX_ROWS = 1_000  # rows per predict call (one HTTP request); `embft predict` sends a file in chunks of this
 TEXT_CHARS_PER_TOKEN = 100  # a WordPiece token covers at most 100 characters (BERT's max_input_chars_per_word)
 _SHOWN = 5  # bad rows named in a message
+# lbfgs's budget: 100 (sklearn's default) can stop short of convergence on a large support set
+LOGREG_MAX_ITER = 1_000
 
 
 def score_column(name: str) -> str:
@@ -66,8 +68,9 @@ def text_problem(texts: list) -> Optional[str]:
 
 
 def make_classifier(kind: str, k: int, metric: str) -> Any:
-    """The classifier fitted on the support set's embeddings: the served model's and the job's
-    measurement of it (embft.evaluation.served.served_scores) are the same code."""
+    """The classifier fitted on embeddings, the one factory for every kNN and logreg figure: the served
+    model's, the job's measurement of it (embft.evaluation.served) and the evaluation's (MTEB's
+    evaluator_model, embft.evaluation.classification) are the same code."""
     if kind == "knn":  # brute force: the same neighbours as the study's evaluation (MTEB with this sklearn kNN)
         from sklearn.neighbors import KNeighborsClassifier
 
@@ -75,7 +78,7 @@ def make_classifier(kind: str, k: int, metric: str) -> Any:
     if kind == "logreg":  # lbfgs on the same embeddings fits the same coefficients at every load
         from sklearn.linear_model import LogisticRegression
 
-        return LogisticRegression(max_iter=1000)
+        return LogisticRegression(max_iter=LOGREG_MAX_ITER)
     raise ValueError(f"classifier {kind!r}: knn or logreg")
 
 
