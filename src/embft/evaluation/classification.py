@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from embft import names
+from embft import names, sampling
 from embft.config import EvalConfig
 from embft.data import Splits
 from embft.encoding.encoders import EncodeSettings
@@ -127,11 +127,7 @@ def _evaluator_model(eval_cfg: EvalConfig, method: Optional[str] = None):
 
 def cap_test(test: pd.DataFrame, max_rows: Optional[int], seed: int) -> pd.DataFrame:
     """A class-stratified sample of at most `max_rows` rows (all rows when None)."""
-    if max_rows is None or len(test) <= max_rows:
-        return test
-    frac = max_rows / len(test)
-    sample = test.groupby("label", group_keys=False).sample(frac=frac, random_state=seed)
-    return sample.sort_index().reset_index(drop=True)
+    return sampling.capped(test, max_rows, seed)
 
 
 def eval_rows(splits: Splits, split: str, eval_cfg: EvalConfig) -> pd.DataFrame:

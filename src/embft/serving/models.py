@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from embft import names
+from embft import names, sampling
 from embft.config import LogModel, choice
 from embft.errors import EmbftError
 from embft.tracking import mlflow_runs
@@ -50,8 +50,7 @@ def support_set(train: pd.DataFrame, per_class: Optional[int], seed: int) -> pd.
         raise EmbftError(
             f"tracking.support_per_class={per_class}: use a positive number, or null for the whole train split."
         )
-    shuffled = train.sample(frac=1.0, random_state=seed)
-    return shuffled.groupby("label").head(per_class).sort_index()[["text", "label"]].reset_index(drop=True)
+    return sampling.per_class(train, per_class, seed)
 
 
 def support_source(splits: Any, cfg: Any) -> pd.DataFrame:
