@@ -24,7 +24,6 @@ import pandas as pd
 from embft import names, sampling
 from embft.config import LogModel, choice
 from embft.errors import EmbftError
-from embft.tracking import mlflow_runs
 
 log = logging.getLogger(__name__)
 
@@ -148,38 +147,19 @@ def log_models(
     return info.model_uri
 
 
-def _group_tags(run: Any) -> dict[str, str]:
-    """The runs this one competes with for `best`: its Optuna study (all workers), else its sweep."""
-    tags = run.data.tags
-    if tags.get(names.OPTUNA_STUDY):
-        return {names.OPTUNA_STUDY: tags[names.OPTUNA_STUDY]}
-    if tags.get(names.SWEEP):
-        return {names.SWEEP: tags[names.SWEEP]}
-    return {}
-
-
 def is_best_so_far(metric: str) -> bool:
     """For log_model=best: does the active run beat (or tie) every FINISHED run of its study or
-    sweep on `metric`? The final best always does when it runs, so it always gets its model; an
-    earlier leader logs too (a few extra models), which spares keeping every job's folder (on
-    every worker's disk) until the sweep ends."""
+    sweep on `metric` (embft.tracking.registry's rule)? The final best always does when it runs, so it
+    always gets its model; an earlier leader logs too (a few extra models), which spares keeping every
+    job's folder (on every worker's disk) until the sweep ends."""
     import mlflow
 
-    client = mlflow.MlflowClient()
-    run = client.get_run(mlflow.active_run().info.run_id)
+    from embft.tracking.registry import is_best_so_far as leads
+
+    run = mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id)
     if metric not in run.data.metrics:
         log.warning("tracking.log_model=best: this run has no %s yet; logging its model anyway", metric)
-        return True
-    group = _group_tags(run)
-    if not group:
-        return True  # a single job is the best of its own
-    others = [  # a pruned leader, or one without a validation score, never blocks a complete winner
-        r
-        for r in mlflow_runs.find_runs(run.info.experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
-        if r.info.run_id != run.info.run_id and mlflow_runs.eligible_for_best(r, metric)
-    ]
-    value = run.data.metrics[metric]
-    return all(value >= r.data.metrics[metric] for r in others)
+    return leads(run, metric)
 
 
 def log_job_models(model_dir: Path, splits: Any, cfg: Any) -> Optional[str]:

@@ -28,14 +28,46 @@ def objective_metric(config: Any) -> str:
     return metric if str(objective) == "test" else names.validation(metric)
 
 
-def best_run(experiment_id: str, group: dict[str, str], metric: str) -> Optional[Any]:
-    """The group's best complete run by `metric`: pruned runs and runs without a validation score
-    never compete (mlflow_runs.eligible_for_best)."""
-    runs = [
+# ---- The one "best run" rule: who competes (competitors), the best among them (best_run), and whether
+# a run leads so far (is_best_so_far, for tracking.log_model=best). A filter on who competes goes here.
+
+
+def group_of(run: Any) -> dict[str, str]:
+    """The runs `run` competes with for `best`: its Optuna study (all workers), else its sweep ({} alone)."""
+    tags = run.data.tags
+    if tags.get(names.OPTUNA_STUDY):
+        return {names.OPTUNA_STUDY: tags[names.OPTUNA_STUDY]}
+    if tags.get(names.SWEEP):
+        return {names.SWEEP: tags[names.SWEEP]}
+    return {}
+
+
+def competitors(experiment_id: str, group: dict[str, str], metric: str) -> list[Any]:
+    """The group's fine-tuned runs that may be chosen by `metric`: pruned runs and runs without a
+    validation score never compete (mlflow_runs.eligible_for_best)."""
+    return [
         r
         for r in mlflow_runs.find_runs(experiment_id, {**group, names.ROLE: names.ROLE_FINETUNE})
         if mlflow_runs.eligible_for_best(r, metric)
     ]
+
+
+def is_best_so_far(run: Any, metric: str) -> bool:
+    """Does `run` beat (or tie) every competitor of its study or sweep on `metric`? A run without the
+    metric yet, or without a group, is the best of its own."""
+    if metric not in run.data.metrics:
+        return True
+    group = group_of(run)
+    if not group:
+        return True
+    value = run.data.metrics[metric]
+    others = [r for r in competitors(run.info.experiment_id, group, metric) if r.info.run_id != run.info.run_id]
+    return all(value >= r.data.metrics[metric] for r in others)
+
+
+def best_run(experiment_id: str, group: dict[str, str], metric: str) -> Optional[Any]:
+    """The group's best complete run by `metric` (of its competitors)."""
+    runs = competitors(experiment_id, group, metric)
     # Of tied runs, one that logged a classifier (a run that took its twin's training logs none), then
     # the earliest: Optuna's best trial among equal values is the first one, and so is the champion.
     return max(
