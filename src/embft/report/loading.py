@@ -7,21 +7,8 @@ from typing import Any
 import pandas as pd
 
 from embft import names
-
-_PAGE = 1000
-
-
-def _search_all(client, experiment_ids: list[str], filter_string: str = "") -> list:
-    """All runs of the experiments matching the filter, following MLflow's page tokens."""
-    if not experiment_ids:
-        return []
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=_PAGE, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+from embft.tracking.run_search import PAGE as _PAGE
+from embft.tracking.run_search import search_runs
 
 
 def _all_experiments(client) -> list:
@@ -32,10 +19,6 @@ def _all_experiments(client) -> list:
         token = page.token
         if not token:
             return exps
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "\\'") + "'"
 
 
 def _rows(runs: list, exp_names: dict[str, str]) -> list[dict[str, Any]]:
@@ -79,9 +62,9 @@ def load_runs(client, name: str | list[str], where: dict[str, str] | None = None
     for one in [name] if isinstance(name, str) else name:
         by_name = [e for e in exps if e.name == one]
         if by_name:
-            runs = _search_all(client, [by_name[0].experiment_id])
+            runs = search_runs(client, [by_name[0].experiment_id])
         else:
-            runs = _search_all(client, list(exp_names), f"tags.`{names.SWEEP}` = {_quote(one)}")
+            runs = search_runs(client, list(exp_names), {names.SWEEP: one})
         for row in _rows(runs, exp_names):
             wanted = row["role"] == "baseline" or all(row.get(f"params.{k}") == v for k, v in (where or {}).items())
             if wanted and row["run_id"] not in seen:
@@ -92,7 +75,7 @@ def load_runs(client, name: str | list[str], where: dict[str, str] | None = None
     keys = {r["baseline_key"] for r in selected if r["role"] == "finetune" and r["baseline_key"]}
     extra = []
     if keys:
-        baselines = _search_all(client, list(exp_names), f"tags.`{names.ROLE}` = 'baseline'")
+        baselines = search_runs(client, list(exp_names), {names.ROLE: "baseline"})
         for row in _rows(baselines, exp_names):
             if row["baseline_key"] in keys and row["run_id"] not in seen:
                 row["selected"] = False

@@ -71,12 +71,10 @@ def section(study: Any, plots: dict[str, Path], md_dir: Path) -> str:
 
 def find_studies(client: Any, experiment_names: list[str]) -> list[Any]:
     """Parent runs of Optuna studies (embft.role=study) in these experiments."""
-    from embft.names import ROLE
+    from embft.tracking.run_search import search_runs
 
     ids = [e.experiment_id for e in (client.get_experiment_by_name(n) for n in experiment_names) if e is not None]
-    if not ids:
-        return []
-    return client.search_runs(ids, filter_string=f"tags.`{ROLE}` = '{names.ROLE_STUDY}'", max_results=100)
+    return search_runs(client, ids, {names.ROLE: names.ROLE_STUDY})
 
 
 def add_search_section(

@@ -215,11 +215,12 @@ def git_commit() -> Optional[str]:
 
 
 def find_runs(experiment_id: str, tags: dict[str, str], statuses: tuple[str, ...] = ("FINISHED",)) -> list:
+    """The experiment's runs whose tags equal `tags`, in `statuses`: all of them (every page), any tag value."""
     from mlflow.tracking import MlflowClient
 
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = MlflowClient().search_runs([experiment_id], filter_string=query, max_results=1000)
-    return [r for r in runs if r.info.status in statuses]
+    from embft.tracking.run_search import search_runs
+
+    return search_runs(MlflowClient(), [experiment_id], tags, statuses=statuses)
 
 
 def is_pruned(run: Any) -> bool:

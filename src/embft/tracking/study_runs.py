@@ -81,8 +81,9 @@ def job_parent_key(study_name: Optional[str], sweep: Optional[str]) -> Optional[
 
 
 def _parents(client: Any, experiment_id: str, key: str) -> list:
-    value = key.replace("'", "\\'")
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{names.PARENT_KEY}` = '{value}'", max_results=100)
+    from embft.tracking.run_search import search_runs
+
+    runs = search_runs(client, [experiment_id], {names.PARENT_KEY: key})
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
