@@ -57,9 +57,9 @@ def support_source(splits: Any, cfg: Any) -> pd.DataFrame:
     the labelled texts its trainer read."""
     if not cfg.tracking.support_from_training:
         return splits.train
-    from embft.training.labelled import budget_rows
+    from embft.training.labelled import training_texts
 
-    return budget_rows(splits.train, cfg.train)
+    return training_texts(splits.train, cfg.train.max_train_queries, cfg.train.seed)
 
 
 def support_rows(splits: Any, cfg: Any) -> pd.DataFrame:
