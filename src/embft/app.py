@@ -297,6 +297,8 @@ def fine_tune(job: Job, ctx: TrainContext, prepared: Prepared):
         return evaluate(view, ctx.splits, cfg.eval, cfg.data.name, which=("validation",))["validation"].accuracy
 
     every = cfg.eval.every_steps
+    if every:  # the evaluation's precision and length; torch even under eval.backend=onnx (common.live_view)
+        mlflow.set_tag(names.LIVE_ENCODING, f"{job.encode.precision} torch, {job.encode.max_seq_length} tokens")
     live = LiveTrainingCallback(
         score if every else None,
         every,

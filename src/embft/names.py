@@ -66,6 +66,7 @@ VALIDATION_PREFIX = "val_"
 # Scores of the model while it trains (eval.every_steps), by step. Their own name: MLflow shows a
 # metric's value at its highest step, so live scores under the final score's name would hide it.
 LIVE_PREFIX = "live_"
+LIVE_ENCODING = "embft.live_encoding"  # how live scores encode, e.g. "bf16 torch, 256 tokens" (never ONNX)
 
 
 def score_metric(method: str, metric: str = "cosine") -> str:

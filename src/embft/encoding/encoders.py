@@ -137,6 +137,11 @@ def _autocast_class():
     return Bf16AutocastSentenceTransformer
 
 
+def encoder_class(precision: str):
+    """The SentenceTransformer class that encodes at `precision`: bf16 autocast, or None (the plain one, fp32)."""
+    return _autocast_class() if precision == "bf16" else None
+
+
 def build_encoder(path: str, pooling: str, normalize: bool, settings: EncodeSettings, device: Optional[str] = None):
     """The SentenceTransformer that evaluates the model folder `path` (a bare Hugging Face folder or a
     saved SentenceTransformer) with exactly this pooling/normalization and these encode settings."""
@@ -154,8 +159,7 @@ def build_encoder(path: str, pooling: str, normalize: bool, settings: EncodeSett
             f"eval.max_seq_length={settings.max_seq_length} is longer than the {positions} positions of the "
             f"model in {path}; set eval.max_seq_length={positions} or lower."
         )
-    cls = _autocast_class() if settings.precision == "bf16" else None
-    return assemble_sentence_transformer(transformer, pooling, normalize, device, cls)
+    return assemble_sentence_transformer(transformer, pooling, normalize, device, encoder_class(settings.precision))
 
 
 def describe_encoder(model: Any) -> dict[str, Any]:

@@ -58,14 +58,21 @@ def train_and_save(ctx: TrainContext, prefix: str, build: Callable[[Path], Any],
 
 
 def live_sentence_transformer(
-    embedder: Any, model_path: str, pooling: str, normalize: bool, max_seq_length: Optional[int] = None
+    embedder: Any,
+    model_path: str,
+    pooling: str,
+    normalize: bool,
+    max_seq_length: Optional[int] = None,
+    precision: str = "fp32",
 ):
     """A SentenceTransformer over the Trainer's live encoder (`embedder.model`: FlagEmbedding's
     embedder wraps the Hugging Face encoder being trained), sharing its weights: no copy, every
-    optimizer step is seen. Pooling and normalization as the job's model; config and tokenizer come
-    from `model_path`."""
+    optimizer step is seen. Pooling and normalization as the job's model, the evaluation's length and
+    precision (bf16 autocast); config and tokenizer come from `model_path`. Always torch: an ONNX
+    export would copy the weights at every scoring (the run's tag embft.live_encoding says so)."""
     from sentence_transformers import models
 
+    from embft.encoding.encoders import encoder_class
     from embft.encoding.model_folder import assemble_sentence_transformer
 
     encoder = embedder.model
@@ -75,14 +82,15 @@ def live_sentence_transformer(
             return encoder
 
     transformer = _LiveTransformer(model_path, max_seq_length=max_seq_length)
-    return assemble_sentence_transformer(transformer, pooling, normalize, str(next(encoder.parameters()).device))
+    device = str(next(encoder.parameters()).device)
+    return assemble_sentence_transformer(transformer, pooling, normalize, device, encoder_class(precision))
 
 
 def live_view(ctx: TrainContext, model: Any) -> Any:
     """The model being trained (a SentenceTransformer) seen as the evaluation encodes: its Hugging Face
-    encoder's weights, shared, at the evaluation's max_seq_length (training may use a shorter one)."""
-    m = ctx.cfg.model
+    encoder's weights, shared, at the evaluation's max_seq_length (training may use a shorter one) and precision."""
+    m, settings = ctx.cfg.model, ctx.encode_settings
     encoder = SimpleNamespace(model=model[0].auto_model)
     return live_sentence_transformer(
-        encoder, ctx.model_path, m.pooling, m.normalize, ctx.encode_settings["max_seq_length"]
+        encoder, ctx.model_path, m.pooling, m.normalize, settings["max_seq_length"], settings.get("precision", "fp32")
     )

@@ -81,6 +81,7 @@ class FlagEmbeddingTrainer:
         )
 
     def live_encoder(self, ctx: TrainContext, model: Any) -> Any:
+        m, settings = ctx.cfg.model, ctx.encode_settings
         return live_sentence_transformer(
-            model, ctx.model_path, ctx.cfg.model.pooling, ctx.cfg.model.normalize, ctx.encode_settings["max_seq_length"]
+            model, ctx.model_path, m.pooling, m.normalize, settings["max_seq_length"], settings.get("precision", "fp32")
         )

@@ -1,12 +1,14 @@
 """SetFit as a trainer backend (`train.backend=setfit`): SetFit's own Trainer with its defaults (pairs by
 oversampling, CosineSimilarityLoss, a scikit-learn logistic-regression head) on train.max_train_queries
-texts of the train split. The body is scored by the same MTEB kNN as every backend; the head end to end
-as `setfit_head_accuracy`, its own metric."""
+texts of the train split. The body is scored by the same MTEB kNN as every backend; the head, refitted and
+scored at the evaluation's length (eval.max_seq_length), end to end as `setfit_head_accuracy`, its own metric."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -81,6 +83,9 @@ class SetFitTrainer:
             return trainer  # its train(): the body on generated pairs, then the head on the body's embeddings
 
         trainer, seconds, final = train_and_save(ctx, "setfit", build, model.model_body)
+        start = time.perf_counter()
+        _fit_head_at(model, prepared.data, ctx.encode_settings.get("max_seq_length"))
+        seconds += time.perf_counter() - start
         state = trainer.st_trainer.state if hasattr(trainer, "st_trainer") else None
         n_pairs = (state.global_step if state else 0) * t.per_device_train_batch_size
         return TrainResult(
@@ -104,16 +109,31 @@ class SetFitTrainer:
         return live_view(ctx, model)
 
 
-def _predict_at(model: Any, texts: Sequence[str], max_seq_length: Optional[int]) -> np.ndarray:
-    """The head's labels with the body encoding at the evaluation's length, as every other classifier
-    the job scores encodes (SetFit fitted the head on training-length embeddings)."""
+@contextmanager
+def _body_length(model: Any, max_seq_length: Optional[int]):
+    """The body encodes at `max_seq_length` (None: as trained) inside the block, at its training length after."""
     body = model.model_body
     trained_length = body.max_seq_length
     body.max_seq_length = max_seq_length or trained_length
     try:
-        return np.asarray(model.predict(list(texts), as_numpy=True))
+        yield
     finally:
         body.max_seq_length = trained_length
+
+
+def _fit_head_at(model: Any, rows: Any, max_seq_length: Optional[int]) -> None:
+    """Refit the head on the body's embeddings at the evaluation's length (SetFit's Trainer fitted it at
+    the training length, train.query_max_len), with SetFit's own head fitting, on the same labelled texts:
+    the head is then fitted and scored on embeddings of the same length, as every other classifier."""
+    with _body_length(model, max_seq_length):
+        model.fit(rows["text"].tolist(), rows["label"].tolist(), num_epochs=1, show_progress_bar=False)
+
+
+def _predict_at(model: Any, texts: Sequence[str], max_seq_length: Optional[int]) -> np.ndarray:
+    """The head's labels with the body encoding at the evaluation's length, as every other classifier
+    the job scores encodes (the head was fitted at that length too: _fit_head_at)."""
+    with _body_length(model, max_seq_length):
+        return np.asarray(model.predict(list(texts), as_numpy=True))
 
 
 def _quiet_progress(trainer: Any, use_progress_bar: Any) -> None:
