@@ -20,7 +20,7 @@ SERVICES := VENV=$(VENV) scripts/e2e_services.sh
 # keeps the generated credentials in .e2e/ (never in the repository or on a command line).
 E2E_ENV = eval "$$($(SERVICES) env)"
 
-.PHONY: install run grid search test test-fast lint docs docs-serve format mlflow-ui mlflow-server services-up services-down e2e clean
+.PHONY: install run grid search test test-fast lint docs docs-serve format mlflow-ui optuna-dashboard mlflow-server services-up services-down e2e clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,13 @@ mlflow-ui:
 	[print(f'{e.name}: http://127.0.0.1:$(EMBFT_MLFLOW_UI_PORT)/#/experiments/{e.experiment_id}/runs') \
 	 for e in mlflow.MlflowClient('sqlite:///$(CURDIR)/mlruns/mlflow.db').search_experiments()]" || true
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port $(EMBFT_MLFLOW_UI_PORT)
+
+# A search's Optuna study in optuna-dashboard, on 127.0.0.1 only. STORAGE: the search's
+# hydra.sweeper.storage (SQLite or PostgreSQL); by default embft's searches' mlruns/optuna.db.
+OPTUNA_DASHBOARD_PORT ?= 8080
+STORAGE ?= sqlite:///$(CURDIR)/mlruns/optuna.db
+optuna-dashboard:
+	$(BIN)/python -m hydra_plugins.embft_optuna_sweeper.dashboard --storage '$(STORAGE)' --port $(OPTUNA_DASHBOARD_PORT)
 
 # An MLflow tracking server (basic-auth app) on PostgreSQL (scram passwords), artifacts proxied
 # into .e2e/mlartifacts; it keeps running (make services-down stops it). Admin credentials:

@@ -6,13 +6,13 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
+import sqlalchemy
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -43,13 +43,17 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
         ("p=choice(adam,sgd,lion)", CategoricalDistribution(("adam", "sgd", "lion"))),
         ("p=choice(16,32,64)", CategoricalDistribution((16, 32, 64))),
         ("p=a,b", CategoricalDistribution(("a", "b"))),
+        # As the official hydra-optuna-sweeper: range() runs from start to stop (Optuna lowers stop
+        # to the last step), interval() is a float search, int(interval()) an integer one.
         ("p=range(1,10,2)", IntDistribution(1, 9, step=2)),
-        ("p=range(5)", IntDistribution(0, 4)),
-        ("p=range(0,1,0.25)", FloatDistribution(0.0, 0.75, step=0.25)),
-        ("p=interval(0,5)", IntDistribution(0, 5)),
+        ("p=range(5)", IntDistribution(0, 5)),
+        ("p=range(0,1,0.25)", FloatDistribution(0.0, 1.0, step=0.25)),
+        ("p=interval(0,5)", FloatDistribution(0.0, 5.0)),
+        ("p=int(interval(0,5))", IntDistribution(0, 5)),
         ("p=interval(0.0,1)", FloatDistribution(0.0, 1.0)),
         ("p=tag(log,interval(1e-5,1e-1))", FloatDistribution(1e-5, 1e-1, log=True)),
-        ("p=tag(log, interval(1, 1024))", IntDistribution(1, 1024, log=True)),
+        ("p=tag(log, interval(1, 1024))", FloatDistribution(1, 1024, log=True)),
+        ("p=tag(log, int(interval(1, 1024)))", IntDistribution(1, 1024, log=True)),
     ],
 )
 def test_sweep_grammar_maps_to_distribution(line: str, distribution: Any) -> None:
@@ -234,10 +238,20 @@ def test_grid_sampler_runs_every_combination_once(tmp_path: Path) -> None:
     assert all(t.state == TrialState.COMPLETE for t in trials)
 
 
-def test_grid_sampler_refuses_a_range(tmp_path: Path) -> None:
-    proc = _run(tmp_path, "s", "hydra/sweeper/sampler=grid", check=False)
-    assert proc.returncode != 0
-    assert "hydra/sweeper/sampler=grid searches choice(...) params only; x, y is a range" in proc.stderr
+def test_grid_sampler_visits_a_range_and_refuses_an_interval_before_the_store(tmp_path: Path) -> None:
+    # As the official plugin: a grid over range() visits the values Hydra's basic sweeper would.
+    _run(
+        tmp_path, "s", "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=10", "x=choice(0.5, 1.5)", "y=range(-1, 2)"
+    )
+    trials = _study(tmp_path).trials
+    assert sorted((t.params["x"], t.params["y"]) for t in trials) == [(x, y) for x in (0.5, 1.5) for y in (-1, 0, 1)]
+
+    (tmp_path / "b").mkdir()
+    proc = _run(tmp_path / "b", "s", "hydra/sweeper/sampler=grid", check=False, storage="sqlite:///b.db")
+    assert proc.returncode == 1
+    assert "hydra/sweeper/sampler=grid visits choice(...) and range(...) params only; x is an interval" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "b" / "b.db").exists()  # refused before the study's store was opened
 
 
 def test_stale_running_trial_is_failed_and_counted(tmp_path: Path) -> None:
@@ -247,7 +261,9 @@ def test_stale_running_trial_is_failed_and_counted(tmp_path: Path) -> None:
         study = optuna.create_study(study_name="my_app", storage=storage, direction="maximize")
         trial = study.ask()  # as if its process had been killed mid-trial
         storage.record_heartbeat(trial._trial_id)
-    time.sleep(2.5)
+    # Its last beat a day ago, in the store itself: stale for any grace period, with no waiting.
+    with sqlalchemy.create_engine(f"sqlite:///{tmp_path}/optuna.db").begin() as db:
+        db.execute(sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 day')"))
     _run(
         tmp_path,
         "s",
@@ -271,7 +287,12 @@ def test_default_and_relative_storage_resolve_against_launch_dir(tmp_path: Path)
     assert _results(tmp_path, "s2").storage == f"sqlite:///{tmp_path}/nested/dir/study.db"
 
 
-def _two_workers(tmp_path: Path, *overrides: str, timeout: int = 120) -> None:
+def _MEET(tmp_path: Path) -> list[str]:
+    """Both workers' first jobs wait for each other (files, polled): the workers overlap by construction."""
+    return ["rendezvous=2", f"rendezvous_dir={tmp_path}/rendezvous"]
+
+
+def _two_workers(tmp_path: Path, *overrides: str, timeout: int = 300) -> None:
     """The same command (seed included) in two places, as on two machines sharing one database."""
     cmd = [
         sys.executable,
@@ -300,7 +321,7 @@ def _two_workers(tmp_path: Path, *overrides: str, timeout: int = 120) -> None:
 
 
 def test_two_workers_share_one_study(tmp_path: Path) -> None:
-    _two_workers(tmp_path, "hydra.sweeper.n_trials=6", "sleep_s=0.5")
+    _two_workers(tmp_path, "hydra.sweeper.n_trials=6", *_MEET(tmp_path))
     trials = _study(tmp_path).trials
     # Counting and asking happen under a lock, so the budget holds exactly.
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
@@ -421,7 +442,7 @@ def test_bad_trials_are_pruned_and_count_towards_n_trials(tmp_path: Path, prune_
 
 
 def test_two_workers_with_a_pruner_end_at_exactly_n_trials(tmp_path: Path) -> None:
-    _two_workers(tmp_path, "hydra.sweeper.n_trials=9", "sleep_s=0.3", *PRUNE, timeout=300)
+    _two_workers(tmp_path, "hydra.sweeper.n_trials=9", *_MEET(tmp_path), *PRUNE, timeout=300)
     study = _study(tmp_path)
     assert len(study.trials) == 9
     assert _pruned_ok(study)
@@ -468,6 +489,12 @@ def test_pruned_runs_are_tagged_and_nest_under_one_parent_run_across_resumes(tmp
     assert [p.info.run_id for p in parents] == [parent_id]  # found again, not a second parent
     parent = parents[0]
     assert parent.info.status == "FINISHED"
+    # The parent run links to the study in optuna-dashboard (make optuna-dashboard).
+    assert parent.data.tags["optuna.dashboard"] == "http://127.0.0.1:8080/dashboard"
+    assert (
+        parent.data.tags["optuna.dashboard_command"]
+        == f"make optuna-dashboard STORAGE='sqlite:///{tmp_path}/optuna.db'"
+    )
     study = _study(tmp_path)
     assert sorted(trials) == list(range(9)) == [t.number for t in study.trials]
     for t in study.trials:
@@ -854,3 +881,17 @@ def test_trials_asked_past_n_trials_under_a_lost_lock_are_dropped_unrun(tmp_path
         2: (TrialState.FAIL, True),
     }
     assert sweeper._remaining_trials(study, use_heartbeat=True) == 0  # the dropped trial does not count
+
+
+def test_dashboard_opens_the_searchs_store_and_refuses_a_missing_one(tmp_path: Path) -> None:
+    from hydra_plugins.embft_optuna_sweeper.dashboard import resolve_storage
+
+    # A missing SQLite file is refused in one line (optuna-dashboard would create an empty store).
+    with pytest.raises(SystemExit, match=f"No study store at {tmp_path}/mlruns/optuna.db: run a search first"):
+        resolve_storage("sqlite:///mlruns/optuna.db", tmp_path)
+    (tmp_path / "mlruns").mkdir()
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert resolve_storage("sqlite:///mlruns/optuna.db", tmp_path) == f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    # A bare postgresql:// URL (as in hydra.sweeper.storage) gets the installed driver, as the sweeper's does.
+    if importlib.util.find_spec("psycopg") is None:
+        assert resolve_storage("postgresql://u:p@db/optuna", tmp_path).startswith("postgresql+psycopg2://u:p@db/")

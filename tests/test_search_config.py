@@ -103,6 +103,33 @@ def test_a_sweeper_node_of_the_wrong_shape_stops_before_any_run_in_one_line(tmp_
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists(), list(tmp_path.rglob("*"))
 
 
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        (
+            "train.temperature=interval(5, 1)",
+            "search parameter train.temperature: train.temperature=interval(5, 1): `low <= high`",
+        ),
+        (
+            "train.learning_rate=tag(log, interval(0, 1))",
+            "search parameter train.learning_rate: train.learning_rate=tag(log, interval(0, 1)): `low > 0`",
+        ),
+        (
+            "hydra/sweeper/sampler=grid",
+            "sampler=grid visits choice(...) and range(...) params only; train.learning_rate",
+        ),
+    ],
+)
+def test_a_search_range_optuna_cannot_search_stops_before_the_store_in_one_line(tmp_path, override, says):
+    done = _multirun(tmp_path, override)
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == 1, output
+    assert len(output.splitlines()) == 1 and says in output, output
+    assert "Traceback" not in output
+    # Refused before the MLflow store, the study's parent run or the Optuna store (mlruns/optuna.db) exist.
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists(), list(tmp_path.rglob("*"))
+
+
 def test_the_sweeper_built_without_the_app_gives_the_same_one_line_fix(sweeper_of):
     from hydra.errors import InstantiationException
 
@@ -126,6 +153,8 @@ def test_the_sweeper_built_without_the_app_gives_the_same_one_line_fix(sweeper_o
         (["hydra.sweeper.direction=[{metric:val_accuracy_cosine,goal:maximize}]"], "direction entry"),
         (["hydra.sweeper.pruner.n_startup_trials=-1"], "MedianPruner.*ValueError: Number of startup trials"),
         (["hydra/sweeper/pruner=hyperband", "hydra.sweeper.direction=[maximize,minimize]"], "single-objective"),
+        (["hydra/sweeper/sampler=motpe"], "MOTPESampler was removed in Optuna 4"),
+        (["hydra.sweeper.custom_search_space=no_such_module.configure"], "custom_search_space=no_such_module"),
     ]:
         cfg, _ = sweeper_of("search", *overrides, build=False)
         with pytest.raises(ValueError, match=message) as raised:

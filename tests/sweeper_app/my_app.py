@@ -9,7 +9,9 @@ marks that config's runs left RUNNING by a dead process KILLED (embft.tracking.m
 """
 
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -52,9 +54,25 @@ class AppRuns(Callback):
         study_runs.finish_parent_run(experiment_id, parent, config, counts)
 
 
+def _rendezvous(cfg: DictConfig) -> None:
+    """Wait until `rendezvous` worker processes have each started a job (a file per process in
+    `rendezvous_dir`, polled): the shared-study tests' workers then surely run side by side."""
+    if not cfg.rendezvous:
+        return
+    folder = Path(cfg.rendezvous_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / str(os.getpid())).touch()
+    deadline = time.monotonic() + 240
+    while len(list(folder.iterdir())) < cfg.rendezvous:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rendezvous: {len(list(folder.iterdir()))} of {cfg.rendezvous} workers came")
+        time.sleep(0.05)
+
+
 def objective(cfg: DictConfig) -> Any:
     trial = cfg.optuna.trial_number
-    time.sleep(cfg.sleep_s)  # lets concurrent workers overlap in the shared-study tests
+    _rendezvous(cfg)
+    time.sleep(cfg.sleep_s)  # how long a job takes (the e2e fault tests kill a worker mid-job)
     if cfg.mode == "raise" or trial in cfg.raise_on_trials:
         raise RuntimeError(f"requested failure (trial {trial})")
     if cfg.mode == "nan" or trial in cfg.nan_on_trials:
@@ -113,7 +131,8 @@ def main(cfg: DictConfig) -> Any:
         from omegaconf import OmegaConf
 
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        resolved.pop("sleep_s")  # how long the stand-in job takes, not a setting of its result
+        for key in ("sleep_s", "rendezvous", "rendezvous_dir"):  # how the stand-in job runs, not its result
+            resolved.pop(key)
         tags[names.CONFIG_HASH] = mlflow_runs.config_hash(resolved)  # trial bookkeeping (optuna.*) excluded
         mlflow_runs.close_stale_runs(experiment_id, tags[names.CONFIG_HASH])
     with mlflow_runs.job_run(experiment_id, f"trial-{cfg.optuna.trial_number}", tags):

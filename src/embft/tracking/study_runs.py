@@ -125,6 +125,7 @@ def start_parent_run(experiment_id: str, config: Any) -> str:
         storage = config.hydra.sweeper.storage
         if storage:  # where `embft report` finds the study (password hidden)
             tags[names.OPTUNA_STORAGE] = make_url(str(storage)).render_as_string(hide_password=True)
+            tags.update(dashboard_tags(tags[names.OPTUNA_STORAGE]))
     own = client.create_run(experiment_id, tags=tags).info.run_id
     winner = _parents(client, experiment_id, key)[0].info.run_id
     if winner != own:
@@ -132,6 +133,16 @@ def start_parent_run(experiment_id: str, config: Any) -> str:
         client.update_run(winner, status="RUNNING")
     log.info("MLflow parent run %s (%s)", winner, key)
     return winner
+
+
+def dashboard_tags(storage: str) -> dict[str, str]:
+    """The study in optuna-dashboard, linked from its parent run: the command that serves it and its URL."""
+    from hydra_plugins.embft_optuna_sweeper.dashboard import dashboard_url
+
+    return {
+        "optuna.dashboard": dashboard_url(),
+        "optuna.dashboard_command": f"make optuna-dashboard STORAGE='{storage}'",
+    }
 
 
 def close_dead_sweep_parents(experiment_id: str) -> list[str]:

@@ -22,16 +22,23 @@ from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import (
-    CategoricalDistribution,
-)
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RDBStorage
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.trial import Trial, TrialState
 from sqlalchemy.engine import make_url
 
-from ._samplers import _AskTellGridSampler, _PerTrialSeedSampler, _plain, is_grid, make_sampler, sampler_factory
-from ._search_space import SearchSpace, _check_compatible, format_value, parse_search_space
+from ._results import PRUNED, RESULTS_FILE, log_summary, objective_values, study_results, write_results
+from ._samplers import (
+    _AskTellGridSampler,
+    _PerTrialSeedSampler,
+    _plain,
+    is_grid,
+    make_sampler,
+    sampler_factory,
+    seeds_per_trial,
+    split_seed,
+)
+from ._search_space import SearchSpace, SearchSpaceError, _check_compatible, format_value, parse_search_space
 from ._storage import (
     _STALE_CALLBACK_ARG,
     DISCARDED_ATTR,
@@ -45,12 +52,12 @@ from ._storage import (
     _RetryOwnStaleTrial,
     _with_installed_pg_driver,
 )
-from .checks import NOP_PRUNER, check_pruner, check_sampler, parse_directions
+from .checks import NOP_PRUNER, check_pruner, check_sampler, load_custom_search_space, parse_directions
 from .reporting import PRUNER_ATTR, make_pruner
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "optimization_results.yaml"
+__all__ = ["RESULTS_FILE", "OptunaSweeperImpl", "format_value", "parse_search_space"]
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 # Top-level job config node that, when present, receives the trial number and study name.
 TRIAL_INFO_NODE = "optuna"
@@ -60,50 +67,15 @@ MLFLOW_STALE_AFTER_S = 120  # embft.tracking.mlflow_runs.STALE_AFTER_S (not impo
 POLL_S = 2.0  # how often a worker whose study is full looks at other workers' running trials
 
 
+def _state_counts(trials: Sequence[Any]) -> dict[TrialState, int]:
+    counts: dict[TrialState, int] = {}
+    for t in trials:
+        counts[t.state] = counts.get(t.state, 0) + 1
+    return counts
+
+
 class FailureBudgetExceeded(RuntimeError):
     """Raised when too many of the sweep's trials failed."""
-
-
-# --------------------------------------------------------------------------- objective values
-
-
-def _as_float(value: Any) -> Optional[float]:
-    if value is None or isinstance(value, (bool, str, bytes)):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-PRUNED = "pruned"  # objective_values' reason for a job that raised or returned TrialPruned
-
-
-def objective_values(ret: JobReturn, n_objectives: int) -> tuple[Optional[list[float]], str]:
-    """The job's objective value(s), or ``None`` and the reason the trial did not complete
-    (:data:`PRUNED` for a job that raised or returned ``optuna.TrialPruned``)."""
-    try:
-        value = ret.return_value  # re-raises the job's exception
-    except optuna.TrialPruned:
-        return None, PRUNED
-    except Exception as e:
-        return None, f"job raised {type(e).__name__}: {e}"
-    if isinstance(value, optuna.TrialPruned):
-        return None, PRUNED
-    if n_objectives == 1:
-        raw: Sequence[Any] = [value]
-    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        raw = value
-    else:
-        return None, f"expected {n_objectives} objective values, job returned {value!r}"
-    if len(raw) != n_objectives:
-        return None, f"expected {n_objectives} objective values, job returned {value!r}"
-    values = [_as_float(v) for v in raw]
-    if any(v is None for v in values):
-        return None, f"job returned a non-number: {value!r}"
-    if any(math.isnan(v) for v in values):  # type: ignore[arg-type]
-        return None, f"job returned NaN: {value!r}"
-    return values, ""  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- sweeper
@@ -143,6 +115,8 @@ class OptunaSweeperImpl(Sweeper):
         storage_options: Optional[Mapping[str, Any]] = None,
         stale_trial_retries: Optional[int] = 1,
         wait_for_running: bool = True,
+        custom_search_space: Optional[str] = None,
+        search_space: Optional[Mapping[str, Any]] = None,
     ) -> None:
         directions, metric_names = _parse_directions(direction)
         if n_jobs < 1:
@@ -162,8 +136,13 @@ class OptunaSweeperImpl(Sweeper):
         self.storage_url = storage
         self.n_trials = n_trials
         self.n_jobs = n_jobs
-        self.seed = seed
-        self.sampler = sampler_factory(check_sampler(sampler))  # Hydra instantiates the node as a partial
+        # Hydra instantiates the node as a partial; its seed (the official spelling) wins when set.
+        self.sampler, sampler_seed = split_seed(sampler_factory(check_sampler(sampler)))
+        self.seed = seed if sampler_seed is None else sampler_seed
+        self.seed_key = "hydra.sweeper.seed" if sampler_seed is None else "hydra.sweeper.sampler.seed"
+        self.custom_search_space = custom_search_space
+        self.extend_trial = load_custom_search_space(custom_search_space)
+        self.search_space = _plain(search_space) if search_space else None
         self.max_failure_rate = max_failure_rate
         self.failure_rate_min_trials = failure_rate_min_trials
         self.heartbeat_interval = heartbeat_interval
@@ -194,6 +173,7 @@ class OptunaSweeperImpl(Sweeper):
         self.launcher: Optional[Launcher] = None
         self.n_told = 0  # trials finished by this sweep, for the failure budget
         self.n_failed = 0
+        self.last_error: Optional[BaseException] = None  # the last failed job's exception
         self.n_pruned = 0
 
     def setup(
@@ -280,15 +260,9 @@ class OptunaSweeperImpl(Sweeper):
         return max(2 * self.heartbeat_interval, self.heartbeat_interval + MLFLOW_STALE_AFTER_S)
 
     def _grid_sampler(self, space: SearchSpace) -> _AskTellGridSampler:
-        """Every combination of the choice() params once, in an order seeded by hydra.sweeper.seed;
+        """Every point of the choice() and range() params once, in an order seeded by the seed;
         n_trials is capped to the grid's size (asking past it would repeat points)."""
-        ranges = [n for n, d in space.distributions.items() if not isinstance(d, CategoricalDistribution)]
-        if ranges:
-            raise ValueError(
-                f"hydra/sweeper/sampler=grid searches choice(...) params only; {', '.join(ranges)} "
-                "is a range: write it as choice(a, b, ...) or use hydra/sweeper/sampler=tpe"
-            )
-        grid = {n: list(d.choices) for n, d in space.distributions.items()}  # type: ignore[attr-defined]
+        grid = space.grid()
         size = math.prod(len(v) for v in grid.values())
         if self.n_trials > size:
             log.info("Grid of %d points: n_trials %d capped to %d", size, self.n_trials, size)
@@ -300,8 +274,8 @@ class OptunaSweeperImpl(Sweeper):
         if is_grid(self.sampler):
             # GridSampler keeps which points are taken in the study itself, so workers share one grid.
             sampler: optuna.samplers.BaseSampler = self._grid_sampler(space)
-        elif self.seed is None:
-            sampler = make_sampler(self.sampler, None)
+        elif self.seed is None or not seeds_per_trial(self.sampler):
+            sampler = make_sampler(self.sampler, self.seed)
         else:
             sampler = _PerTrialSeedSampler(functools.partial(make_sampler, self.sampler), self.seed)
         study = optuna.create_study(
@@ -329,7 +303,15 @@ class OptunaSweeperImpl(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None
         assert self.hydra_context is not None
-        space = parse_search_space(self.params, arguments, self.hydra_context.config_loader)
+        try:  # refused before the store is opened, in one line that names the parameter
+            space = parse_search_space(
+                self.params, arguments, self.hydra_context.config_loader, search_space=self.search_space
+            )
+            if is_grid(self.sampler):
+                space.grid()
+        except SearchSpaceError as err:
+            log.error("%s", err)
+            raise SystemExit(1) from None
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -356,15 +338,7 @@ class OptunaSweeperImpl(Sweeper):
                 "in-memory study" if storage is None else "the job config has no optuna.storage",
             )
         results_path = sweep_dir / RESULTS_FILE
-        log.info(
-            "Optuna study '%s' (%s): n_trials=%d, n_jobs=%d, search space %s, fixed %s",
-            study_name,
-            self._masked_storage(),
-            self.n_trials,
-            self.n_jobs,
-            {n: p.distribution for n, p in space.params.items()},
-            list(space.fixed.values()),
-        )
+        self._log_start(study, space)
 
         returns: list[Sequence[JobReturn]] = []
         with heartbeat:
@@ -385,8 +359,31 @@ class OptunaSweeperImpl(Sweeper):
                 self._write_results(study, space, results_path)
                 self._check_failure_budget(results_path)
 
-        self._log_summary(self._write_results(study, space, results_path), results_path)
+        log_summary(self._write_results(study, space, results_path), results_path)
         return returns
+
+    def _log_start(self, study: optuna.Study, space: SearchSpace) -> None:
+        """What embft does differently from the official plugin's defaults, said before any trial."""
+        trials = study.get_trials(deepcopy=False)
+        states = ", ".join(f"{n} {s.name}" for s, n in sorted(_state_counts(trials).items(), key=lambda x: x[0].name))
+        log.info("Study name: %s", study.study_name)
+        log.info(
+            "Storage: %s (%s)",
+            self._masked_storage() or "in memory",
+            "in memory: kept by nobody after this run"
+            if self.storage_url is None
+            else "persistent: rerunning this command resumes the study",
+        )
+        log.info("Directions: %s", self.directions)
+        log.info("Sampler: %s (seed %s, %s)", self.sampler.func.__name__, self.seed, self.seed_key)
+        log.info(
+            "Trials already in the study: %d%s; n_trials=%d is the study's total, n_jobs=%d",
+            len(trials),
+            f" ({states})" if states else "",
+            self.n_trials,
+            self.n_jobs,
+        )
+        log.info("Search space: %s; fixed: %s", space.distributions, list(space.fixed.values()))
 
     def _wait_for_others(self, study: optuna.Study, use_heartbeat: bool) -> bool:
         """With the study full, wait while other workers run trials with heartbeats: one of
@@ -433,7 +430,8 @@ class OptunaSweeperImpl(Sweeper):
                 return []
             batch = []
             for trial in trials:
-                overrides = space.overrides(trial.params)
+                extra = self._extend(trial, space)
+                overrides = space.overrides(trial.params) + extra
                 trial.set_user_attr("overrides", overrides)
                 if self.pruner_spec is not None:
                     # The job rebuilds its trial's pruner from here (reporting.TrialReporter).
@@ -451,6 +449,31 @@ class OptunaSweeperImpl(Sweeper):
         finally:
             heartbeat.untrack(trials)
         return results
+
+    def _extend(self, trial: Trial, space: SearchSpace) -> list[str]:
+        """``custom_search_space``: the user's function suggests more params on the trial, as in the
+        official plugin (fixed overrides readable in ``trial.user_attrs``); it may also return a
+        mapping of further fixed overrides."""
+        if self.extend_trial is None:
+            return []
+        assert self.config is not None
+        for name, line in space.fixed.items():
+            trial.set_user_attr(name, line.split("=", 1)[-1])
+        returned = self.extend_trial(self.config, trial)
+        clash = sorted(set(trial.params) & set(space.fixed))
+        if clash:
+            raise ValueError(
+                f"hydra.sweeper.custom_search_space={self.custom_search_space} suggested {clash}, "
+                "which an override fixes: drop the override or the suggestion"
+            )
+        if returned is None:
+            return []
+        if not isinstance(returned, Mapping):
+            raise TypeError(
+                f"hydra.sweeper.custom_search_space={self.custom_search_space} returned {type(returned).__name__}: "
+                "return None or a mapping of overrides"
+            )
+        return [f"{k}={format_value(v)}" for k, v in returned.items()]
 
     def _discard_overshoot(
         self, study: optuna.Study, trials: list[Trial], heartbeat: _Heartbeat | _NoHeartbeat, use_heartbeat: bool
@@ -533,6 +556,8 @@ class OptunaSweeperImpl(Sweeper):
         self.n_told += 1
         if values is None:
             self.n_failed += 1
+            error = getattr(ret, "_return_value", None)  # JobReturn keeps a failed job's exception there
+            self.last_error = error if isinstance(error, BaseException) else ValueError(reason)
             log.warning("Trial %d failed: %s", trial.number, reason)
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         else:
@@ -544,13 +569,14 @@ class OptunaSweeperImpl(Sweeper):
             return
         rate = self.n_failed / self.n_told
         if rate > self.max_failure_rate:
+            reason = "none" if self.last_error is None else f"{type(self.last_error).__name__}: {self.last_error}"
             raise FailureBudgetExceeded(
                 f"Optuna sweep stopped: {self.n_failed} of the {self.n_told} trials run by this "
                 f"sweep failed ({rate:.0%}), more than hydra.sweeper.max_failure_rate="
                 f"{self.max_failure_rate} (checked once hydra.sweeper.failure_rate_min_trials="
                 f"{self.failure_rate_min_trials} trials finished). See the job logs for the "
-                f"errors; partial results are in {results_path}."
-            )
+                f"errors; partial results are in {results_path}. Last error: {reason}"
+            ) from self.last_error
 
     # ---------------------------------------------------------------- results
 
@@ -559,69 +585,15 @@ class OptunaSweeperImpl(Sweeper):
             return None
         return make_url(self.storage_url).render_as_string(hide_password=True)
 
-    @staticmethod
-    def _trial_overrides(trial: FrozenTrial, space: SearchSpace) -> list[str]:
-        recorded = trial.user_attrs.get("overrides")
-        if recorded is not None:
-            return list(recorded)
-        try:  # e.g. a trial added to the study outside this sweeper
-            return space.overrides(trial.params)
-        except (KeyError, ValueError, IndexError):
-            return [f"{k}={format_value(v)}" for k, v in trial.params.items()]
-
-    def _results(self, study: optuna.Study, space: SearchSpace) -> dict[str, Any]:
-        trials = study.get_trials(deepcopy=False)
-        complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        results: dict[str, Any] = {
-            "name": "optuna",
-            "study_name": study.study_name,
-            "storage": self._masked_storage(),
-            "direction": self.directions[0] if len(self.directions) == 1 else self.directions,
-            "n_trials": self.n_trials,
-            "n_complete": len(complete),
-            "n_failed": sum(t.state == TrialState.FAIL for t in trials),
-            "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
-            "n_retried": len(_retried(trials)),
-            "pruner": self.pruner_spec,
-        }
-        if self.metric_names is not None:
-            results["metric_names"] = list(self.metric_names)
-        if len(self.directions) == 1:
-            best = study.best_trial if complete else None
-            results.update(
-                best_value=None if best is None else best.value,
-                best_params=None if best is None else dict(best.params),
-                best_trial_number=None if best is None else best.number,
-                best_overrides=None if best is None else self._trial_overrides(best, space),
-            )
-        else:
-            results["best_trials"] = [
-                {
-                    "number": t.number,
-                    "values": list(t.values),
-                    "params": dict(t.params),
-                    "overrides": self._trial_overrides(t, space),
-                }
-                for t in (study.best_trials if complete else [])
-            ]
-        return results
-
     def _write_results(self, study: optuna.Study, space: SearchSpace, path: Path) -> dict[str, Any]:
-        results = self._results(study, space)
-        tmp = path.with_name(path.name + ".tmp")
-        OmegaConf.save(OmegaConf.create(results), tmp)
-        os.replace(tmp, path)  # readers never see a half-written file
+        results = study_results(
+            study,
+            space,
+            directions=self.directions,
+            storage=self._masked_storage(),
+            n_trials=self.n_trials,
+            pruner=self.pruner_spec,
+            metric_names=self.metric_names,
+        )
+        write_results(results, path)
         return results
-
-    @staticmethod
-    def _log_summary(results: Mapping[str, Any], results_path: Path) -> None:
-        if results["n_complete"] == 0:
-            log.warning("Study '%s' has no completed trial", results["study_name"])
-        elif "best_value" in results:
-            log.info(
-                "Best value %s (trial %d): %s",
-                results["best_value"],
-                results["best_trial_number"],
-                " ".join(results["best_overrides"]),
-            )
-        log.info("Results written to %s", results_path)

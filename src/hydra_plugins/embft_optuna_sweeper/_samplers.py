@@ -22,10 +22,6 @@ from optuna.trial import FrozenTrial, TrialState
 log = logging.getLogger(__name__)
 
 
-# Top-level job config node that, when present, receives the trial number and study name.
-# System attributes this sweeper puts on its trials.
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, DictConfig) or OmegaConf.is_list(value):
         return OmegaConf.to_container(value, resolve=True)
@@ -40,11 +36,28 @@ SamplerFactory = Callable[..., optuna.samplers.BaseSampler]
 def sampler_factory(sampler: Any) -> functools.partial:
     """The sampler node as a factory: what Hydra's instantiate made of it (`_partial_`), or a mapping
     with `_target_` (a sweeper built without Hydra) instantiated the same way."""
-    if isinstance(sampler, functools.partial):
-        return sampler
-    from hydra.utils import instantiate
+    if not isinstance(sampler, functools.partial):
+        from hydra.utils import instantiate
 
-    return instantiate({**_plain(sampler), "_partial_": True})
+        sampler = instantiate({**_plain(sampler), "_partial_": True})
+    # None is "Optuna's default": not passed, so Optuna's deprecated arguments do not warn.
+    keywords = {k: v for k, v in sampler.keywords.items() if v is not None}
+    return functools.partial(sampler.func, *sampler.args, **keywords)
+
+
+def split_seed(factory: functools.partial) -> tuple[functools.partial, Optional[int]]:
+    """The factory without its ``seed`` argument, and that seed (the official ``sampler.seed``)."""
+    keywords = dict(factory.keywords)
+    seed = keywords.pop("seed", None)
+    return functools.partial(factory.func, *factory.args, **keywords), seed
+
+
+def seeds_per_trial(factory: functools.partial) -> bool:
+    """Samplers whose only state between trials is their RNG (the rest is read from the study), so
+    a fresh one per trial, seeded with seed + trial number, proposes the same as one long-lived one
+    would, and workers sharing a study never replay one stream. Others get one sampler and the seed."""
+    kinds = (optuna.samplers.TPESampler, optuna.samplers.RandomSampler, optuna.samplers.GPSampler)
+    return isinstance(factory.func, type) and issubclass(factory.func, kinds)
 
 
 def is_grid(factory: functools.partial) -> bool:

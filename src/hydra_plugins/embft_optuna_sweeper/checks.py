@@ -13,12 +13,14 @@ build the pruner, once its shape is right).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import PRUNERS, SAMPLERS, SWEEPER_TARGET
+from .config import MOTPE_REMOVED, PRUNERS, SAMPLERS, SWEEPER_TARGET
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +100,22 @@ def check_sampler(sampler: Any) -> Any:
     target = getattr(getattr(sampler, "func", None), "__name__", None) or (
         sampler.get("_target_") if isinstance(sampler, Mapping) else "?"
     )
+    if str(target).endswith("motpe_removed"):
+        raise SweeperConfigError(MOTPE_REMOVED)
     try:
         factory = sampler_factory(sampler)
+        if getattr(factory.func, "__name__", "") == "CmaEsSampler":  # it imports cmaes only when it samples
+            import importlib.util
+
+            if importlib.util.find_spec("cmaes") is None:
+                raise ImportError("CmaEsSampler needs the cmaes package")
         if not is_grid(factory):  # built once, so a bad argument fails here (a grid needs the search space)
             make_sampler(factory, 0)
+    except ImportError as err:  # e.g. CmaEsSampler without the cmaes package
+        raise SweeperConfigError(
+            f"hydra.sweeper.sampler._target_={target}: {_first_line(err)} (install the package it names, "
+            "e.g. pip install cmaes, or choose another sampler)"
+        ) from err
     except Exception as err:
         raise SweeperConfigError(
             f"hydra.sweeper.sampler._target_={target}: {_first_line(err)} (choices: {names}, or any optuna.samplers class)"
@@ -152,8 +166,66 @@ def parse_directions(direction: Any) -> tuple[list[str], Optional[list[str]]]:
     return directions, [str(n) for n in names]
 
 
-def check_sweeper_node(sweeper: Any) -> None:
-    """Check the pruner, sampler and direction of an ``embft_optuna`` sweeper node."""
+def load_custom_search_space(path: Optional[str]) -> Optional[Callable[..., Any]]:
+    """The ``custom_search_space`` function (the official plugin's hook); a leading ``.`` names a
+    module beside the app's script (``.my_app.configure``), as the official examples write it."""
+    if not path:
+        return None
+    hint = "a dotted path to a function (cfg, trial), e.g. my_module.configure or .my_app.configure"
+    try:
+        if str(path).startswith("."):
+            function = _beside_the_script(str(path)[1:])
+        else:
+            from hydra.utils import get_method
+
+            function = get_method(str(path))
+    except Exception as err:
+        raise SweeperConfigError(f"hydra.sweeper.custom_search_space={path}: {_first_line(err)} ({hint})") from err
+    if not callable(function):
+        raise SweeperConfigError(f"hydra.sweeper.custom_search_space={path} is not callable ({hint})")
+    return function
+
+
+def _beside_the_script(dotted: str) -> Any:
+    import importlib.util
+
+    module_name, _, name = dotted.rpartition(".")
+    main = sys.modules.get("__main__")
+    script = Path(getattr(main, "__file__", "") or "")
+    if module_name == script.stem:  # the app itself (its file name may hold '-': no import by name)
+        return getattr(main, name)
+    spec = importlib.util.spec_from_file_location(module_name, script.parent / f"{module_name}.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module {module_name} beside {script}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def check_search_space(sweeper: Any, arguments: Sequence[str]) -> None:
+    """A search range Optuna cannot search (``interval(5, 1)``, ``tag(log, interval(0, 1))``) or a
+    grid over an interval, refused in one line naming the parameter, before any store is opened."""
+    from ._samplers import is_grid, sampler_factory
+    from ._search_space import SearchSpaceError, parse_search_space
+
+    def plain(key: str) -> Any:
+        value = sweeper.get(key) if isinstance(sweeper, Mapping) else None
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+    try:
+        space = parse_search_space(plain("params"), list(arguments), search_space=plain("search_space"))
+        sampler = plain("sampler")
+        if isinstance(sampler, Mapping) and "_target_" in sampler and is_grid(sampler_factory(sampler)):
+            space.grid()
+    except SearchSpaceError as err:
+        raise SweeperConfigError(str(err)) from err
+    except Exception:  # e.g. glob(...) needs Hydra's config loader: the sweeper checks it itself
+        return
+
+
+def check_sweeper_node(sweeper: Any, arguments: Optional[Sequence[str]] = None) -> None:
+    """Check the pruner, sampler, direction, custom_search_space and (given the command line's
+    overrides) the search space of an ``embft_optuna`` sweeper node."""
     checked: dict[str, Any] = {}
     for key, check in (("pruner", check_pruner), ("sampler", check_sampler), ("direction", parse_directions)):
         try:
@@ -169,6 +241,10 @@ def check_sweeper_node(sweeper: Any) -> None:
             "hydra.sweeper.pruner: Optuna prunes single-objective studies only; "
             "use hydra/sweeper/pruner=none with several directions"
         )
+    if isinstance(sweeper, Mapping):
+        load_custom_search_space(sweeper.get("custom_search_space"))
+    if arguments is not None:
+        check_search_space(sweeper, arguments)
 
 
 def exit_on_bad_sweeper_config(config: DictConfig) -> None:
@@ -177,8 +253,9 @@ def exit_on_bad_sweeper_config(config: DictConfig) -> None:
     sweeper = OmegaConf.select(config, "hydra.sweeper")
     if not isinstance(sweeper, DictConfig) or sweeper.get("_target_") != SWEEPER_TARGET:
         return
+    arguments = OmegaConf.select(config, "hydra.overrides.task", default=None) or []
     try:
-        check_sweeper_node(sweeper)
+        check_sweeper_node(sweeper, [str(a) for a in arguments])
     except SweeperConfigError as e:
         log.error("%s", e)
         raise SystemExit(1) from None

@@ -62,17 +62,27 @@ class HyperbandPrunerConf:
     bootstrap_count: int = 0
 
 
-# Samplers: a config group, hydra/sweeper/sampler=tpe|random|grid, each node its optuna.samplers
-# class and arguments, as the pruners are. `_partial_`: Hydra hands the sweeper a factory, which it
-# completes with `seed` (hydra.sweeper.seed + the trial number) and, for a grid, the search space.
+# Samplers: a config group, hydra/sweeper/sampler=tpe|random|grid|cmaes|nsgaii|qmc|gp, the names and
+# fields of the official hydra-optuna-sweeper's nodes, each its optuna.samplers class and arguments.
+# `_partial_`: Hydra hands the sweeper a factory, which it completes with the seed (sampler.seed, else
+# hydra.sweeper.seed; + the trial number for per-trial seeding) and, for a grid, the search space.
 
 
 @dataclass
 class TPESamplerConf:
     _target_: str = "optuna.samplers.TPESampler"
     _partial_: bool = True
+    seed: Optional[int] = None  # the official spelling; wins over hydra.sweeper.seed when set
+    # null: Optuna's default (not passed: several of these are deprecated in Optuna 4.9+)
+    consider_prior: Optional[bool] = None
+    prior_weight: Optional[float] = None
+    consider_magic_clip: Optional[bool] = None
+    consider_endpoints: Optional[bool] = None
     n_startup_trials: int = 10
+    n_ei_candidates: int = 24
     multivariate: bool = False
+    group: bool = False
+    warn_independent_sampling: Optional[bool] = None
     constant_liar: bool = False  # helps when n_jobs > 1 or several workers
 
 
@@ -80,17 +90,94 @@ class TPESamplerConf:
 class RandomSamplerConf:
     _target_: str = "optuna.samplers.RandomSampler"
     _partial_: bool = True
+    seed: Optional[int] = None
 
 
 @dataclass
 class GridSamplerConf:
-    """Every combination of the choice() params once, in a seeded order; n_trials capped to the grid."""
+    """Every point of the choice()/range() params once, in a seeded order; n_trials capped to the grid."""
 
     _target_: str = "optuna.samplers.GridSampler"
     _partial_: bool = True
+    seed: Optional[int] = None
 
 
-SAMPLERS = {"tpe": TPESamplerConf, "random": RandomSamplerConf, "grid": GridSamplerConf}
+@dataclass
+class CmaEsSamplerConf:
+    _target_: str = "optuna.samplers.CmaEsSampler"
+    _partial_: bool = True
+    seed: Optional[int] = None
+    x0: Optional[dict[str, Any]] = None
+    sigma0: Optional[float] = None
+    n_startup_trials: int = 1
+    warn_independent_sampling: Optional[bool] = None
+    consider_pruned_trials: bool = False
+    popsize: Optional[int] = None
+    use_separable_cma: bool = False
+    with_margin: bool = False
+    lr_adapt: bool = False
+
+
+@dataclass
+class NSGAIISamplerConf:
+    _target_: str = "optuna.samplers.NSGAIISampler"
+    _partial_: bool = True
+    seed: Optional[int] = None
+    population_size: int = 50
+    mutation_prob: Optional[float] = None
+    crossover_prob: float = 0.9
+    swapping_prob: float = 0.5
+
+
+@dataclass
+class QMCSamplerConf:
+    _target_: str = "optuna.samplers.QMCSampler"
+    _partial_: bool = True
+    seed: Optional[int] = None
+    qmc_type: str = "sobol"
+    scramble: bool = False
+    warn_asynchronous_seeding: bool = True
+    warn_independent_sampling: bool = True
+
+
+@dataclass
+class GPSamplerConf:
+    _target_: str = "optuna.samplers.GPSampler"
+    _partial_: bool = True
+    seed: Optional[int] = None
+    n_startup_trials: int = 10
+    deterministic_objective: bool = False
+    warn_independent_sampling: bool = True
+
+
+MOTPE_REMOVED = (
+    "hydra/sweeper/sampler=motpe: MOTPESampler was removed in Optuna 4; TPESampler searches several "
+    "objectives itself: write hydra/sweeper/sampler=tpe"
+)
+
+
+def motpe_removed(*args: Any, **kwargs: Any) -> Any:
+    raise ValueError(MOTPE_REMOVED)
+
+
+@dataclass
+class MOTPESamplerConf:
+    """Kept so that a config naming it gets the official plugin's answer instead of Hydra's generic one."""
+
+    _target_: str = "hydra_plugins.embft_optuna_sweeper.config.motpe_removed"
+    _partial_: bool = True
+    seed: Optional[int] = None
+
+
+SAMPLERS = {
+    "tpe": TPESamplerConf,
+    "random": RandomSamplerConf,
+    "grid": GridSamplerConf,
+    "cmaes": CmaEsSamplerConf,
+    "nsgaii": NSGAIISamplerConf,
+    "qmc": QMCSamplerConf,
+    "gp": GPSamplerConf,
+}
 
 PRUNERS = {
     "none": NopPrunerConf,
@@ -110,8 +197,9 @@ class EmbftOptunaSweeperConf:
       study's metric names (shown by Optuna's plots and dashboard), so an app can point
       ``direction`` at its own list of objectives, e.g. ``direction: ${objectives}``.
     - ``sampler`` (config group ``hydra/sweeper/sampler``: ``tpe`` (default), ``random``,
-      ``grid``; its fields are the Optuna class's arguments, e.g.
-      ``hydra.sweeper.sampler.n_startup_trials=5``; any Optuna sampler by its ``_target_``).
+      ``grid``, ``cmaes``, ``nsgaii``, ``qmc``, ``gp``, the official plugin's nodes; its fields are
+      the Optuna class's arguments, e.g. ``hydra.sweeper.sampler.n_startup_trials=5``; any Optuna
+      sampler by its ``_target_``). A grid enumerates ``choice()`` and ``range()`` params.
     - ``pruner`` (config group ``hydra/sweeper/pruner``: ``none`` (default), ``median``,
       ``successive_halving``, ``hyperband``; its fields are the Optuna class's arguments,
       e.g. ``hydra/sweeper/pruner=median hydra.sweeper.pruner.n_warmup_steps=2``). Jobs
@@ -137,11 +225,13 @@ class EmbftOptunaSweeperConf:
       ends at exactly ``n_trials``. With ``heartbeat_interval: null`` only finished trials
       count and concurrent workers may overshoot by their in-flight trials.
     - ``n_jobs``: trials asked per batch, handed to the launcher in one ``launch`` call.
-    - ``seed``: trial ``n`` is sampled with seed ``seed + n``. Trial numbers are unique in
+    - ``seed`` (or the official spelling ``sampler.seed``, which wins when set): trial ``n`` of a
+      TPE, random, NSGA-II or GP search is sampled with seed ``seed + n``; other samplers get ``seed``. Trial numbers are unique in
       the storage, so workers sharing a study never propose the same random samples, and
       a resumed study does not replay its first trials' samples. ``null``: unseeded.
     - ``max_failure_rate``/``failure_rate_min_trials``: the sweep aborts when more than
-      this fraction of the trials it finished failed, once at least that many finished.
+      this fraction of the trials it finished failed, once at least that many finished (the
+      official plugin checks each batch alone); it re-raises the last failed job's error.
     - ``heartbeat_interval``/``grace_period`` (seconds): RUNNING trials whose heartbeat is
       older than ``grace_period`` are marked FAIL before each batch; ``heartbeat_interval:
       null`` turns this off. ``grace_period: null`` (default) is ``max(2 * heartbeat_interval,
@@ -157,6 +247,12 @@ class EmbftOptunaSweeperConf:
       trials run, so that one whose worker dies is still retried (``false``: leave at once;
       the next run of the command retries it).
     - ``storage_options``: ``engine_kwargs`` and ``reconnect_timeout`` (:class:`StorageOptionsConf`).
+    - ``custom_search_space``: dotted path of a function ``(cfg, trial)`` called for each trial
+      after the params are suggested; it may suggest more params on the Optuna trial (each
+      becomes an override ``name=value``; name a new key ``+name``) and return ``None`` or a
+      mapping of further fixed overrides. A leading ``.`` names a module beside the app's script.
+    - ``search_space`` (deprecated in the official plugin, accepted): ``{name: {type: int|float|
+      categorical, low, high, step, log, choices}}``; ``params`` wins where both name a key.
     - ``params``: search space as Hydra override values, e.g.
       ``{lr: "tag(log, interval(1e-5, 1e-3))", batch_size: "choice(16, 32)"}``.
       Sweep overrides given on the command line are added and win over these.
@@ -182,12 +278,14 @@ class EmbftOptunaSweeperConf:
     wait_for_running: bool = True
     storage_options: StorageOptionsConf = field(default_factory=StorageOptionsConf)
     params: Optional[dict[str, str]] = None
+    custom_search_space: Optional[str] = None
+    search_space: Any = None  # Any: OmegaConf cannot merge a mapping override into a None typed Dict
     pruner: Any = None  # chosen by the defaults list above
 
 
 for _name, _node in PRUNERS.items():
     ConfigStore.instance().store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="embft")
-for _name, _node in SAMPLERS.items():
+for _name, _node in {**SAMPLERS, "motpe": MOTPESamplerConf}.items():
     ConfigStore.instance().store(group="hydra/sweeper/sampler", name=_name, node=_node, provider="embft")
 
 ConfigStore.instance().store(

@@ -45,6 +45,8 @@ class EmbftOptunaSweeper(Sweeper):
         storage_options: Optional[Mapping[str, Any]] = None,
         stale_trial_retries: Optional[int] = 1,
         wait_for_running: bool = True,
+        custom_search_space: Optional[str] = None,
+        search_space: Optional[Mapping[str, Any]] = None,
     ) -> None:
         from ._impl import OptunaSweeperImpl
 
@@ -65,6 +67,8 @@ class EmbftOptunaSweeper(Sweeper):
             storage_options=storage_options,
             stale_trial_retries=stale_trial_retries,
             wait_for_running=wait_for_running,
+            custom_search_space=custom_search_space,
+            search_space=search_space,
         )
 
     def setup(
