@@ -144,12 +144,15 @@ def start(cfg: Config) -> Job:
 
     check_values(cfg)
     trainer = load_trainer(cfg.train.backend)
+    check_label_budget(cfg)  # reads the data: a class short of train.per_class fails before the store
     quiet_libraries()
     device = pick_device(cfg.train.device)
     encode = pin_eval_settings(cfg, device)
     with open_dict(cfg):  # concrete, so a CPU run and a GPU run never share a config hash (skip, twins)
         cfg.train.device = device
         cfg.train.precision = pick_precision(cfg.train.precision, device)
+        if cfg.train.per_class is not None:  # per_class wins: the params and the hash say what ran
+            cfg.train.max_train_queries = None
     resolved = to_container(cfg)
     study_runs.mask_storage(resolved)  # the study URL's password stays out of MLflow
     test_metric = metric_name(cfg.eval)
@@ -176,6 +179,17 @@ def start(cfg: Config) -> Job:
         twin_key=mlflow_runs.twin_key(resolved) if twin_reason else None,
         twin_reason=twin_reason,
     )
+
+
+def check_label_budget(cfg: Config) -> None:
+    """train.per_class: every class has N train rows and validation rows, N suits the loss (one line
+    naming the class and its count otherwise). Loads the data, so only where a budget is set."""
+    if cfg.train.per_class is None:
+        return
+    from embft.data import load_splits
+    from embft.training.labelled import check_budget
+
+    check_budget(cfg, load_splits(cfg.data))
 
 
 def finished_run(job: Job) -> Optional[Any]:
@@ -307,6 +321,8 @@ def fine_tune(job: Job, ctx: TrainContext, prepared: Prepared):
     )
     result = job.trainer.train(ctx, prepared, callbacks=(live,))
     result = replace(result, labelled_texts=prepared.labelled_texts)
+    if cfg.train.per_class is not None:
+        result = replace(result, metrics={**result.metrics, names.TRAIN_PER_CLASS: float(cfg.train.per_class)})
     mlflow.set_tags(result.tags)
     if live.eval_seconds:  # live scoring ran inside the Trainer's time: training alone is the rest
         seconds = result.seconds - live.eval_seconds

@@ -178,6 +178,11 @@ class TrainConfig:
     seed: int = 42
     # Cap on training queries so that a CPU run stays small (null: every train row is a query).
     max_train_queries: Optional[int] = 2000
+    # The label budget as users count it: this many labelled texts of EVERY class (class-stratified,
+    # seeded by train.seed, the same rows for every backend; embft.training.labelled). Strict: FlagEmbedding's
+    # positives and negatives and a support_from_training support set come from those texts only.
+    # Set, it wins over max_train_queries (ignored then). null: max_train_queries decides.
+    per_class: Optional[int] = None
     logging_steps: int = 10
     # auto: bf16 autocast where the CPU/GPU supports it, else fp32.
     precision: Precision = Precision.fp32
@@ -349,6 +354,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("train.pad_to_multiple_of", _at_least(1), ">= 1"),
     ("train.warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("train.max_train_queries", _at_least(1), ">= 1 or null"),
+    ("train.per_class", _at_least(1), ">= 1 (labelled texts of every class) or null"),
     ("train.logging_steps", _at_least(1), ">= 1"),
     ("train.nproc_per_node", _at_least(1), ">= 1"),
     ("train.margin", lambda v: v >= 0, ">= 0 or null"),

@@ -58,6 +58,7 @@ TRAIN_QPS = "train_queries_per_second"
 EFFECTIVE_BATCH_SIZE = "effective_batch_size"
 EVAL_SECONDS = "eval_seconds"
 TRAIN_LABELLED_TEXTS = "train_labelled_texts"  # distinct labelled texts training read: the labelling cost
+TRAIN_PER_CLASS = "train_per_class"  # train.per_class: the label budget, texts of every class
 CLASSES_PER_BATCH = "train_classes_per_batch"  # mean distinct classes per batch (label-grouped batches)
 MIN_CLASSES_PER_BATCH = "train_min_classes_per_batch"
 F1 = "f1"

@@ -57,9 +57,9 @@ def support_source(splits: Any, cfg: Any) -> pd.DataFrame:
     the labelled texts its trainer read."""
     if not cfg.tracking.support_from_training:
         return splits.train
-    from embft.training.labelled import training_texts
+    from embft.training.labelled import budget_rows
 
-    return training_texts(splits.train, cfg.train.max_train_queries, cfg.train.seed)
+    return budget_rows(splits.train, cfg.train)
 
 
 def support_rows(splits: Any, cfg: Any) -> pd.DataFrame:

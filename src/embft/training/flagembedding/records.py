@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pandas as pd
 
-from embft.data import Splits
+from embft.data import Splits, frame_fingerprint
 from embft.errors import EmbftError
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def prepare_records(
     no_in_batch_neg: bool,
     encode: Optional[Callable[[list[str]], np.ndarray]] = None,
     model_key: str = "",
+    pool: Optional[pd.DataFrame] = None,
     **settings: Any,
 ) -> Path:
     """Write (or reuse) the records folder for these settings and return it.
@@ -170,22 +172,26 @@ def prepare_records(
     The folder name ends in `no_in_batch_neg` when asked: FlagEmbedding reads that suffix of a
     training folder as "use only each query's own negatives".
     `encode` is needed for pairing='hard' (negatives mined with the base model, cached per model).
+    `pool` (a strict label budget, train.per_class): queries, positives, negatives and mined negatives
+    all come from these rows only, instead of the whole train split.
     """
     pairing = settings.get("pairing", "examples")
-    key = records_key(splits, model=model_key if pairing == "hard" else "", **settings)
+    scope = {} if pool is None else {"pool": frame_fingerprint(pool)}  # absent: keys of earlier records hold
+    key = records_key(splits, model=model_key if pairing == "hard" else "", **scope, **settings)
     name = f"{dataset_name}-{key}" + (f"-{NO_IN_BATCH_NEG_SUFFIX}" if no_in_batch_neg else "")
     final = cache_dir / "records" / name
     if final.is_dir():
         log.info("Training records: cache hit %s", final)
         return final
 
-    texts = splits.train["text"].tolist()
-    labels = splits.train["label"].to_numpy()
+    rows = splits.train if pool is None else pool
+    texts = rows["text"].tolist()
+    labels = rows["label"].to_numpy()
     neighbours = None
     if pairing == "hard":
         if encode is None:
             raise ValueError("pairing='hard' needs an encoder")
-        folder = cache_dir / "hard_negatives" / records_key(splits, model=model_key)
+        folder = cache_dir / "hard_negatives" / records_key(splits, model=model_key, **scope)
         if not folder.is_dir():
             log.info("Mining hard negatives for %d texts with the base model", len(texts))
             mined = mine_hard_negatives(encode(texts), labels, n_candidates=64)

@@ -37,8 +37,11 @@ class FlagEmbeddingTrainer:
     def prepare(self, ctx: TrainContext) -> Prepared:
         """The records from the train split only (cached by content and settings)."""
         from embft.training.flagembedding.records import prepare_records
+        from embft.training.labelled import budget_rows
 
         cfg = ctx.cfg
+        # train.per_class: a strict budget, every record drawn from those texts (each one query once)
+        pool = None if cfg.train.per_class is None else budget_rows(ctx.splits.train, cfg.train)
         records_dir = prepare_records(
             ctx.splits,
             cache_dir=ctx.cache_dir,
@@ -48,7 +51,8 @@ class FlagEmbeddingTrainer:
             model_key=ctx.model_key,
             group_size=cfg.train.train_group_size,
             seed=cfg.train.seed,
-            max_queries=cfg.train.max_train_queries,
+            pool=pool,
+            max_queries=None if pool is not None else cfg.train.max_train_queries,
             prompt="",
             batch_size=cfg.train.same_dataset_batch_size,
             pairing=str(cfg.data.pairing),
@@ -59,10 +63,11 @@ class FlagEmbeddingTrainer:
                 record = json.loads(line)
                 n_records += 1
                 texts.update([record["query"], *record["pos"], *record["neg"]])
-        # label_text pairing: positives and negatives are class descriptions, counted like texts
+        # the train texts whose labels the records read (label_text pairing's class descriptions are not)
+        labelled = texts & set((ctx.splits.train if pool is None else pool)["text"])
         return Prepared(
             n_queries=n_records,
-            labelled_texts=len(texts),
+            labelled_texts=len(labelled),
             data=records_dir,
             tags={names.RECORDS_DIR: str(records_dir)},
         )

@@ -42,10 +42,10 @@ class SentenceTransformersTrainer:
         return None  # the twin rule is about FlagEmbedding's no_in_batch_neg suffix
 
     def prepare(self, ctx: TrainContext) -> Prepared:
-        from embft.training.labelled import training_texts
+        from embft.training.labelled import budget_rows
 
         t = ctx.cfg.train
-        rows = training_texts(ctx.splits.train, t.max_train_queries, t.seed)
+        rows = budget_rows(ctx.splits.train, t)
         spec = LOSSES[str(t.loss)]
         data = pair_rows(rows, t.seed) if spec.pairs else rows
         return Prepared(n_queries=len(data), labelled_texts=len(rows), data=data)

@@ -40,10 +40,10 @@ class SetFitTrainer:
         return None
 
     def prepare(self, ctx: TrainContext) -> Prepared:
-        from embft.training.labelled import training_texts
+        from embft.training.labelled import budget_rows
 
         t = ctx.cfg.train
-        rows = training_texts(ctx.splits.train, t.max_train_queries, t.seed)
+        rows = budget_rows(ctx.splits.train, t)
         return Prepared(n_queries=len(rows), labelled_texts=len(rows), data=rows)
 
     def train(self, ctx: TrainContext, prepared: Prepared, callbacks: Sequence[Any] = ()) -> TrainResult:
