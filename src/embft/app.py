@@ -23,6 +23,7 @@ from embft.data import Splits
 from embft.encoding.encoders import EncodeSettings
 from embft.errors import EmbftError
 from embft.evaluation.classification import EvalResult, score_metrics
+from embft.evaluation.scoring_id import scoring_tags
 from embft.tracking import mlflow_runs, study_runs, twins
 from embft.tracking.sweep import FAILED_MARKER, SKIPPED_MARKER
 from embft.training.base import Prepared, TrainContext, TrainResult
@@ -460,6 +461,7 @@ def run_job(cfg: Config) -> float | list[float] | Any:
         if twin is not None:
             return job.returned(twins.take_twin(job, twin))
         splits = load_data(job)
+        mlflow.set_tags(scoring_tags(cfg, splits, job.encode))  # what "best" may compare it with
         model_path = resolve_model_path(cfg.model)
         job.weights = weights_fingerprint(model_path)
         base_encoder = functools.cache(

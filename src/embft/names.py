@@ -15,6 +15,9 @@ BASELINE_KEY = "embft.baseline_key"  # model + data + eval settings of the untra
 TWIN_KEY = "embft.twin_key"  # the config hash with an inert no_in_batch_neg suffix left out
 TRAINED_AS = "embft.trained_as"  # on a run that took its twin's training: the run that trained
 TWIN_REASON = "embft.twin_reason"  # why the suffix could not change that training
+# What a run's scores were measured on (embft.evaluation.scoring_id): "best" compares only runs sharing it.
+SCORING_ID = "embft.scoring_id"
+SCORING_PREFIX = "embft.scoring."  # its parts: embft.scoring.dataset, .validation_rows, .budget, ...
 RECORDS_DIR = "records_dir"
 MODEL_DIR = "model_dir"
 PRECISION, DEVICE = "precision", "device"
@@ -89,6 +92,11 @@ def head_accuracy(head: str) -> str:
 def validation(metric: str) -> str:
     """The same score on the validation split: `val_accuracy_cosine`."""
     return f"{VALIDATION_PREFIX}{metric}"
+
+
+def scoring_part(part: str) -> str:
+    """The tag of one part of the scoring identity: `embft.scoring.dataset`."""
+    return f"{SCORING_PREFIX}{part}"
 
 
 def live(metric: str) -> str:

@@ -33,6 +33,7 @@ def _rows(runs: list, exp_names: dict[str, str]) -> list[dict[str, Any]]:
             "sweep": tags.get(names.SWEEP),
             "baseline_key": tags.get(names.BASELINE_KEY),
             "config_hash": tags.get(names.CONFIG_HASH),
+            "scoring_id": tags.get(names.SCORING_ID),  # what its scores were measured on (evaluation.scoring_id)
             "twin_reason": tags.get(names.TWIN_REASON),  # took a twin run's training (app.take_twin)
             "trained_as": tags.get(names.TRAINED_AS),
             "pruned": tags.get(names.OPTUNA_PRUNED) == "true",  # stopped by the study's pruner: a partial score

@@ -172,6 +172,19 @@ def varying_settings(runs: pd.DataFrame) -> list[str]:
     return keys
 
 
+SCORING = "scoring"  # the pseudo-setting of runs whose settings agree but were scored apart
+
+
+def _scored_apart(used: pd.DataFrame, settings: list[str]) -> bool:
+    """Do runs with the same settings carry different scoring identities (embft.scoring_id: other rows,
+    e.g. another copy of the data under the same name, or other evaluation settings)?"""
+    if "scoring_id" not in used or used["scoring_id"].isna().all():
+        return False
+    ids = used["scoring_id"].fillna("(untagged)")
+    groups = ids.groupby([used[k] for k in settings], sort=False) if settings else ids.groupby(lambda _: 0)
+    return bool((groups.nunique() > 1).any())
+
+
 def _short_names(keys: list[str]) -> dict[str, str]:
     """`train.learning_rate` -> `learning_rate`, `variant.name` -> `variant`; full key on clash."""
     parts = [k.split(".") for k in keys]
@@ -302,6 +315,9 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
     # Setting columns under their plain key; missing params count as a value of their own.
     for key in settings:
         used[key] = used[f"params.{key}"].fillna("(unset)").astype(str)
+    if _scored_apart(used, settings):  # never seeds of one configuration: their scores do not compare
+        used[SCORING] = used["scoring_id"].fillna("(untagged)").astype(str)
+        settings = [*settings, SCORING]
     used["_key"] = _baseline_keys(used, selected)
     base_rows, base_acc, sources, base_val = _baselines(df, used, settings, metric)
     acc = _metric(used, metric)

@@ -33,13 +33,58 @@ def objective_metric(config: Any) -> str:
 
 
 def group_of(run: Any) -> dict[str, str]:
-    """The runs `run` competes with for `best`: its Optuna study (all workers), else its sweep ({} alone)."""
+    """The runs `run` competes with for `best`: those of its Optuna study (all workers), else of its sweep
+    ({} alone), scored as it was (the same embft.scoring_id: the same rows of the same data, evaluated
+    alike, at the same label budget; embft.evaluation.scoring_id)."""
     tags = run.data.tags
     if tags.get(names.OPTUNA_STUDY):
-        return {names.OPTUNA_STUDY: tags[names.OPTUNA_STUDY]}
-    if tags.get(names.SWEEP):
-        return {names.SWEEP: tags[names.SWEEP]}
-    return {}
+        group = {names.OPTUNA_STUDY: tags[names.OPTUNA_STUDY]}
+    elif tags.get(names.SWEEP):
+        group = {names.SWEEP: tags[names.SWEEP]}
+    else:
+        return {}
+    if tags.get(names.SCORING_ID):  # runs logged before the tag existed compete as before, among themselves
+        group[names.SCORING_ID] = tags[names.SCORING_ID]
+    return group
+
+
+def champion_groups(experiment_id: str, group: dict[str, str], metric: str, name: str) -> list[tuple[dict, str]]:
+    """(group, registered model name) for each champion a study or sweep gets: one under `name` when its
+    runs share a scoring identity; one per dataset, `<name>-<dataset>`, when they span several datasets;
+    none for a dataset whose runs were scored several ways (one line says which parts differ)."""
+    runs = competitors(experiment_id, group, metric)
+    scored = [r for r in runs if r.data.tags.get(names.SCORING_ID)]
+    if scored and len(scored) < len(runs):
+        log.info(
+            "Registry: %d run(s) logged before embft tagged %s are left out of the choice",
+            len(runs) - len(scored),
+            names.SCORING_ID,
+        )
+    ids = {r.data.tags[names.SCORING_ID] for r in scored}
+    if len(ids) <= 1:
+        return [({**group, names.SCORING_ID: ids.pop()} if ids else group, name)]
+    by_dataset: dict[str, list[Any]] = {}
+    for r in scored:
+        by_dataset.setdefault(r.data.tags.get(names.scoring_part("dataset"), "?"), []).append(r)
+    out = []
+    for dataset, same_data in sorted(by_dataset.items()):
+        ids = {r.data.tags[names.SCORING_ID] for r in same_data}
+        if len(ids) == 1:
+            out.append(({**group, names.SCORING_ID: ids.pop()}, f"{name}-{dataset}"))
+            continue
+        differ = sorted(
+            k[len(names.SCORING_PREFIX) :]
+            for k in {k for r in same_data for k in r.data.tags if k.startswith(names.SCORING_PREFIX)}
+            if len({r.data.tags.get(k) for r in same_data}) > 1
+        )
+        log.warning(
+            "Registry: no champion for %s: its runs were scored %d ways (%s differ), so their scores do not "
+            "compare; sweep one value of those settings to get one",
+            dataset,
+            len(ids),
+            ", ".join(differ) or names.SCORING_ID,
+        )
+    return out
 
 
 def competitors(experiment_id: str, group: dict[str, str], metric: str) -> list[Any]:
@@ -109,6 +154,7 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
         names.VERSION_METRIC: metric,
         names.VERSION_SCORE: repr(score),
         names.VERSION_RUN: best.info.run_id,
+        **({names.SCORING_ID: best.data.tags[names.SCORING_ID]} if names.SCORING_ID in best.data.tags else {}),
     }
     # Several search workers end the same study: the first registers, the others find its version.
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{best.info.run_id}'")
@@ -131,7 +177,7 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
         champion = None
     if champion is not None and champion.version == version.version:
         return version
-    if champion is None or _beats(score, metric, champion):
+    if champion is None or _beats(score, metric, champion, best.data.tags.get(names.SCORING_ID)):
         client.set_registered_model_alias(name, names.CHAMPION, version.version)
         log.info("%s@%s -> version %s (%s=%.4f)", name, names.CHAMPION, version.version, metric, score)
     else:
@@ -148,7 +194,17 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
     return version
 
 
-def _beats(score: float, metric: str, champion: Any) -> bool:
+def _beats(score: float, metric: str, champion: Any, scoring: Optional[str] = None) -> bool:
+    if scoring and champion.tags.get(names.SCORING_ID) not in (None, scoring):
+        log.warning(
+            "Registry: the champion (version %s) was scored otherwise (%s %s, not %s): the scores do not "
+            "compare; the newer study takes the alias",
+            champion.version,
+            names.SCORING_ID,
+            champion.tags.get(names.SCORING_ID),
+            scoring,
+        )
+        return True
     if champion.tags.get(names.VERSION_METRIC) != metric or names.VERSION_SCORE not in champion.tags:
         # Another objective (e.g. test accuracy before the validation split): not comparable.
         log.warning(
@@ -171,7 +227,11 @@ def register_sweep_best(config: Any, experiment_id: str, sweep: str, metric: Opt
         return None
     study = OmegaConf.select(config, "hydra.sweeper.study_name", default=None)
     group = {names.OPTUNA_STUDY: str(study)} if study else {names.SWEEP: sweep}
+    metric = metric or objective_metric(config)
+    versions = []
     try:
-        return register_best(experiment_id, group, str(study or sweep), name, metric or objective_metric(config))
+        for scored_alike, registered in champion_groups(experiment_id, group, metric, name):
+            versions.append(register_best(experiment_id, scored_alike, str(study or sweep), registered, metric))
     except MlflowException as err:
         raise EmbftError(f"Registry: registering the best run of {study or sweep} as {name} failed: {err}") from err
+    return versions[0] if len(versions) == 1 else None  # several: one per dataset, each under its own name
