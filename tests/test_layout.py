@@ -7,7 +7,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "embft"
 PACKAGES = {"training", "training.flagembedding", "encoding", "evaluation", "tracking", "report", "serving"}
-BACKENDS = ("flagembedding", "sentence_transformers", "setfit")  # training/<backend>/: one each
+BACKENDS = ("flagembedding", "sentence_transformers", "setfit", "model2vec")  # training/<backend>/: one each
 MAX_LINES = 650  # "about 600": a file past it holds more than one concern
 PLUGIN = SRC.parent / "hydra_plugins"
 

@@ -139,11 +139,13 @@ def start(cfg: Config) -> Job:
 
     from embft.console import quiet_libraries
     from embft.encoding.encoders import pin_eval_settings
+    from embft.encoding.export import check_serve_backend
     from embft.encoding.precision import pick_device, pick_precision
     from embft.evaluation.classification import metric_name
     from embft.training.base import load_trainer
 
     check_values(cfg)
+    check_serve_backend(str(cfg.tracking.serve_backend))  # its packages, before any work
     trainer = load_trainer(cfg.train.backend)
     check_label_budget(cfg)  # reads the data: a class short of train.per_class fails before the store
     quiet_libraries()
@@ -344,7 +346,7 @@ def score_tuned(job: Job, splits: Splits, trained: TrainResult, base_encoder) ->
         str(trained.model_dir), cfg.model.pooling, cfg.model.normalize, job.encode, job.device
     )
     base, this = encoders.describe_encoder(base_encoder()), encoders.describe_encoder(tuned)
-    if base != this:
+    if not encoders.same_encoding(base, this):
         raise RuntimeError(f"the two sides of the comparison encode differently: baseline {base} vs tuned {this}")
     scores = evaluate(tuned, splits, job.cfg.eval, job.cfg.data.name)
     return scores, time.perf_counter() - start_time
@@ -352,11 +354,21 @@ def score_tuned(job: Job, splits: Splits, trained: TrainResult, base_encoder) ->
 
 def score_served(job: Job, splits: Splits, trained: TrainResult) -> dict[str, float]:
     """What a user would deploy, end to end on the same rows: the tuned embedder with each classifier
-    tracking.classifier can log (kNN, logistic regression), and a head the backend trained itself (SetFit's)."""
-    from embft.evaluation.classification import eval_rows
-    from embft.tracking.serving import served_scores
+    tracking.classifier can log (kNN, logistic regression), and a head the backend trained itself (SetFit's).
+    The folder is first exported for tracking.serve_backend (once, here), then scored with it and with torch
+    fp32 beside it, and the served classifier's texts per second measured."""
+    import mlflow
 
+    from embft.encoding.export import export_for_serving
+    from embft.evaluation.classification import eval_rows
+    from embft.evaluation.served import serve_speed, served_scores
+    from embft.serving.models import support_rows
+
+    backend = str(job.cfg.tracking.serve_backend)
+    export_for_serving(trained.model_dir, backend, support_rows(splits, job.cfg)["text"].tolist())
+    mlflow.set_tag(names.SERVE_BACKEND, backend)
     scores = served_scores(trained.model_dir, splits, job.cfg)
+    scores.update(serve_speed(trained.model_dir, splits, job.cfg))
     if trained.head is not None:
         for split, prefix in (("test", ""), ("validation", names.VALIDATION_PREFIX)):
             rows = eval_rows(splits, split, job.cfg.eval)
@@ -386,7 +398,7 @@ def log_results(job: Job, result: JobResult) -> None:
 
 def log_models(job: Job, splits: Splits, trained: TrainResult) -> None:
     """The embedder and a kNN classifier into the run (tracking.log_model), before the folder goes."""
-    from embft.tracking.serving import log_job_models
+    from embft.serving.models import log_job_models
 
     log_job_models(trained.model_dir, splits, job.cfg)
 

@@ -55,6 +55,16 @@ class ServedClassifier(StrEnum):
     logreg = "logreg"  # a logistic regression fitted on the support set's embeddings
 
 
+class ServeBackend(StrEnum):
+    """What runs the served embedder (tracking.serve_backend): exported once in the job (embft.encoding.export)."""
+
+    torch = "torch"  # the folder as trained, fp32
+    onnx = "onnx"  # ONNX Runtime, fp32 (sentence-transformers' backend="onnx")
+    onnx_int8 = "onnx_int8"  # ONNX Runtime, dynamic int8 quantization
+    openvino = "openvino"  # OpenVINO, fp32 (optimum-intel)
+    openvino_int8 = "openvino_int8"  # OpenVINO, static int8 calibrated on the job's train texts
+
+
 class Precision(StrEnum):
     auto = "auto"  # bf16 where the device runs it natively, else fp32
     fp32 = "fp32"
@@ -257,6 +267,11 @@ class TrackingConfig:
     # train.max_train_queries, train.seed), so the deployed classifier reads no other labels (SetFit's head
     # is fitted on exactly those); support_per_class still caps each class.
     support_from_training: bool = False
+    # What runs the served embedder (exported into the logged model; torch | onnx | onnx_int8 | openvino |
+    # openvino_int8). Every run scores its deployed classifier with it and with torch fp32 beside it.
+    serve_backend: ServeBackend = ServeBackend.torch
+    # A run whose serve_backend scores more than this below torch fp32 on validation is not registered as champion.
+    max_serve_accuracy_drop: float = 0.005
     # Where the job's closing paragraph links to for a local store: the UI `make mlflow-ui` starts,
     # on the port both read from EMBFT_MLFLOW_UI_PORT (default 5000). A server's links use its URI.
     ui_url: str = "http://127.0.0.1:${oc.env:EMBFT_MLFLOW_UI_PORT,5000}"
@@ -373,6 +388,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ),
     ("data.max_empty_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("tracking.support_per_class", _at_least(1), ">= 1, or null for the whole train split"),
+    ("tracking.max_serve_accuracy_drop", lambda v: 0 <= v <= 1, "in [0, 1] (accuracy points as a fraction)"),
 ]
 
 

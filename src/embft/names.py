@@ -84,6 +84,19 @@ def served_accuracy(classifier: str) -> str:
     return f"served_accuracy_{classifier}"
 
 
+def served_fp32_accuracy(classifier: str) -> str:
+    """The same classifier end to end with the embedder in torch fp32, beside `served_accuracy_*` (which is
+    measured with tracking.serve_backend): `served_fp32_accuracy_knn`."""
+    return f"served_fp32_accuracy_{classifier}"
+
+
+# The served classifier's texts per second, in-process with the served code on fixed validation texts:
+# one text per predict call, and SERVE_BATCH texts per call.
+SERVE_BATCH = 64
+SERVE_TPS_ONE, SERVE_TPS_BATCH = "serve_texts_per_second_1", f"serve_texts_per_second_{SERVE_BATCH}"
+SERVE_BACKEND = "embft.serve_backend"  # tag: what runs the served embedder (tracking.serve_backend, resolved)
+
+
 def head_accuracy(head: str) -> str:
     """A classifier a backend trains itself, scored end to end: `setfit_head_accuracy`."""
     return f"{head}_accuracy"

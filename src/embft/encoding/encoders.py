@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from embft.errors import EmbftError
@@ -149,6 +151,10 @@ def build_encoder(path: str, pooling: str, normalize: bool, settings: EncodeSett
 
     from embft.encoding.model_folder import assemble_sentence_transformer
 
+    if is_static(path):  # train.backend=model2vec: a token-vector table and a mean, saved whole with its Normalize
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(path, device=device, local_files_only=True)
     if settings.backend == "onnx":
         # "Saving the exported ONNX model is heavily recommended": the export is per job and takes seconds.
         logging.getLogger("sentence_transformers.backend.utils").setLevel(logging.ERROR)
@@ -162,10 +168,25 @@ def build_encoder(path: str, pooling: str, normalize: bool, settings: EncodeSett
     return assemble_sentence_transformer(transformer, pooling, normalize, device, encoder_class(settings.precision))
 
 
+def is_static(path: str) -> bool:
+    """Is the folder a static-embedding SentenceTransformer (its first module a StaticEmbedding)?"""
+    modules = Path(path) / "modules.json"
+    return modules.is_file() and "StaticEmbedding" in json.loads(modules.read_text())[0].get("type", "")
+
+
+def same_encoding(base: dict[str, Any], tuned: dict[str, Any]) -> bool:
+    """Do two describe_encoder results encode alike? A static model (train.backend=model2vec) is another
+    architecture by design: its normalization and device must match, pooling and length do not apply."""
+    if tuned.get("architecture") == "static":
+        return all(base[k] == tuned[k] for k in ("normalize", "device"))
+    return base == tuned
+
+
 def describe_encoder(model: Any) -> dict[str, Any]:
     """What decides how a SentenceTransformer encodes: compared between the two sides of a job."""
     transformer, pooling = model[0], next((m for m in model if type(m).__name__ == "Pooling"), None)
     return {
+        **({"architecture": "static"} if type(transformer).__name__ == "StaticEmbedding" else {}),
         "class": type(model).__name__,  # the bf16-autocast subclass or the plain one
         "backend": getattr(transformer, "backend", "torch"),
         "max_seq_length": model.max_seq_length,

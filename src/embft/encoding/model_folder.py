@@ -127,13 +127,16 @@ def save_whole(model: Any, final_dir: Path, settings: Optional[dict[str, Any]] =
     """Save a SentenceTransformer to `final_dir` complete or not at all (written beside it, then renamed),
     with the job's evaluation settings; the saved folder's max_seq_length is theirs."""
     trained_length = model.max_seq_length
-    if settings and settings.get("max_seq_length"):
+    # A static-embedding model (train.backend=model2vec) has no length to set: it reads every token.
+    static = type(model[0]).__name__ == "StaticEmbedding"
+    if settings and settings.get("max_seq_length") and not static:
         model.max_seq_length = int(settings["max_seq_length"])
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
     try:
         model.save(str(tmp))
-        model.max_seq_length = trained_length  # the caller's model encodes as before (SetFit's head)
+        if not static:
+            model.max_seq_length = trained_length  # the caller's model encodes as before (SetFit's head)
         if settings is not None:
             (tmp / ENCODE_SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
         if final_dir.exists():

@@ -17,6 +17,7 @@ max_seq_length tokens anyway, and tokenizing all of a 1 MB text costs ~0.7 s and
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -29,6 +30,7 @@ from mlflow.pyfunc import PythonModel
 MAX_ROWS = 1_000  # rows per predict call (one HTTP request); `embft predict` sends a file in chunks of this
 TEXT_CHARS_PER_TOKEN = 100  # a WordPiece token covers at most 100 characters (BERT's max_input_chars_per_word)
 _SHOWN = 5  # bad rows named in a message
+SERVE_FILE = "embft_serve_backend.json"  # embft.encoding.export.SERVE_FILE
 # lbfgs's budget: 100 (sklearn's default) can stop short of convergence on a large support set
 LOGREG_MAX_ITER = 1_000
 
@@ -90,6 +92,19 @@ def predict_labels(classifier: Any, embeddings: np.ndarray, width: int) -> tuple
     return classifier.classes_[proba.argmax(axis=1)], scores  # what predict returns, without a 2nd search
 
 
+def serve_load_kwargs(folder: str) -> dict[str, Any]:
+    """The backend the job exported the embedder for (SERVE_FILE in its folder, written by
+    embft.encoding.export, whose serve_load_kwargs this repeats): loaded as exported, never re-exported."""
+    spec_file = os.path.join(folder, SERVE_FILE)
+    if not os.path.isfile(spec_file):
+        return {}
+    with open(spec_file) as fh:
+        spec = json.load(fh)
+    if spec["backend"] == "torch":
+        return {}
+    return {"backend": spec["backend"], "model_kwargs": {"file_name": spec["file_name"]}}
+
+
 class KnnClassifier(PythonModel):
     """predict(frame with `text`) -> `label` (id), `label_name`, and `score_<name>` per class: kNN (the share
     of the k nearest support texts in that class) or logistic regression (model config `classifier`)."""
@@ -101,8 +116,10 @@ class KnnClassifier(PythonModel):
         config = context.model_config
         self.label_names = list(config["label_names"])
         self.batch_size = int(config.get("batch_size", 64))
-        self.embedder = SentenceTransformer(context.artifacts["embedder"], local_files_only=True)
-        self.max_chars = TEXT_CHARS_PER_TOKEN * (self.embedder.max_seq_length or 512)
+        folder = context.artifacts["embedder"]
+        self.embedder = SentenceTransformer(folder, local_files_only=True, **serve_load_kwargs(folder))
+        length = self.embedder.max_seq_length  # a static model (math.inf) reads every token: cut as at 512
+        self.max_chars = TEXT_CHARS_PER_TOKEN * (length if isinstance(length, int) and length else 512)
         support = np.load(context.artifacts["support"])
         self.classifier = make_classifier(config.get("classifier", "knn"), config["k"], config["metric"])
         self.classifier.fit(support["embeddings"], support["labels"])

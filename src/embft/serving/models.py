@@ -102,6 +102,8 @@ def log_models(
     from mlflow.models import infer_signature
     from sentence_transformers import SentenceTransformer
 
+    from embft.encoding.export import SERVE_PACKAGES, load_served, serve_spec
+
     # On the CPU, where a served model usually runs: the support set's vectors are those it computes.
     embedder = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
     example = INPUT_EXAMPLE["text"].tolist()
@@ -118,9 +120,9 @@ def log_models(
         log.warning("The classifier's support set has no rows of label(s) %s: it never predicts them", missing)
     with tempfile.TemporaryDirectory() as tmp:
         support_file = Path(tmp) / "support.npz"
-        np.savez(
+        np.savez(  # with the backend the folder is served with (embft.encoding.export), as the job scored it
             support_file,
-            embeddings=embed(embedder, support["text"], batch_size),
+            embeddings=embed(load_served(model_dir), support["text"], batch_size),
             labels=support["label"].to_numpy(dtype=np.int64),
         )
         info = mlflow.pyfunc.log_model(
@@ -137,7 +139,14 @@ def log_models(
             signature=classifier_signature(label_names),
             input_example=INPUT_EXAMPLE,
             pip_requirements=_pins(
-                "mlflow", "sentence-transformers", "transformers", "torch", "scikit-learn", "pandas", "numpy"
+                "mlflow",
+                "sentence-transformers",
+                "transformers",
+                "torch",
+                "scikit-learn",
+                "pandas",
+                "numpy",
+                *SERVE_PACKAGES.get(serve_spec(model_dir)["backend"], ()),
             ),
         )
     mlflow.set_tags({names.CLASSIFIER_URI: info.model_uri, names.SUPPORT_ROWS: str(len(support))})

@@ -177,6 +177,10 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
         champion = None
     if champion is not None and champion.version == version.version:
         return version
+    refused = serve_gate(best)
+    if refused:  # registered, but never the champion
+        log.warning("%s@%s: version %s is not made champion: %s", name, names.CHAMPION, version.version, refused)
+        return version
     if champion is None or _beats(score, metric, champion, best.data.tags.get(names.SCORING_ID)):
         client.set_registered_model_alias(name, names.CHAMPION, version.version)
         log.info("%s@%s -> version %s (%s=%.4f)", name, names.CHAMPION, version.version, metric, score)
@@ -192,6 +196,25 @@ def register_best(experiment_id: str, group: dict[str, str], study: str, name: s
             score,
         )
     return version
+
+
+def serve_gate(run: Any) -> Optional[str]:
+    """Why `run`'s served classifier may not be champion, or None: with its tracking.serve_backend (e.g. int8)
+    it scores more than tracking.max_serve_accuracy_drop below the same classifier in torch fp32 on validation."""
+    params, metrics = run.data.params, run.data.metrics
+    kind = params.get("tracking.classifier", "knn")
+    served = metrics.get(names.validation(names.served_accuracy(kind)))
+    fp32 = metrics.get(names.validation(names.served_fp32_accuracy(kind)))
+    if served is None or fp32 is None:  # runs logged before both were measured
+        return None
+    bound = float(params.get("tracking.max_serve_accuracy_drop", 0.005))
+    if fp32 - served <= bound + 1e-12:
+        return None
+    return (
+        f"served with tracking.serve_backend={params.get('tracking.serve_backend', '?')} it scores {served:.4f} on "
+        f"validation, {fp32 - served:.4f} below torch fp32 ({fp32:.4f}), more than tracking.max_serve_accuracy_drop="
+        f"{bound:g}; serve it with a backend within the bound (torch, onnx) or raise the bound"
+    )
 
 
 def _beats(score: float, metric: str, champion: Any, scoring: Optional[str] = None) -> bool:

@@ -23,6 +23,7 @@ BACKENDS = {
     "flagembedding": "embft.training.flagembedding.trainer.FlagEmbeddingTrainer",
     "sentence_transformers": "embft.training.sentence_transformers.trainer.SentenceTransformersTrainer",
     "setfit": "embft.training.setfit.trainer.SetFitTrainer",
+    "model2vec": "embft.training.model2vec.trainer.Model2VecTrainer",
 }
 DEFAULT_BACKEND = "flagembedding"
 
