@@ -157,6 +157,7 @@ def start(cfg: Config) -> Job:
         if cfg.train.per_class is not None:  # per_class wins: the params and the hash say what ran
             cfg.train.max_train_queries = None
     resolved = to_container(cfg)
+    resolved.pop("advise", None)  # the advise sweeper's settings (arms, budget, space): never a job's
     study_runs.mask_storage(resolved)  # the study URL's password stays out of MLflow
     test_metric = metric_name(cfg.eval)
     chosen_on_test = [o.metric for o in cfg.objectives if o.metric == test_metric]

@@ -302,6 +302,24 @@ class ObjectiveConfig:
 
 
 @dataclass
+class AdviseConfig:
+    """experiment=advise (hydra_plugins.embft_advise_sweeper): which arms, how many search trials each, how
+    many training seeds confirm each arm's chosen settings. Read by the sweeper only: never a job's setting
+    (not hashed, not logged). An arm's own search space is `advise.space` in its conf/arm/<arm>.yaml."""
+
+    # conf/arm names; the default is every arm in conf/arm that has an advise.space
+    arms: list[str] = field(default_factory=list)
+    trials_per_arm: int = 8
+    # A total search budget instead, split evenly over the arms (each needs min_trials_per_arm).
+    total_trials: Optional[int] = None
+    min_trials_per_arm: int = 2
+    seeds: int = 3  # training seeds 1..seeds confirm each arm's chosen settings (a paired interval needs 2)
+    every_steps: Optional[int] = 4  # live validation scores of a search trial, for the pruner (null: no pruning)
+    # search space of the arm composed (set by conf/arm/<arm>.yaml): override key -> Optuna sweeper syntax
+    space: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     name: str = "default"
     model: ModelConfig = MISSING
@@ -319,6 +337,7 @@ class Config:
     force: bool = False
     # Show full tracebacks for user errors.
     debug: bool = False
+    advise: AdviseConfig = field(default_factory=AdviseConfig)
 
 
 def project_root() -> str:

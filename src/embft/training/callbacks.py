@@ -103,6 +103,7 @@ class LiveTrainingCallback(TrainerCallback):
         # Scoring must not change training: the same random streams as a run without live evaluation
         # (torch: dropout; Python's random: FlagEmbedding's negative sampling, which MTEB's seeding
         # would reset; numpy), and train mode back (the Trainer sets it each step; other hooks may not).
+        model = getattr(model, "model_body", model)  # SetFit's callbacks get its SetFitModel: the body trains
         was_training = model.training
         rng, py_rng, np_rng = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None

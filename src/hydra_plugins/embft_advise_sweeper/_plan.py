@@ -1,0 +1,118 @@
+"""What an advise sweep will run, checked before anything is created: the arms (each composed with its own
+search space), the trials each gets, the seeds; a bad input is one line (EmbftError)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from embft.errors import EmbftError
+
+ARM_GROUP = "arm"
+
+
+@dataclass
+class Plan:
+    name: str  # the study's name (the job config's `name`)
+    arms: list[str]
+    configs: dict[str, DictConfig]  # each arm's composed job config
+    trials_per_arm: int
+    seeds: int
+    every_steps: Optional[int]
+    per_class: int
+    base: list[str] = field(default_factory=list)  # the command line's overrides, arm= removed
+    data_key: str = ""  # the splits' content fingerprint: two data=local folders never share a study
+
+    def study(self, arm: str) -> str:
+        return f"{self.name}/{self.data_key}/{arm}"
+
+    def seeds_study(self, arm: str) -> str:
+        return f"{self.study(arm)}/seeds"
+
+    def space(self, arm: str) -> dict[str, str]:
+        return {str(k): str(v) for k, v in self.configs[arm].advise.space.items()}
+
+
+def _composer(config: DictConfig) -> tuple[Callable[[list[str]], DictConfig], list[str]]:
+    """Compose a job config with overrides (the running app's config), and the arms conf/arm offers."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    name = OmegaConf.select(config, "hydra.job.config_name") or "config"
+    options = sorted(GlobalHydra.instance().config_loader().get_group_options(ARM_GROUP))
+    return (lambda overrides: compose(config_name=name, overrides=overrides)), options
+
+
+def make_plan(
+    config: DictConfig,
+    arguments: Sequence[str],
+    compose: Optional[Callable[[list[str]], DictConfig]] = None,
+    options: Optional[list[str]] = None,
+    splits: Any = None,
+) -> Plan:
+    """The advise sweep of `config` (the multirun's config) and its command line, checked: the budget
+    (train.per_class), the arms (known, each with an advise.space), trials and seeds, and the data (every
+    class has N train rows and validation rows) for each arm's backend."""
+    from embft.data import load_splits
+    from embft.training.labelled import check_budget
+
+    if compose is None or options is None:
+        compose, options = _composer(config)
+    advise = config.advise
+    per_class = OmegaConf.select(config, "train.per_class")
+    if per_class is None:
+        raise EmbftError(
+            "experiment=advise needs train.per_class=N (labelled texts of every class): the budget the arms are "
+            "compared at, e.g. train.per_class=8."
+        )
+    base = [a for a in arguments if not a.split("=", 1)[0].lstrip("+~") == ARM_GROUP]
+    arms = [str(a) for a in advise.arms] or None
+    if arms is None:  # every arm with a search space
+        arms = [a for a in options if compose([*base, f"{ARM_GROUP}={a}"]).advise.space]
+    unknown = [a for a in arms if a not in options]
+    if unknown:
+        raise EmbftError(f"advise.arms: no arm {unknown[0]!r} in conf/arm; choose from {', '.join(options)}.")
+    if len(set(arms)) != len(arms):
+        raise EmbftError(f"advise.arms={arms}: an arm is listed twice.")
+    minimum = int(advise.min_trials_per_arm)
+    if advise.total_trials is not None:
+        trials = int(advise.total_trials) // len(arms)
+        if trials < minimum:
+            raise EmbftError(
+                f"advise.total_trials={advise.total_trials} gives each of the {len(arms)} arms {trials} trial(s), "
+                f"under advise.min_trials_per_arm={minimum}: raise it to {minimum * len(arms)} or list fewer arms."
+            )
+    else:
+        trials = int(advise.trials_per_arm)
+        if trials < minimum:
+            raise EmbftError(
+                f"advise.trials_per_arm={trials}: each arm needs at least advise.min_trials_per_arm={minimum} "
+                "trials to choose its settings."
+            )
+    if int(advise.seeds) < 2:
+        raise EmbftError(f"advise.seeds={advise.seeds}: a paired interval needs at least 2 training seeds.")
+    configs = {arm: compose([*base, f"{ARM_GROUP}={arm}"]) for arm in arms}
+    for arm, arm_cfg in configs.items():
+        if not arm_cfg.advise.space:
+            raise EmbftError(
+                f"advise.arms: arm {arm!r} has no search space: give conf/arm/{arm}.yaml an advise.space block."
+            )
+    if splits is None:
+        splits = load_splits(config.data)
+    for arm_cfg in configs.values():
+        check_budget(arm_cfg, splits)
+    every = advise.every_steps
+    return Plan(
+        name=str(config.name),
+        arms=arms,
+        configs=configs,
+        trials_per_arm=trials,
+        seeds=int(advise.seeds),
+        every_steps=None if every is None else int(every),
+        per_class=int(per_class),
+        base=base,
+        data_key=splits.fingerprint()[:8],
+    )

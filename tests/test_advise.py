@@ -1,0 +1,290 @@
+"""experiment=advise: bad inputs refused in one line before anything is created; the recommendation's numbers
+(paired by seed) computed as a reader would; and, on the tiny model, a small advise end to end (2 arms x 2
+trials x 2 seeds): every stage, strict budgets read back from MLflow, the resume, the champion per dataset."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from embft.errors import EmbftError
+
+ARMS_DIR = Path(__file__).resolve().parents[1] / "conf" / "arm"
+ARMS = sorted(p.stem for p in ARMS_DIR.glob("*.yaml"))
+
+
+def _data(folder: Path, n_per_class: int = 30, classes=("a", "b", "c", "d"), seed: int = 0) -> Path:
+    from test_data import synthetic, write
+
+    return write(
+        folder,
+        synthetic(n_per_class=n_per_class, classes=classes, seed=seed),
+        synthetic(classes=classes, seed=seed + 1),
+    )
+
+
+def _plan(compose, overrides, splits=None):
+    from hydra_plugins.embft_advise_sweeper._plan import make_plan
+
+    def arm_config(more):
+        return compose([*overrides, *more])
+
+    return make_plan(compose(overrides), overrides, compose=arm_config, options=ARMS, splits=splits)
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    "more,expected",
+    [
+        (["advise.arms=[supcon,nope]"], "advise.arms: no arm 'nope' in conf/arm; choose from"),
+        (
+            ["advise.arms=[supcon,setfit,contrastive]", "advise.total_trials=5"],
+            "advise.total_trials=5 gives each of the 3 arms 1 trial(s), under advise.min_trials_per_arm=2: raise it to 6",
+        ),
+        (["advise.trials_per_arm=1"], "advise.trials_per_arm=1: each arm needs at least advise.min_trials_per_arm=2"),
+        (["advise.seeds=1"], "advise.seeds=1: a paired interval needs at least 2 training seeds"),
+        (["train.per_class=null"], "experiment=advise needs train.per_class=N"),
+        (["train.per_class=40"], "train.per_class=40: class '0' has 27 train rows"),
+        (["advise.arms=[setfit]", "train.per_class=1"], "train.per_class=1: train.backend=setfit draws a same-class"),
+    ],
+)
+def test_a_bad_advise_is_refused_in_one_line(compose, tmp_path, more, expected) -> None:
+    folder = _data(tmp_path / "data")
+    base = ["experiment=advise", "data=local", f"data.local_dir={folder}", "data.label_names=[]", "train.per_class=8"]
+    with pytest.raises(EmbftError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")) as err:
+        _plan(compose, [*base, *more])
+    assert "\n" not in str(err.value)
+
+
+def test_a_dataset_whose_validation_leaves_a_class_out_is_refused(compose, tmp_path) -> None:
+    from embft.data import load_splits
+
+    folder = _data(tmp_path / "data")
+    base = ["experiment=advise", "data=local", f"data.local_dir={folder}", "data.label_names=[]", "train.per_class=4"]
+    splits = load_splits(compose(base).data)
+    splits.validation = splits.validation[splits.validation["label"] != 3]
+    with pytest.raises(EmbftError, match="class '3' has no validation rows"):
+        _plan(compose, base, splits=splits)
+
+
+def test_the_default_arms_are_every_arm_with_a_search_space(compose, tmp_path) -> None:
+    folder = _data(tmp_path / "data")
+    plan = _plan(compose, ["experiment=advise", "data=local", f"data.local_dir={folder}", "data.label_names=[]"])
+    searchable = [a for a in ARMS if "\nadvise:" in (ARMS_DIR / f"{a}.yaml").read_text()]
+    assert len(searchable) >= 9 and plan.arms == searchable and plan.per_class == 8 and plan.seeds == 3 and plan.trials_per_arm == 8
+    assert {"train.learning_rate", "train.temperature"} <= set(plan.space("supcon"))
+    assert "train.margin" in plan.space("batch_hard_triplet") and "train.margin" not in plan.space("setfit")
+
+
+def test_the_advise_settings_are_no_jobs_setting(compose) -> None:
+    """advise.* (set by an arm's file) neither enters a job's config hash nor its params: the trainers study's
+    jobs keep their identity."""
+    from embft.app import start
+
+    plain, advised = start(compose(["arm=supcon"])), start(compose(["arm=supcon", "advise.seeds=5"]))
+    assert plain.config_hash == advised.config_hash
+    assert not any(k.startswith("advise") for k in plain.params)
+
+
+def test_a_bad_advise_on_the_command_line_creates_nothing(tmp_path) -> None:
+    folder = _data(tmp_path / "data")
+    env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    args = ["-m", "experiment=advise", "data=local", f"data.local_dir={folder}", "data.label_names=[]"]
+    done = subprocess.run(
+        [sys.executable, "-m", "embft", *args, "advise.arms=[supcon,nope]"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1
+    output = done.stdout + done.stderr
+    assert [line for line in output.splitlines() if line.strip()] == [
+        next(line for line in output.splitlines() if "advise.arms: no arm 'nope' in conf/arm; choose from" in line)
+    ], output[-2000:]
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()
+
+
+# -------------------------------------------------------------------------------------- the report
+
+
+def test_the_recommendation_is_the_paired_difference_by_seed(tmp_path) -> None:
+    from embft.report import advise
+
+    rows = []
+    for seed, (a, b, base) in enumerate([(0.80, 0.70, 0.60), (0.84, 0.76, 0.60), (0.82, 0.71, 0.60)], start=1):
+        for arm, val, seconds in (("supcon", a, 10.0), ("setfit", b, 100.0)):
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": str(seed),
+                    "val_accuracy_cosine": val,
+                    "delta_val_accuracy_cosine": val - base,
+                    "accuracy_cosine": val - 0.01,
+                    "delta_accuracy_cosine": val - 0.01 - base,
+                    "train_seconds": seconds,
+                    "train_labelled_texts": 32.0,
+                }
+            )
+    budget = advise.Budget(data="toy", per_class=8, trials_per_arm=2, seeds=3, arms=["supcon", "setfit"])
+    result = advise.write(pd.DataFrame(rows), budget, tmp_path, metric="val_accuracy_cosine")
+    assert result.best_arm == "supcon"
+    diffs = pd.Series([0.10, 0.08, 0.11])  # by seed, by hand
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / 3**0.5
+    first = result.paired.iloc[0]
+    assert first["versus"] == "setfit" and first["mean"] == pytest.approx(diffs.mean())
+    assert first["low"] == pytest.approx(diffs.mean() - half) and first["time_ratio"] == pytest.approx(0.1)
+    expected = f"use supcon: +{100 * diffs.mean():.1f} [+{100 * (diffs.mean() - half):.1f}, +{100 * (diffs.mean() + half):.1f}] points over setfit, at 0.1 times its training time"
+    assert expected in result.sentence
+    assert (tmp_path / "advise.png").is_file() and json.loads((tmp_path / "advise.json").read_text())[
+        "best_arm"
+    ] == "supcon"
+    assert result.sentence in (tmp_path / "advise.md").read_text()
+
+
+# ------------------------------------------------------------------------------- end to end (tiny)
+
+
+def _advise(root: Path, data: Path, model: Path, name: str, arms: str) -> subprocess.CompletedProcess:
+    from test_pipeline import embft
+
+    return embft(
+        root,
+        "-m",
+        "experiment=advise",
+        "data=local",
+        f"data.name={name}",
+        f"data.local_dir={data}",
+        "data.label_names=[]",
+        "data.validation=0.25",
+        "model.package=null",
+        f"model.name_or_path={model}",
+        "eval.max_seq_length=32",
+        "eval.samples_per_label=4",
+        "eval.n_experiments=1",
+        "train.per_class=6",
+        "train.logging_steps=2",
+        "train.per_device_train_batch_size=8",  # replaces the arms' batch choice: 24 texts fill 3 batches
+        "train.num_train_epochs=1",
+        f"advise.arms=[{arms}]",
+        "advise.trials_per_arm=2",
+        "advise.seeds=2",
+        "advise.every_steps=2",
+    )
+
+
+@pytest.fixture(scope="module")
+def advised(tmp_path_factory):
+    """One small advise on the tiny model (supcon and setfit, 2 trials, 2 seeds), then the same command again."""
+    from conftest import make_tiny_bert
+
+    base = tmp_path_factory.mktemp("advise")
+    model, data, root = make_tiny_bert(base / "tiny"), _data(base / "alpha"), base / "root"
+    first = _advise(root, data, model, "alpha", "supcon,setfit")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    before = _runs(root, "advise_alpha_6")
+    again = _advise(root, data, model, "alpha", "supcon,setfit")
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    return {"root": root, "model": model, "base": base, "first": first, "again": again, "before": before}
+
+
+def _runs(root: Path, experiment: str):
+    from test_pipeline import runs
+
+    return runs(root, experiment)
+
+
+def _tuned(runs):
+    return [r for r in runs if r.data.tags.get("embft.role") == "finetune"]
+
+
+@pytest.mark.slow
+def test_an_advise_searches_each_arm_confirms_over_seeds_reports_and_registers(advised) -> None:
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from embft import names
+
+    root = advised["root"]
+    runs = advised["before"]
+    tuned = _tuned(runs)
+    studies = {r.data.tags[names.OPTUNA_STUDY] for r in tuned}
+    search = sorted(s for s in studies if not s.endswith("/seeds"))
+    assert len(search) == 2 and {s.rsplit("/", 1)[1] for s in search} == {"supcon", "setfit"}
+    storage = f"sqlite:///{root}/mlruns/optuna.db"
+    for study in search:  # a budgeted search of the arm's own settings, on validation
+        trials = optuna.load_study(study_name=study, storage=storage).trials
+        assert len(trials) == 2 and {"train.learning_rate", "train.num_train_epochs"} <= set(trials[0].params)
+    seeds = [r for r in tuned if r.data.tags[names.OPTUNA_STUDY].endswith("/seeds")]
+    assert sorted((r.data.tags[names.OPTUNA_STUDY].split("/")[-2], r.data.params["train.seed"]) for r in seeds) == [
+        ("setfit", "1"),
+        ("setfit", "2"),
+        ("supcon", "1"),
+        ("supcon", "2"),
+    ]
+    assert all(r.info.status == "FINISHED" for r in seeds)
+    report = root / "experiments" / "advise" / "alpha_6"
+    md = (report / "advise.md").read_text()
+    summary = json.loads((report / "advise.json").read_text())
+    best = summary["best_arm"]
+    assert f"For this data (alpha) at 6 per class, use {best}:" in md and (report / "advise.png").is_file()
+    assert "points over" in summary["sentence"] and "untrained model" in md
+    # the recommendation on the study's MLflow parent run
+    parent = next(r for r in runs if r.data.tags.get("embft.role") == "study" and r.data.tags.get("advise.best_arm"))
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    assert {"advise/advise.md", "advise/advise.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "advise")
+    }
+    # the recommended arm's best seed is advise_alpha_6@champion
+    champion = client.get_model_version_by_alias("advise_alpha_6", names.CHAMPION)
+    chosen = [r for r in seeds if r.data.tags[names.OPTUNA_STUDY].split("/")[-2] == best]
+    top = max(chosen, key=lambda r: r.data.metrics["val_accuracy_cosine"])
+    assert champion.run_id == top.info.run_id
+
+
+@pytest.mark.slow
+def test_every_arm_reads_exactly_the_budgeted_labels(advised) -> None:
+    """Strict budgets, from the store: every run of every arm (searches and seeds) read 6 texts x 4 classes."""
+    tuned = _tuned(advised["before"])
+    assert tuned and all(
+        r.data.metrics["train_labelled_texts"] == 6 * 4 for r in tuned if "train_labelled_texts" in r.data.metrics
+    )
+    finished = [r for r in tuned if r.info.status == "FINISHED" and r.data.tags.get("optuna.pruned") != "true"]
+    assert finished and all(r.data.metrics["train_labelled_texts"] == 24 for r in finished)
+    assert all(r.data.metrics["train_per_class"] == 6 for r in finished)
+
+
+@pytest.mark.slow
+def test_a_rerun_trains_nothing(advised) -> None:
+    after = _tuned(_runs(advised["root"], "advise_alpha_6"))
+    assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in _tuned(advised["before"]))
+    assert "skipped (already FINISHED)" in advised["again"].stdout + advised["again"].stderr
+
+
+@pytest.mark.slow
+def test_the_champion_is_chosen_per_dataset(advised) -> None:
+    """A second dataset's advise registers its own champion; the first dataset's stays where it was."""
+    from mlflow.tracking import MlflowClient
+
+    from embft import names
+
+    root = advised["root"]
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    alpha = client.get_model_version_by_alias("advise_alpha_6", names.CHAMPION)
+    beta_data = _data(advised["base"] / "beta", classes=("x", "y", "z"), seed=5)
+    done = _advise(root, beta_data, advised["model"], "beta", "supcon")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    beta = client.get_model_version_by_alias("advise_beta_6", names.CHAMPION)
+    beta_run = client.get_run(beta.run_id)
+    assert beta_run.data.tags["data"] == "beta" and beta_run.data.metrics["train_labelled_texts"] == 6 * 3
+    assert client.get_model_version_by_alias("advise_alpha_6", names.CHAMPION).version == alpha.version
+    assert client.get_run(alpha.run_id).data.tags["data"] == "alpha"
