@@ -1,27 +1,32 @@
-"""The served classifier under load: `mlflow models serve` on loopback, concurrent clients.
+"""The served classifier under load, per served backend: `mlflow models serve` on loopback, concurrent clients.
 
-    python benchmarks/serve_load.py [--quick] [--model-uri models:/NAME@champion] [--workers 1,2]
+    python benchmarks/serve_load.py [--quick] [--backends torch,onnx,onnx_int8,openvino,openvino_int8]
+                                    [--model-uri models:/NAME@champion] [--workers 1,2]
 
-For each server worker setting (default: 1 and the core count), one server; against it, 1, 8 and
-32 concurrent clients (threads, one keep-alive connection each) sending one text and 64 texts per
-request. Each setting is bounded in count and time: clients start requests until --requests have
-started (at least one per client) or --seconds have passed, then the ones in flight finish.
-One line per setting:
+One model (MiniLM, 64 tokens, k=3 cosine, 256 AG News support texts per class, as
+benchmarks/serve_latency.py builds it) is exported once per backend (embft.encoding.export, as a job with
+tracking.serve_backend does) and logged as a classifier; one server per backend, all up at once, and the
+settings interleaved: for each client count (1, 8, 32) and texts per request (1, 64), every backend in
+turn. Each setting is bounded in count and time: clients start requests until --requests have started
+(at least one per client) or --seconds have passed, then the ones in flight finish. One line per setting:
 
-    workers=1 threads=2 clients=8 texts_per_request=1 requests=100 seconds=4.1 rps=24.4 texts_per_s=24.4 \
-p50_ms=310.2 p95_ms=402.0 p99_ms=415.3 peak_rss_mb=1040 errors=0
+    backend=onnx workers=1 threads=2 clients=8 texts_per_request=1 requests=100 seconds=4.1 rps=24.4 \
+texts_per_s=24.4 p50_ms=310.2 p95_ms=402.0 p99_ms=415.3 peak_rss_mb=1040 errors=0
 
 rps counts answered requests per second of the setting's wall time; peak_rss_mb is the largest
 summed RSS of the server's process tree (the `mlflow` CLI, uvicorn and its workers) sampled every
 0.2 s during the setting; errors counts requests that got no 200 with one prediction per text
-(a timeout, a refused connection, a 5xx, MLflow's 504 after its 60 s request timeout). The
-command exits 1 if any setting had an error.
+(a timeout, a refused connection, a 5xx, MLflow's 504 after its 60 s request timeout). Before the
+load, per backend: its accuracy on ACCURACY_ROWS AG News test rows (not the load texts) next to torch
+fp32's, and its texts per second in this process (the pyfunc model's predict, one text per call):
+what the server adds on top is MLflow's. The last line is `serve_speedup=<x>`: the best backend whose
+accuracy is within --max-drop (0.005) of torch fp32, over torch fp32, in requests per second of one
+text at 8 clients. The command exits 1 if any setting had an error.
 
-Each worker runs torch with --threads intra-op threads (default: cores // workers, through
-OMP_NUM_THREADS): two workers of two threads each on two cores spin against each other. Without
---model-uri the classifier is built as benchmarks/serve_latency.py builds it (MiniLM, 64 tokens,
-k=3 cosine, 256 AG News support texts per class) in a throwaway sqlite store. --quick: 8 s and
-48 requests per setting (the whole run takes ~5 minutes on 2 cores); the default 60 s and 1,000.
+Each worker runs with --threads intra-op threads (default: cores // workers, through OMP_NUM_THREADS,
+which torch, ONNX Runtime and OpenVINO read): two workers of two threads each on two cores spin against
+each other. With --model-uri, that one classifier is served as logged (one backend, its own).
+--quick: 8 s and 48 requests per setting, one worker; the default 60 s and 1,000, workers 1 and the core count.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from serve_latency import DATA, build_model  # noqa: E402
 
 CLIENTS = (1, 8, 32)
 TEXTS_PER_REQUEST = (1, 64)
+BACKENDS = ("torch", "onnx", "onnx_int8", "openvino", "openvino_int8")
+ACCURACY_ROWS = 1000  # AG News test rows after the load texts: each backend's accuracy beside torch fp32's
 
 
 def serve(model_uri: str, workers: int, threads: int, log: Path) -> tuple[subprocess.Popen, int]:
@@ -130,57 +137,158 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {'+'.join(native) if native else 'no avx512_bf16/amx'}"
 
 
+def build_backends(store: Path, backends: list[str], per_class: int) -> dict[str, str]:
+    """The serve_latency model exported once per backend and logged as a classifier: {backend: model URI}."""
+    import shutil
+
+    import mlflow
+
+    from embft.encoding.export import export_for_serving
+
+    build_model(store, per_class)  # the torch fp32 folder (store/minilm) and a throwaway sqlite store
+    train = pd.read_csv(DATA / "train.csv")
+    uris = {}
+    for backend in backends:
+        folder = store / f"minilm_{backend}"
+        shutil.copytree(store / "minilm", folder)
+        started = time.monotonic()
+        export_for_serving(folder, backend, train["text"].tolist())
+        print(f"backend={backend}: exported in {time.monotonic() - started:.0f} s", flush=True)
+        uris[backend] = log_backend(folder, train, per_class, mlflow)
+    return uris
+
+
+def log_backend(folder: Path, train: pd.DataFrame, per_class: int, mlflow) -> str:
+    from embft.serving.models import log_models
+
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serve_latency").experiment_id):
+        return log_models(
+            folder,
+            train,
+            ["World", "Sports", "Business", "Sci/Tech"],
+            k=3,
+            metric="cosine",
+            support_per_class=per_class,
+            seed=42,
+        )
+
+
+def in_process(uri: str, rows: pd.DataFrame, texts: list[str]) -> tuple[float, float]:
+    """(accuracy on `rows`, texts per second of one-text predict calls on `texts`) of the logged classifier."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(uri)
+    accuracy = float((model.predict(rows[["text"]])["label"].to_numpy() == rows["label"].to_numpy()).mean())
+    model.predict(pd.DataFrame({"text": texts[:1]}))
+    started = time.perf_counter()
+    for text in texts:
+        model.predict(pd.DataFrame({"text": [text]}))
+    return accuracy, len(texts) / (time.perf_counter() - started)
+
+
+def wait_idle(pid: int, timeout: float = 300) -> None:
+    """Until the server's process tree uses under 10% of a core over half a second (at most `timeout`)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        before = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+        time.sleep(0.5)
+        with contextlib.suppress(psutil.Error):
+            after = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+            if after - before < 0.05:
+                return
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8 s and 48 requests per setting")
-    parser.add_argument("--model-uri", help="default: build the MiniLM classifier in a throwaway store")
+    parser.add_argument("--quick", action="store_true", help="8 s and 48 requests per setting, one worker")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="served backends, comma-separated")
+    parser.add_argument("--model-uri", help="serve this classifier as logged (default: build one per backend)")
     parser.add_argument("--support-per-class", type=int, default=256)
     parser.add_argument("--workers", help="server worker settings, comma-separated (default: 1 and the core count)")
-    parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores // workers)")
+    parser.add_argument("--threads", type=int, help="intra-op threads per worker (default: cores // workers)")
     parser.add_argument("--requests", type=int, help="most requests per setting (default 1000, --quick 48)")
     parser.add_argument("--seconds", type=float, help="time per setting (default 60, --quick 8)")
+    parser.add_argument("--max-drop", type=float, default=0.005, help="accuracy bound for serve_speedup")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    workers_list = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, cores})
+    default_workers = [1] if args.quick else sorted({1, cores})
+    workers_list = [int(w) for w in args.workers.split(",")] if args.workers else default_workers
     requests = args.requests or (48 if args.quick else 1000)
     seconds = args.seconds or (8.0 if args.quick else 60.0)
 
-    texts = pd.read_csv(DATA / "test.csv", nrows=640)["text"].tolist()
+    test = pd.read_csv(DATA / "test.csv")
+    texts = test["text"].tolist()[:640]
+    rows = test.iloc[640 : 640 + ACCURACY_ROWS]
     print(f"machine: {machine()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     failed = False
+    rps: dict[tuple[str, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        uri = args.model_uri or build_model(Path(tmp), args.support_per_class)
-        print(f"model {uri}; each setting: at most {requests} requests or {seconds:g} s", flush=True)
+        if args.model_uri:
+            uris = {"as_logged": args.model_uri}
+        else:
+            uris = build_backends(Path(tmp), [b.strip() for b in args.backends.split(",")], args.support_per_class)
+        accuracy = {}
+        for backend, uri in uris.items():
+            accuracy[backend], speed = in_process(uri, rows, texts[:64])
+            print(
+                f"backend={backend} accuracy={accuracy[backend]:.4f} on {len(rows)} rows; in-process "
+                f"texts_per_s_1={speed:.1f} (threads {cores})",
+                flush=True,
+            )
+        print(f"each setting: at most {requests} requests or {seconds:g} s", flush=True)
         for workers in workers_list:
             threads = args.threads or max(1, cores // workers)
-            log = Path(tmp) / f"serve_{workers}.log"
-            started = time.monotonic()
-            server, port = serve(uri, workers, threads, log)
-            print(f"workers={workers}: server up in {time.monotonic() - started:.0f} s", flush=True)
+            servers = {}
             try:
-                run_setting(port, texts, max(workers, 2), 1, 2 * workers, 0)  # warm-up: lazy initialisation
-                run_setting(port, texts, max(workers, 2), 64, 2 * workers, 0)
+                for backend, uri in uris.items():
+                    log = Path(tmp) / f"serve_{backend}_{workers}.log"
+                    started = time.monotonic()
+                    servers[backend] = serve(uri, workers, threads, log)
+                    print(f"backend={backend} workers={workers}: server up in {time.monotonic() - started:.0f} s")
+                    port = servers[backend][1]
+                    run_setting(port, texts, max(workers, 2), 1, 2 * workers, 0)  # warm-up: lazy initialisation
+                    run_setting(port, texts, max(workers, 2), 64, 2 * workers, 0)
                 for clients in CLIENTS:
                     for per_request in TEXTS_PER_REQUEST:
-                        with PeakRss(server.pid) as rss:
-                            latencies, errors, wall = run_setting(port, texts, clients, per_request, requests, seconds)
-                        done = len(latencies)
-                        print(
-                            f"workers={workers} threads={threads} clients={clients} texts_per_request={per_request} "
-                            f"requests={done + len(errors)} seconds={wall:.1f} rps={done / wall:.1f} "
-                            f"texts_per_s={done * per_request / wall:.1f} p50_ms={percentile(latencies, 0.50):.1f} "
-                            f"p95_ms={percentile(latencies, 0.95):.1f} p99_ms={percentile(latencies, 0.99):.1f} "
-                            f"peak_rss_mb={rss.peak / 2**20:.0f} errors={len(errors)}",
-                            flush=True,
-                        )
-                        if errors:
-                            failed = True
-                            print(f"  first error: {errors[0]}", file=sys.stderr, flush=True)
-                if server.poll() is not None:
-                    raise SystemExit(f"the server exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+                        for backend, (server, port) in servers.items():  # interleaved: one setting, every backend
+                            with PeakRss(server.pid) as rss:
+                                latencies, errors, wall = run_setting(
+                                    port, texts, clients, per_request, requests, seconds
+                                )
+                            done = len(latencies)
+                            if per_request == 1 and workers == workers_list[0]:
+                                rps[(backend, clients)] = done / wall
+                            print(
+                                f"backend={backend} workers={workers} threads={threads} clients={clients} "
+                                f"texts_per_request={per_request} requests={done + len(errors)} seconds={wall:.1f} "
+                                f"rps={done / wall:.1f} texts_per_s={done * per_request / wall:.1f} "
+                                f"p50_ms={percentile(latencies, 0.50):.1f} p95_ms={percentile(latencies, 0.95):.1f} "
+                                f"p99_ms={percentile(latencies, 0.99):.1f} peak_rss_mb={rss.peak / 2**20:.0f} "
+                                f"errors={len(errors)}",
+                                flush=True,
+                            )
+                            if errors:
+                                failed = True
+                                print(f"  first error: {errors[0]}", file=sys.stderr, flush=True)
+                            wait_idle(server.pid)  # a request its client gave up on (504) still runs there
+                for backend, (server, _) in servers.items():
+                    if server.poll() is not None:
+                        raise SystemExit(f"the {backend} server exited ({server.returncode})")
             finally:
-                stop_model_server(server)
+                for server, _ in servers.values():
+                    stop_model_server(server)
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    if "torch" in accuracy:
+        within = [b for b in accuracy if accuracy["torch"] - accuracy[b] <= args.max_drop and (b, 8) in rps]
+        best = max(within, key=lambda b: rps[(b, 8)])
+        print(
+            f"best within {args.max_drop:g} of torch fp32's accuracy: {best} "
+            f"({rps[(best, 8)]:.1f} vs {rps[('torch', 8)]:.1f} requests/s, one text, 8 clients)"
+        )
+        print(f"serve_speedup={rps[(best, 8)] / rps[('torch', 8)]:.2f}", flush=True)
     sys.exit(1 if failed else 0)
 
 

@@ -198,3 +198,33 @@ def test_each_backends_logged_model_loads_in_a_fresh_process_and_labels_as_the_j
     register_best(exp, {}, "t", "gated", "val_accuracy_cosine")
     with pytest.raises(Exception, match="alias"):
         client.get_model_version_by_alias("gated", "champion")
+
+
+def test_the_report_shows_serving_speed_per_configuration_and_plots_the_serving_axis(tmp_path, capsys) -> None:
+    """A transformer arm and the static arm, two seeds each: their served speed and both served accuracies per
+    configuration, and accuracy against served texts per second (read back from the store)."""
+    from test_report import _ft_metrics, _run
+
+    from embft import report
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("serving", artifact_location=str(tmp_path / "art"))
+    speed = {"sentence_transformers": 40.0, "model2vec": 1200.0}
+    for backend, fast in speed.items():
+        for seed in (1, 2):
+            metrics = {
+                **_ft_metrics(0.80 + seed / 100),
+                "val_served_accuracy_knn": 0.79,
+                "val_served_fp32_accuracy_knn": 0.80,
+                "serve_texts_per_second_1": fast + seed,
+                "serve_texts_per_second_64": 4 * fast,
+            }
+            params = {"model.name": "minilm", "train.seed": seed, "train.backend": backend}
+            _run(client, exp, role="finetune", params=params, metrics=metrics)
+    assert report.main(["serving", "--tracking-uri", uri, "--out-dir", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "serving" / "report.md").read_text()
+    assert "served texts/s, 1 a call" in text and "validation served kNN, torch fp32" in text
+    assert "1201.5000" in text and "41.5000" in text  # the means over the two seeds, per configuration
+    png = tmp_path / "out" / "serving" / "accuracy_vs_serve_texts_per_second.png"
+    assert png.stat().st_size > 1000 and str(png) in capsys.readouterr().out

@@ -11,7 +11,14 @@ from embft import names
 from embft.errors import EmbftError
 from embft.report import datasets
 from embft.report.loading import load_runs
-from embft.report.rendering import SECONDS_IMAGE, plot, plot_accuracy_vs_seconds, write_markdown
+from embft.report.rendering import (
+    SECONDS_IMAGE,
+    SERVING_IMAGE,
+    plot,
+    plot_accuracy_vs_seconds,
+    plot_accuracy_vs_serving,
+    write_markdown,
+)
 from embft.report.summary import ranked_line, summarize, used_sentence
 
 
@@ -93,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         print(datasets.plot(matrix, title, out / datasets.IMAGE))
     if seconds_png:
         print(seconds_png)
+    serving_png = plot_accuracy_vs_serving(info, title, out / SERVING_IMAGE)  # where runs measured it
+    if serving_png:
+        print(serving_png)
     try:  # a search also gets Optuna's plots, in report.md and on its parent run
         from embft.report.search import add_search_section
 

@@ -25,6 +25,15 @@ from embft.report.summary import (
 )
 
 SECONDS_IMAGE = "accuracy_vs_train_seconds.png"
+SERVING_IMAGE = "accuracy_vs_serve_texts_per_second.png"  # the serving axis: serve_texts_per_second_1
+# The x axes of the accuracy plots: run column -> (axis label, what the figure's title calls it)
+X_AXES = {
+    "train_seconds": ("train_seconds (mean over seeds; bars: the seeds' range)", "training time"),
+    "serve_texts_per_second_1": (
+        "served texts per second, one text a call (mean over seeds; bars: the seeds' range)",
+        "serving speed",
+    ),
+}
 # Column headers of the scores some trainers log (summary.EXTRA_SCORES).
 EXTRA_HEADERS = {
     "val_served_accuracy_knn": "validation served kNN",
@@ -33,6 +42,9 @@ EXTRA_HEADERS = {
     "served_accuracy_logreg": "test served logreg",
     "val_setfit_head_accuracy": "validation SetFit head",
     "setfit_head_accuracy": "test SetFit head",
+    "val_served_fp32_accuracy_knn": "validation served kNN, torch fp32",
+    "serve_texts_per_second_1": "served texts/s, 1 a call",
+    "serve_texts_per_second_64": "served texts/s, 64 a call",
 }
 
 
@@ -246,14 +258,22 @@ def distinct_settings(frame: pd.DataFrame, settings: list[str], by: str) -> list
     return settings
 
 
-def plot_accuracy_vs_seconds(info: StudyInfo, name: str, path: Path) -> Path | None:
+def plot_accuracy_vs_serving(info: StudyInfo, name: str, path: Path) -> Path | None:
+    """The same figure against the served classifier's texts per second (one text a call); None (nothing
+    written) when no two configurations differ in it (runs before it was measured have none)."""
+    return plot_accuracy_vs_seconds(info, name, path, names.SERVE_TPS_ONE)
+
+
+def plot_accuracy_vs_seconds(
+    info: StudyInfo, name: str, path: Path, x_column: str = "train_seconds"
+) -> Path | None:
     """Validation score against training seconds, a point per configuration (means over seeds;
     vertical bars the score's t interval, horizontal ones the seeds' range of seconds, which cannot
     go below 0 as a t interval would), labelled by the setting that tells them apart, one panel per
     dataset; a log axis when the seconds span more than 20x. None (nothing written) when seconds or
     scores do not vary."""
     runs = info.runs
-    if runs.empty or runs["train_seconds"].nunique() < 2 or runs["val_accuracy"].notna().sum() == 0:
+    if x_column not in runs or runs.empty or runs[x_column].nunique() < 2 or runs["val_accuracy"].notna().sum() == 0:
         return None
     import matplotlib
 
@@ -274,7 +294,7 @@ def plot_accuracy_vs_seconds(info: StudyInfo, name: str, path: Path) -> Path | N
     for ax, dataset in zip(axes.flat, datasets):
         points = []
         for i, (label, group) in enumerate(runs[runs["dataset"] == dataset].groupby("_label", sort=False)):
-            secs, y = group["train_seconds"].to_numpy(float), group["val_accuracy"].to_numpy(float)
+            secs, y = group[x_column].to_numpy(float), group["val_accuracy"].to_numpy(float)
             if np.isnan(y).all() or np.isnan(secs).all():
                 continue
             x, (y_low, y_high) = np.nanmean(secs), t_interval(y)
@@ -285,12 +305,12 @@ def plot_accuracy_vs_seconds(info: StudyInfo, name: str, path: Path) -> Path | N
             points.append(x)
         if points and min(points) > 0 and max(points) / min(points) > 20:
             ax.set_xscale("log")
-        ax.set_xlabel("train_seconds (mean over seeds; bars: the seeds' range)")
+        ax.set_xlabel(X_AXES[x_column][0])
         ax.set_ylabel(f"{info.ranked_by or 'validation score'} (mean over seeds)")
         if len(datasets) > 1:
             ax.set_title(dataset)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{name}: validation score against training time (bars: 95% t intervals, {seeds_text(info)})")
+    fig.suptitle(f"{name}: validation score against {X_AXES[x_column][1]} (bars: 95% t intervals, {seeds_text(info)})")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -50,6 +50,10 @@ EXTRA_SCORES = (
     "served_accuracy_logreg",
     "val_setfit_head_accuracy",
     "setfit_head_accuracy",
+    # tracking.serve_backend's cost: torch fp32's validation score beside the served one, and its speed
+    "val_served_fp32_accuracy_knn",
+    "serve_texts_per_second_1",
+    "serve_texts_per_second_64",
 )
 LABELLED_TEXTS = "train_labelled_texts"  # the labelled texts a trainer read: the cost held equal, or not
 
@@ -421,6 +425,7 @@ def _run_frame(used, settings, acc, val_acc, delta, val_delta, seconds) -> pd.Da
         "delta": delta,
         "val_delta": val_delta,
         "train_seconds": seconds,
+        names.SERVE_TPS_ONE: _metric(used, names.SERVE_TPS_ONE),  # the serving axis of the plots
     }.items():
         runs[name] = values
     return runs
