@@ -228,3 +228,28 @@ def test_the_report_shows_serving_speed_per_configuration_and_plots_the_serving_
     assert "1201.5000" in text and "41.5000" in text  # the means over the two seeds, per configuration
     png = tmp_path / "out" / "serving" / "accuracy_vs_serve_texts_per_second.png"
     assert png.stat().st_size > 1000 and str(png) in capsys.readouterr().out
+
+
+def test_an_export_that_fails_is_one_line_naming_the_backend_and_the_way_out(tmp_path, monkeypatch) -> None:
+    from embft.encoding import export
+
+    def broken(model_dir, backend, texts):
+        raise RuntimeError("Unsupported operator aten::scaled_dot_product_attention\nat line 3")
+
+    monkeypatch.setattr(export, "_export", broken)
+    with pytest.raises(EmbftError) as err:
+        export.export_for_serving(tmp_path, "onnx_int8")
+    message = str(err.value)
+    assert "\n" not in message and "tracking.serve_backend=onnx_int8" in message
+    assert "Unsupported operator" in message and "use tracking.serve_backend=torch" in message
+    assert not (tmp_path / export.SERVE_FILE).exists()  # nothing says the folder was exported
+
+
+def test_a_static_folder_is_refused_for_an_exported_backend(tmp_path) -> None:
+    import json
+
+    from embft.encoding import export
+
+    (tmp_path / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.StaticEmbedding"}]))
+    with pytest.raises(EmbftError, match="no Transformer module to export"):
+        export.export_for_serving(tmp_path, "onnx")
