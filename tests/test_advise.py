@@ -92,11 +92,12 @@ def test_the_advise_settings_are_no_jobs_setting(compose) -> None:
     assert not any(k.startswith("advise") for k in plain.params)
 
 
-def test_a_bad_advise_on_the_command_line_creates_nothing(tmp_path) -> None:
+@pytest.mark.parametrize("command", [["-m", "experiment=advise"], ["advise"]])  # the wrapper is the experiment
+def test_a_bad_advise_on_the_command_line_creates_nothing(tmp_path, command) -> None:
     folder = _data(tmp_path / "data")
     env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    args = ["-m", "experiment=advise", "data=local", f"data.local_dir={folder}", "data.label_names=[]"]
+    args = [*command, "data=local", f"data.local_dir={folder}", "data.label_names=[]"]
     done = subprocess.run(
         [sys.executable, "-m", "embft", *args, "advise.arms=[supcon,nope]"],
         env=env,

@@ -1,5 +1,6 @@
 """`python -m embft [overrides]` runs the Hydra app; `python -m embft report NAME` writes a report;
-`python -m embft predict MODEL_URI INPUT [--out FILE]` classifies a file with a logged classifier."""
+`python -m embft predict MODEL_URI INPUT [--out FILE]` classifies a file with a logged classifier;
+`python -m embft advise [overrides]` is `python -m embft -m experiment=advise [overrides]`."""
 
 import os
 import signal
@@ -25,6 +26,8 @@ def main() -> None:
         from embft.serving.predict import predict_main
 
         raise SystemExit(predict_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "advise":  # embft advise ARGS = python -m embft -m experiment=advise ARGS
+        sys.argv[1:2] = ["-m", "experiment=advise"]
     from embft.app import main as app_main
 
     signal.signal(signal.SIGTERM, _raise_terminated)

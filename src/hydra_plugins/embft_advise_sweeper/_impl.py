@@ -48,6 +48,7 @@ class AdviseSweeperImpl(Sweeper):
         self.task_function: Optional[TaskFunction] = None
         self.launcher: Any = None
         self.counter = [0]
+        self.storage_urls: dict[str, str] = {}  # per arm, as its Optuna sweeper resolved it (driver, path)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
@@ -127,13 +128,15 @@ class AdviseSweeperImpl(Sweeper):
                 [*plan.base, f"{ARM_GROUP}={arm}", f"eval.every_steps={every}", "tracking.log_model=none"]
             )
         finally:
+            self.storage_urls[arm] = optuna_sweeper.sweeper.storage_url
             _finish_parent(experiment_id, parent, sub, {names.OPTUNA_STUDY: study})
 
     def best_overrides(self, plan: Plan, arm: str) -> Optional[list[str]]:
         """The overrides of the arm's best trial on validation; None when no trial completed."""
         import optuna
 
-        study = optuna.load_study(study_name=plan.study(arm), storage=self.options["storage"])
+        storage = self.storage_urls.get(arm) or self.options["storage"]
+        study = optuna.load_study(study_name=plan.study(arm), storage=storage)
         if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
             log.warning("Advise %s: arm %s has no completed trial; it is not confirmed", plan.name, arm)
             return None
