@@ -12,27 +12,20 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from embft import sampling
 from embft.errors import EmbftError
 
 
 def training_texts(train: pd.DataFrame, n: Optional[int], seed: int) -> pd.DataFrame:
     """`n` rows of `train` (all when None or larger), each class in its share, at least 2 per class where it
     has them (a positive for every text in label-aware losses); original order kept."""
-    if n is None or n >= len(train):
-        return train[["text", "label"]].reset_index(drop=True)
-    shuffled = train.sample(frac=1.0, random_state=seed)
-    share = shuffled["label"].value_counts(normalize=True)
-    quota = (share * n).round().astype(int).clip(lower=2)
-    picked = shuffled[shuffled.groupby("label").cumcount() < shuffled["label"].map(quota)]
-    return picked.sort_index()[["text", "label"]].reset_index(drop=True)
+    return sampling.in_shares(train, n, seed, at_least=2)
 
 
 def per_class_texts(train: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
     """`per_class` rows of every class of `train`, seeded by `seed`; original order kept. A class with
     fewer rows is refused (check_budget says so before any work)."""
-    shuffled = train.sample(frac=1.0, random_state=seed)
-    picked = shuffled[shuffled.groupby("label").cumcount() < per_class]
-    return picked.sort_index()[["text", "label"]].reset_index(drop=True)
+    return sampling.per_class(train, per_class, seed)
 
 
 def budget_rows(train: pd.DataFrame, train_cfg: Any) -> pd.DataFrame:
