@@ -284,7 +284,7 @@ def test_trainer_arms_extra_scores_and_accuracy_vs_seconds(trainers, tmp_path):
 def test_points_are_labelled_by_the_setting_that_tells_the_configurations_apart():
     import pandas as pd
 
-    from embft.report.rendering import distinct_settings
+    from embft.report.labels import distinct_settings
     from embft.report.summary import config_label
 
     def distinct_labels(rows: list[dict]) -> list[str]:

@@ -261,6 +261,9 @@ def load_data(job: Job) -> Splits:
 
 def score_baseline(job: Job, splits: Splits, base_encoder) -> dict[str, EvalResult]:
     """The untrained model's scores on both splits: computed once per (model, data, eval settings), cached."""
+    arm = HydraConfig.get().runtime.choices.get("arm") if HydraConfig.initialized() else None
+    if arm:  # the recipe's name (conf/arm/<arm>.yaml): how a report names the configuration
+        tags[names.ARM] = arm
     import mlflow
 
     from embft.evaluation.classification import baseline_key, cached_baseline, check_support, evaluate

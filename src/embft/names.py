@@ -15,6 +15,7 @@ BASELINE_KEY = "embft.baseline_key"  # model + data + eval settings of the untra
 TWIN_KEY = "embft.twin_key"  # the config hash with an inert no_in_batch_neg suffix left out
 TRAINED_AS = "embft.trained_as"  # on a run that took its twin's training: the run that trained
 TWIN_REASON = "embft.twin_reason"  # why the suffix could not change that training
+ARM = "embft.arm"  # the recipe of conf/arm/ a job was run with (Hydra's choice of `arm`), where it named one
 # What a run's scores were measured on (embft.evaluation.scoring_id): "best" compares only runs sharing it.
 SCORING_ID = "embft.scoring_id"
 SCORING_PREFIX = "embft.scoring."  # its parts: embft.scoring.dataset, .validation_rows, .budget, ...

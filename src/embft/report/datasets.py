@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from embft import names
-from embft.report.rendering import format_table
+from embft.report.labels import wrap
+from embft.report.rendering import display, format_table, save
 from embft.report.summary import DATA_PARAM, StudyInfo, config_label, t_interval
 
 IMAGE = "report_datasets.png"
@@ -247,20 +248,25 @@ def markdown(matrix: DatasetMatrix, table: pd.DataFrame, info: StudyInfo, image:
     return "\n".join(parts) + "\n"
 
 
-def plot(matrix: DatasetMatrix, name: str, path: Path) -> Path:
-    """Heatmap of validation deltas (red below 0, blue above), interval and test delta in each cell."""
+def heatmap_figure(matrix: DatasetMatrix, name: str):
+    """Heatmap of validation deltas (red below 0, blue above), interval and test delta in each cell; rows
+    named by their arm, a twin row (its runs took another row's training: the same scores) shown once."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(matrix.summary["configuration"])
-    grid = np.array([[_value(matrix, label, d) for d in matrix.datasets] for label in labels])
+    configs, shown = display(matrix.runs, matrix.settings, list(matrix.summary["configuration"]))
+    labels = [wrap(shown[c]) for c in configs]
+    grid = np.array([[_value(matrix, c, d) for d in matrix.datasets] for c in configs])
     limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
     limit = limit or 1.0
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.3 * len(matrix.datasets) + 3.5), max(3.0, 0.9 * len(labels) + 1.8)))
+    longest = max((len(line) for lab in labels for line in lab.split("\n")), default=0)
+    lines = max((lab.count("\n") + 1 for lab in labels), default=1)
+    width = 2.3 * len(matrix.datasets) + 3.0 + 0.075 * longest  # the row labels' own width beside the cells
+    fig, ax = plt.subplots(figsize=(max(6.0, width), max(3.0, max(0.9, 0.2 * lines) * len(labels) + 1.8)))
     image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-    for i, label in enumerate(labels):
+    for i, label in enumerate(configs):
         for j, data in enumerate(matrix.datasets):
             if math.isnan(grid[i, j]):
                 continue
@@ -276,9 +282,11 @@ def plot(matrix: DatasetMatrix, name: str, path: Path) -> Path:
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xticks(range(len(matrix.datasets)), matrix.datasets)
     ax.set_yticks(range(len(labels)), labels)
-    ax.set_title(f"{name}: delta of {names.validation(matrix.metric)} vs each dataset's untrained model")
+    ax.set_title(wrap(f"{name}: delta of {names.validation(matrix.metric)} vs each dataset's untrained model", 70))
     fig.colorbar(image, ax=ax, label="validation delta (mean over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot(matrix: DatasetMatrix, name: str, path: Path) -> Path:
+    return save(heatmap_figure(matrix, name), path)

@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 
 from embft import names
+from embft.report.labels import run_arm
 from embft.tracking.run_search import PAGE as _PAGE
 from embft.tracking.run_search import search_runs
 
@@ -38,6 +39,8 @@ def _rows(runs: list, exp_names: dict[str, str]) -> list[dict[str, Any]]:
             "trained_as": tags.get(names.TRAINED_AS),
             "pruned": tags.get(names.OPTUNA_PRUNED) == "true",  # stopped by the study's pruner: a partial score
             "dataset": tags.get("data"),  # app.run_tags: the dataset where a run lacks the `data.name` param
+            # the arm it trained (conf/arm/): its tag, else the arm= in its run name, else backend and loss
+            "arm": run_arm(tags.get(names.ARM), run.info.run_name, run.data.params),
             "start_time": run.info.start_time,
             "end_time": run.info.end_time,
         }

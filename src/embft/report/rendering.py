@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from embft import names
+from embft.report.labels import arm_labels, baseline_legend, place_labels, twins_of, with_twins, wrap
 from embft.report.summary import (
     EXTRA_SCORES,
     LABELLED_TEXTS,
@@ -185,15 +185,30 @@ found, so the `{names.baseline(metric)}` metric of the fine-tune runs is used).
     return path
 
 
-def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
+def display(info_runs: pd.DataFrame, settings: list[str], configs: list[str], by: str = "configuration"):
+    """The configurations a plot shows, each once: (kept configurations, {configuration: label}). A twin
+    row (it took another row's training, so its scores are that row's) is left out and named in its
+    twin's label."""
+    if info_runs.empty or by not in info_runs:
+        return configs, {c: c for c in configs}
+    names_ = arm_labels(info_runs, settings, by)
+    twins = twins_of(info_runs, by)
+    kept = [c for c in configs if c not in twins]
+    labels = {c: with_twins(names_.get(c, c), [names_.get(t, t) for t in configs if twins.get(t) == c]) for c in kept}
+    return kept, labels
+
+
+def accuracy_figure(table: pd.DataFrame, info: StudyInfo, name: str):
     """Accuracy per configuration: mean ± std over seeds, seed points, dashed baseline line(s)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = table[~table["configuration"].isin(list(info.baselines))].reset_index(drop=True)
-    labels = [config_label({k: r[k] for k in info.settings}, sep="\n") for _, r in configs.iterrows()]
+    configs = table[~table["configuration"].isin(list(info.baselines))]
+    kept, shown = display(info.runs, info.settings, list(configs["configuration"]))
+    configs = configs[configs["configuration"].isin(kept)].reset_index(drop=True)
+    labels = [wrap(shown[c], 22) for c in configs["configuration"]]
     longest = max((len(line) for lab in labels for line in lab.split("\n")), default=0)
     # Widen the figure so labels fit side by side (~0.09 in per character at this font size,
     # plus room for the legend); rotate them only when that would get too wide.
@@ -227,7 +242,9 @@ def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
             label="individual seeds" if i == 0 else None,
         )
     for j, (label, value) in enumerate(info.baselines.items()):
-        ax.axhline(value, linestyle="--", color=f"C{(j + 1) % 10}", label=f"{label} ({value:.4f})")
+        ax.axhline(
+            value, linestyle="--", color=f"C{(j + 1) % 10}", label=wrap(f"{baseline_legend(label)} ({value:.4f})", 40)
+        )
     ax.set_xticks(x, labels)
     if rotate:
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
@@ -238,40 +255,27 @@ def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
     # Outside the axes so it never hides seed points.
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    return fig
+
+
+def save(fig, path: Path) -> Path:
+    """Write the figure with everything on it (a label wider than planned widens the picture, never clipped)."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def distinct_settings(frame: pd.DataFrame, settings: list[str], by: str) -> list[str]:
-    """The fewest settings (one or two, first in order) whose values tell every `by` group apart,
-    e.g. [`train.loss`], so points can be labelled legibly; all of `settings` where none do."""
-    n = frame[by].nunique()
-    for size in (1, 2):
-        for keep in itertools.combinations(settings, size):
-            if (
-                n > 1
-                and len(frame.drop_duplicates([by, *keep])) == n
-                and frame[list(keep)].drop_duplicates().shape[0] == n
-            ):
-                return list(keep)
-    return settings
+def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
+    return save(accuracy_figure(table, info, name), path)
 
 
-def plot_accuracy_vs_serving(info: StudyInfo, name: str, path: Path) -> Path | None:
-    """The same figure against the served classifier's texts per second (one text a call); None (nothing
-    written) when no two configurations differ in it (runs before it was measured have none)."""
-    return plot_accuracy_vs_seconds(info, name, path, names.SERVE_TPS_ONE)
-
-
-def plot_accuracy_vs_seconds(
-    info: StudyInfo, name: str, path: Path, x_column: str = "train_seconds"
-) -> Path | None:
+def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
     """Validation score against training seconds, a point per configuration (means over seeds;
     vertical bars the score's t interval, horizontal ones the seeds' range of seconds, which cannot
-    go below 0 as a t interval would), labelled by the setting that tells them apart, one panel per
-    dataset; a log axis when the seconds span more than 20x. None (nothing written) when seconds or
-    scores do not vary."""
+    go below 0 as a t interval would), labelled by its arm (placed so no two labels overlap), one panel
+    per dataset; a log axis when the seconds span more than 20x. None when seconds or scores do not vary."""
     runs = info.runs
     if x_column not in runs or runs.empty or runs[x_column].nunique() < 2 or runs["val_accuracy"].notna().sum() == 0:
         return None
@@ -283,35 +287,52 @@ def plot_accuracy_vs_seconds(
     # The dataset is the panel, so its own settings (folder, label names, ...) label nothing.
     settings = [k for k in info.settings if not k.startswith("data.")]
     runs = runs.assign(_label=[config_label({k: r[k] for k in settings}) for _, r in runs.iterrows()])
+    kept, shown = display(runs, settings, list(dict.fromkeys(runs["_label"])), by="_label")
+    colour = {c: f"C{i % 10}" for i, c in enumerate(kept)}
     datasets = sorted(runs["dataset"].unique())
-    keys = distinct_settings(runs, settings, "_label")
-    short = {r["_label"]: config_label({k: r[k] for k in keys}) for _, r in runs.iterrows()}
     cols = min(len(datasets), 2)
     rows = math.ceil(len(datasets) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(9 * cols, 5.5 * rows), squeeze=False)
     for ax in axes.flat[len(datasets) :]:
         ax.set_visible(False)
+    to_label = []
     for ax, dataset in zip(axes.flat, datasets):
-        points = []
-        for i, (label, group) in enumerate(runs[runs["dataset"] == dataset].groupby("_label", sort=False)):
+        points, texts = [], []
+        for label, group in runs[runs["dataset"] == dataset].groupby("_label", sort=False):
             secs, y = group[x_column].to_numpy(float), group["val_accuracy"].to_numpy(float)
-            if np.isnan(y).all() or np.isnan(secs).all():
+            if label not in colour or np.isnan(y).all() or np.isnan(secs).all():
                 continue
             x, (y_low, y_high) = np.nanmean(secs), t_interval(y)
             yerr = None if math.isnan(y_low) else [[np.nanmean(y) - y_low], [y_high - np.nanmean(y)]]
-            xerr = [[x - np.nanmin(secs)], [np.nanmax(secs) - x]]
-            ax.errorbar(x, np.nanmean(y), xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=f"C{i % 10}")
-            ax.annotate(short[label], (x, np.nanmean(y)), textcoords="offset points", xytext=(6, 4), fontsize=8)
-            points.append(x)
-        if points and min(points) > 0 and max(points) / min(points) > 20:
+            xerr = [[max(0.0, x - np.nanmin(secs))], [max(0.0, np.nanmax(secs) - x)]]  # never -1e-16
+            ax.errorbar(x, np.nanmean(y), xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=colour[label])
+            points.append((x, np.nanmean(y)))
+            texts.append(wrap(shown[label], 40))
+        xs = [p[0] for p in points]
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
         ax.set_xlabel(X_AXES[x_column][0])
         ax.set_ylabel(f"{info.ranked_by or 'validation score'} (mean over seeds)")
         if len(datasets) > 1:
             ax.set_title(dataset)
         ax.grid(alpha=0.3)
+        ax.margins(x=0.12, y=0.1)  # room for the labels of the outermost points
+        to_label.append((ax, points, texts))
     fig.suptitle(f"{name}: validation score against {X_AXES[x_column][1]} (bars: 95% t intervals, {seeds_text(info)})")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    for ax, points, texts in to_label:  # after the layout: placement measures screen distances
+        place_labels(ax, points, texts)
+    return fig
+
+
+def plot_accuracy_vs_seconds(info: StudyInfo, name: str, path: Path) -> Path | None:
+    """seconds_figure written to `path`; None (nothing written) when seconds or scores do not vary."""
+    fig = seconds_figure(info, name)
+    return None if fig is None else save(fig, path)
+
+
+def plot_accuracy_vs_serving(info: StudyInfo, name: str, path: Path) -> Path | None:
+    """The same figure against the served classifier's texts per second (one text a call); None (nothing
+    written) when no two configurations differ in it (runs before it was measured have none)."""
+    fig = seconds_figure(info, name, names.SERVE_TPS_ONE)
+    return None if fig is None else save(fig, path)

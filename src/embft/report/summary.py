@@ -440,6 +440,10 @@ def used_sentence(info: StudyInfo) -> str:
     text = f"used {info.n_used} runs, skipped {info.n_skipped}"
     if info.skipped_by_status:
         text += ": " + ", ".join(f"{n} {s}" for s, n in sorted(info.skipped_by_status.items()))
+    # For the plots: the configuration's label, the run's arm, and the run whose training it took (a twin).
+    runs["configuration"] = [config_label(dict(zip(settings, v))) for v in used[settings].values]
+    for column in ("run_id", "arm", "trained_as"):
+        runs[column] = used[column] if column in used else None
     if info.n_baseline_runs:
         text += f" (plus {info.n_baseline_runs} baseline run(s))"
     return text
