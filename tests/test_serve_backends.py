@@ -253,3 +253,47 @@ def test_a_static_folder_is_refused_for_an_exported_backend(tmp_path) -> None:
     (tmp_path / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.StaticEmbedding"}]))
     with pytest.raises(EmbftError, match="no Transformer module to export"):
         export.export_for_serving(tmp_path, "onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["openvino", "onnx_int8"])
+def test_the_served_model_answers_concurrent_requests(tmp_path, backend) -> None:
+    """The scoring server calls predict from several threads at once: OpenVINO's single infer request
+    failed them with "Infer Request is busy" (HTTP 400 under 8 clients) until they took turns."""
+    import threading
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from conftest import make_tiny_bert
+    from embft.encoding.export import export_for_serving, load_served
+    from embft.encoding.model_folder import save_whole, sentence_transformer
+    from embft.serving.classifier import KnnClassifier
+
+    bare = make_tiny_bert(tmp_path / "bare")
+    save_whole(sentence_transformer(str(bare), "cls", True, 32), tmp_path / "st", {"max_seq_length": 32})
+    texts = [f"text number {i} about things" for i in range(40)]
+    export_for_serving(tmp_path / "st", backend, texts)
+    np.savez(tmp_path / "s.npz", embeddings=load_served(tmp_path / "st").encode(texts), labels=np.arange(40) % 4)
+    model = KnnClassifier()
+    artifacts = {"embedder": str(tmp_path / "st"), "support": str(tmp_path / "s.npz")}
+    model.load_context(
+        SimpleNamespace(artifacts=artifacts, model_config={"k": 3, "metric": "cosine", "label_names": list("abcd")})
+    )
+    expected = model.predict(None, pd.DataFrame({"text": texts[:8]}))["label"].tolist()
+    errors, answers = [], []
+
+    def client() -> None:
+        for _ in range(10):
+            try:
+                answers.append(model.predict(None, pd.DataFrame({"text": texts[:8]}))["label"].tolist())
+            except Exception as err:  # what the server would answer with a 400
+                errors.append(repr(err))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(answers) == 80 and all(a == expected for a in answers)

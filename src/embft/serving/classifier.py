@@ -17,8 +17,10 @@ max_seq_length tokens anyway, and tokenizing all of a 1 MB text costs ~0.7 s and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from typing import Any, Optional
 
 import mlflow
@@ -117,7 +119,11 @@ class KnnClassifier(PythonModel):
         self.label_names = list(config["label_names"])
         self.batch_size = int(config.get("batch_size", 64))
         folder = context.artifacts["embedder"]
-        self.embedder = SentenceTransformer(folder, local_files_only=True, **serve_load_kwargs(folder))
+        kwargs = serve_load_kwargs(folder)
+        self.embedder = SentenceTransformer(folder, local_files_only=True, **kwargs)
+        # optimum-intel's OpenVINO model holds one infer request: concurrent calls (the scoring server's
+        # threads) fail with "Infer Request is busy", so they take turns; torch and ONNX Runtime run concurrently.
+        self.encode_lock = threading.Lock() if kwargs.get("backend") == "openvino" else contextlib.nullcontext()
         length = self.embedder.max_seq_length  # a static model (math.inf) reads every token: cut as at 512
         self.max_chars = TEXT_CHARS_PER_TOKEN * (length if isinstance(length, int) and length else 512)
         support = np.load(context.artifacts["support"])
@@ -138,7 +144,8 @@ class KnnClassifier(PythonModel):
                     **{score_column(n): pd.Series(dtype="float64") for n in self.label_names},
                 }
             )
-        embeddings = self.embedder.encode(texts, batch_size=self.batch_size, convert_to_numpy=True)
+        with self.encode_lock:
+            embeddings = self.embedder.encode(texts, batch_size=self.batch_size, convert_to_numpy=True)
         labels, scores = predict_labels(self.classifier, embeddings, width)
         out = pd.DataFrame({"label": labels.astype("int64"), "label_name": [self.label_names[i] for i in labels]})
         for i, name in enumerate(self.label_names):
