@@ -77,7 +77,13 @@ def test_the_default_arms_are_every_arm_with_a_search_space(compose, tmp_path) -
     folder = _data(tmp_path / "data")
     plan = _plan(compose, ["experiment=advise", "data=local", f"data.local_dir={folder}", "data.label_names=[]"])
     searchable = [a for a in ARMS if "\nadvise:" in (ARMS_DIR / f"{a}.yaml").read_text()]
-    assert len(searchable) >= 9 and plan.arms == searchable and plan.per_class == 8 and plan.seeds == 3 and plan.trials_per_arm == 8
+    assert (
+        len(searchable) >= 9
+        and plan.arms == searchable
+        and plan.per_class == 8
+        and plan.seeds == 3
+        and plan.trials_per_arm == 8
+    )
     assert {"train.learning_rate", "train.temperature"} <= set(plan.space("supcon"))
     assert "train.margin" in plan.space("batch_hard_triplet") and "train.margin" not in plan.space("setfit")
 
@@ -224,7 +230,7 @@ def test_an_advise_searches_each_arm_confirms_over_seeds_reports_and_registers(a
     storage = f"sqlite:///{root}/mlruns/optuna.db"
     for study in search:  # a budgeted search of the arm's own settings, on validation
         trials = optuna.load_study(study_name=study, storage=storage).trials
-        assert len(trials) == 2 and {"train.learning_rate", "train.num_train_epochs"} <= set(trials[0].params)
+        assert len(trials) == 2 and "train.learning_rate" in trials[0].params
     seeds = [r for r in tuned if r.data.tags[names.OPTUNA_STUDY].endswith("/seeds")]
     assert sorted((r.data.tags[names.OPTUNA_STUDY].split("/")[-2], r.data.params["train.seed"]) for r in seeds) == [
         ("setfit", "1"),
@@ -248,8 +254,8 @@ def test_an_advise_searches_each_arm_confirms_over_seeds_reports_and_registers(a
     # the recommended arm's best seed is advise_alpha_6@champion
     champion = client.get_model_version_by_alias("advise_alpha_6", names.CHAMPION)
     chosen = [r for r in seeds if r.data.tags[names.OPTUNA_STUDY].split("/")[-2] == best]
-    top = max(chosen, key=lambda r: r.data.metrics["val_accuracy_cosine"])
-    assert champion.run_id == top.info.run_id
+    top = max(r.data.metrics["val_accuracy_cosine"] for r in chosen)
+    assert champion.run_id in {r.info.run_id for r in chosen if r.data.metrics["val_accuracy_cosine"] == top}
 
 
 @pytest.mark.slow

@@ -151,7 +151,12 @@ def sentence(budget: Budget, best: Optional[str], pairs: pd.DataFrame) -> str:
         f"For this data ({budget.data}) at {budget.per_class} per class, use {best}: "
         f"{_points(runner['mean'], runner['low'], runner['high'])} points over {runner['versus']}, at "
         f"{runner['time_ratio']:.2g} times its training time ({_points(untrained['mean'], untrained['low'], untrained['high'])} "
-        "over the untrained model; validation kNN, paired by seed, 95% interval)."
+        "over the untrained model; validation kNN, paired by seed, 95% interval)"
+        + (
+            f"; the interval spans 0: {best} is not clearly better than {runner['versus']} at {budget.seeds} seeds."
+            if runner["outcome"] != "win"
+            else "."
+        )
     )
 
 
@@ -243,6 +248,7 @@ def _plot(table: pd.DataFrame, budget: Budget, path: Path, classifier: str) -> P
         ax.barh(y + offset, mean, height=0.34, xerr=np.nan_to_num(err), label=label, capsize=3)
     if len(table):
         ax.axvline(float(table["baseline_val"].iloc[0]), color="k", ls="--", lw=1, label="untrained (validation kNN)")
+    ax.set_xlim(0, 1)  # accuracy; a t interval over 2-3 seeds can pass its bounds
     ax.set_yticks(y, table["arm"])
     ax.invert_yaxis()
     ax.set_xlabel("accuracy (mean over seeds, 95% t interval)")
