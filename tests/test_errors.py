@@ -1,4 +1,6 @@
-"""Bad input: one clear error naming what is wrong, no MLflow run left RUNNING, nothing half-written."""
+"""Bad input: one clear error naming what is wrong, refused before the MLflow store is opened where the
+data, the model and the settings tell (no run, no parent run, no store file), else a FAILED run and
+nothing half-written."""
 
 import os
 import subprocess
@@ -63,8 +65,14 @@ def test_bad_input_fails_cleanly(compose, tmp_path, case, monkeypatch):
     with pytest.raises(EmbftError, match=message):
         run_job(cfg)
     assert mlflow.active_run() is None
-    assert_one_failed_run(tmp_path, f"bad_{name}", message)
+    if name in FOUND_IN_TRAINING:  # the trainer's own data, drawn in the run
+        assert_one_failed_run(tmp_path, f"bad_{name}", message)
+    else:
+        assert not (tmp_path / "mlruns").exists(), "refused before the store is opened: no record at all"
     assert not leftovers(tmp_path / "out"), "nothing may be left in the job's folder"
+
+
+FOUND_IN_TRAINING = ("group-too-large",)  # the records' negatives per class: known once they are drawn
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -155,7 +163,8 @@ def test_unwritable_tracking_location(compose, tmp_path):
     try:
         # root (as CI runs) writes through permissions; nobody, root included, can create folders in /proc.
         target = locked if not os.access(locked, os.W_OK) else Path("/proc/embft-unwritable")
-        cfg = compose([f"tracking.uri=sqlite:///{target}/sub/mlflow.db"])
+        good = write(tmp_path / "good", synthetic(), synthetic(seed=1))  # the data is read before the store
+        cfg = compose(["experiment=smoke", f"data.local_dir={good}", f"tracking.uri=sqlite:///{target}/sub/mlflow.db"])
         with pytest.raises(EmbftError, match=f"cannot write to {target}/sub .*choose a writable location"):
             run_job(cfg)
     finally:
@@ -165,7 +174,8 @@ def test_unwritable_tracking_location(compose, tmp_path):
 def test_tracking_location_that_is_a_file(compose, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    cfg = compose([f"tracking.uri=sqlite:///{blocker}/mlflow.db"])
+    good = write(tmp_path / "good", synthetic(), synthetic(seed=1))
+    cfg = compose(["experiment=smoke", f"data.local_dir={good}", f"tracking.uri=sqlite:///{blocker}/mlflow.db"])
     with pytest.raises(EmbftError, match="choose a writable location"):
         run_job(cfg)
 
@@ -198,6 +208,63 @@ def test_debug_shows_the_traceback(tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 1
     assert "Traceback (most recent call last)" in output and "EmbftError" in output and "no such folder" in output
+
+
+@pytest.fixture(scope="module")
+def bad_input_root(tmp_path_factory, tiny_bert) -> tuple[Path, list]:
+    tmp = tmp_path_factory.mktemp("bad_input_cli")
+    good = write(tmp / "good", synthetic(), synthetic(seed=1))
+    tiny = [f"data.local_dir={good}", "model.package=null", f"model.name_or_path={tiny_bert}"]
+    return tmp, tiny
+
+
+CLI_CASES = {  # each as a user types it; what the one line must say
+    "wrong-data-path": (["data.local_dir=/nonexistent/folder"], "data.local_dir='/nonexistent/folder': no such folder"),
+    "missing-label-column": (["data.label_column=category"], "no column 'category'"),
+    "unknown-model": (["model.name_or_path=nobody/no-such-model"], "Cannot get model 'nobody/no-such-model'"),
+    "setfit-with-supcon": (["train=setfit", "train.loss=supcon"], "train.backend=setfit trains with cosine_similarity"),
+    "batch-larger-than-data": (
+        ["train=sentence_transformers", "train.per_device_train_batch_size=64"],
+        "16 labelled texts fill no batch of 64",
+    ),
+    "fe-setting-on-supcon": (
+        ["train=sentence_transformers", "variant=same_nib"],
+        "variant=same_nib: only train.backend=flagembedding reads it",
+    ),
+    "database-down": (
+        ["tracking.uri=postgresql://embft:secret@127.0.0.1:9/embft"],
+        r"tracking.uri=postgresql\+psycopg2://embft:\*\*\*@127.0.0.1:9/embft: the database does not answer",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_bad_input_is_refused_before_the_store_is_opened(bad_input_root, case):
+    """`python -m embft` with a bad input: exit 1 with one line naming it, in seconds, and the store left
+    as it was: no mlflow.db, no experiment, no run, no parent run (issue 34 item 7)."""
+    import re
+    import time
+
+    root, tiny = bad_input_root
+    overrides, message = CLI_CASES[case]
+    named = {o.split("=")[0] for o in overrides}
+    tiny = [o for o in tiny if o.split("=")[0] not in named]  # the case's value, not the tiny default
+    env = {**os.environ, "EMBFT_ROOT": str(root / case), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "embft", "experiment=smoke", *tiny, *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert re.search(message, output), output[-3000:]
+    assert "Traceback" not in output and "secret" not in output, output[-3000:]
+    assert time.monotonic() - began < 60, "refused in seconds, not after a store's retries"
+    assert not (root / case / "mlruns").exists(), f"the store was touched: {sorted((root / case).rglob('mlruns*'))}"
 
 
 def test_unknown_config_key_is_hydras_error(tmp_path):

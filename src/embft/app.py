@@ -18,13 +18,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from embft import names
-from embft.config import Config, check_values, register_configs, to_container
-from embft.data import Splits
+from embft.config import Config, check_backend_settings, check_values, register_configs, to_container
+from embft.data import Splits, folder_fingerprint
 from embft.encoding.encoders import EncodeSettings
 from embft.errors import EmbftError
 from embft.evaluation.classification import EvalResult, score_metrics
 from embft.evaluation.scoring_id import scoring_tags
-from embft.tracking import mlflow_runs, study_runs, twins
+from embft.tracking import identity, mlflow_runs, study_runs, twins
 from embft.tracking.sweep import FAILED_MARKER, SKIPPED_MARKER
 from embft.training.base import Prepared, TrainContext, TrainResult
 
@@ -53,6 +53,9 @@ class Job:
     twin_key: Optional[str] = None
     twin_reason: Optional[str] = None
     weights: Optional[str] = None  # the base model's weights fingerprint, once its folder is resolved
+    # The hash an earlier embft gave this config where it differs (embft.tracking.identity.legacy_hash):
+    # its finished runs are this job's too.
+    legacy_hashes: tuple[str, ...] = ()
 
     @property
     def objective(self) -> str:
@@ -134,7 +137,8 @@ def _lock(cache_dir: Path, name: str):
 
 
 def start(cfg: Config) -> Job:
-    """Check values, make every `auto` concrete (so the hash and the params say what ran), open the store."""
+    """Check values and the backend's settings, make every `auto` concrete (so the hash and the params say
+    what ran) and name the job (its config hash). Opens nothing: a refused job leaves no record."""
     from omegaconf import open_dict
 
     from embft.console import quiet_libraries
@@ -147,7 +151,8 @@ def start(cfg: Config) -> Job:
     check_values(cfg)
     check_serve_backend(str(cfg.tracking.serve_backend))  # its packages, before any work
     trainer = load_trainer(cfg.train.backend)
-    check_label_budget(cfg)  # reads the data: a class short of train.per_class fails before the store
+    check_backend_settings(cfg, _hydra_overrides())
+    trainer.check(cfg)  # before the store: a refused setting leaves no FAILED run behind
     quiet_libraries()
     device = pick_device(cfg.train.device)
     encode = pin_eval_settings(cfg, device)
@@ -156,9 +161,12 @@ def start(cfg: Config) -> Job:
         cfg.train.precision = pick_precision(cfg.train.precision, device)
         if cfg.train.per_class is not None:  # per_class wins: the params and the hash say what ran
             cfg.train.max_train_queries = None
+        cfg.tracking.uri = mlflow_runs.store_uri(cfg.tracking.uri)
     resolved = to_container(cfg)
     resolved.pop("advise", None)  # the advise sweeper's settings (arms, budget, space): never a job's
+    data_fingerprint = folder_fingerprint(cfg.data)  # data.local_dir by content: one folder, one job
     study_runs.mask_storage(resolved)  # the study URL's password stays out of MLflow
+    resolved["tracking"]["uri"] = mlflow_runs.masked(resolved["tracking"]["uri"])
     test_metric = metric_name(cfg.eval)
     chosen_on_test = [o.metric for o in cfg.objectives if o.metric == test_metric]
     if chosen_on_test and cfg.eval.objective == "validation":
@@ -169,40 +177,55 @@ def start(cfg: Config) -> Job:
     # Not under live validation scoring: a search's pruner wants each trial's own reports.
     reuse = cfg.train.reuse_twin and not cfg.eval.every_steps
     twin_reason = trainer.twin_reason(cfg) if reuse else None
+    config_hash = identity.config_hash(resolved, data_fingerprint)
+    legacy = identity.legacy_hash(resolved)
     return Job(
         cfg=cfg,
-        params=mlflow_runs.flatten(resolved),
-        config_hash=mlflow_runs.config_hash(resolved),
+        # what this backend reads: another backend's settings are neither logged nor hashed
+        params={
+            k: v for k, v in mlflow_runs.flatten(resolved).items() if not identity.owned_elsewhere(k, cfg.train.backend)
+        },
+        config_hash=config_hash,
         metric=metric_name(cfg.eval),
-        experiment_id=mlflow_runs.setup(cfg.tracking),
+        experiment_id="",  # open_store, once every input is checked
         cache_dir=Path(cfg.paths.cache_dir),
         out_dir=Path(cfg.paths.output_dir),
         device=device,
         encode=encode,
         trainer=trainer,
-        twin_key=mlflow_runs.twin_key(resolved) if twin_reason else None,
+        twin_key=identity.twin_key(resolved, data_fingerprint) if twin_reason else None,
         twin_reason=twin_reason,
+        legacy_hashes=(legacy,) if legacy and legacy != config_hash else (),
     )
 
 
-def check_label_budget(cfg: Config) -> None:
-    """train.per_class: every class has N train rows and validation rows, N suits the loss (one line
-    naming the class and its count otherwise). Loads the data, so only where a budget is set."""
-    if cfg.train.per_class is None:
-        return
-    from embft.data import load_splits
-    from embft.training.labelled import check_budget
-
-    check_budget(cfg, load_splits(cfg.data))
+def _hydra_overrides() -> list[str]:
+    """The job's own overrides (command line and sweep parameters); none outside a Hydra run."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def finished_run(job: Job) -> Optional[Any]:
-    """The FINISHED run of this config, if one has the objective (force=true ignores it)."""
+    """The FINISHED run of this config that is this job's result, if any (force=true ignores them):
+    found by its config hash or the hash an earlier embft gave the same config (job.legacy_hashes)."""
     if job.cfg.force:
         return None
-    done = mlflow_runs.find_runs(job.experiment_id, {names.CONFIG_HASH: job.config_hash})
-    usable = (run for run in done if mlflow_runs.is_pruned(run) or job.scored(run))
-    return next(usable, None)
+    for config_hash in (job.config_hash, *job.legacy_hashes):
+        done = mlflow_runs.find_runs(job.experiment_id, {names.CONFIG_HASH: config_hash})
+        found = next((run for run in done if _reusable(job, run)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def _reusable(job: Job, run: Any) -> bool:
+    if mlflow_runs.is_pruned(run):
+        # A partial score: a result only for the study whose pruner stopped it (the pruner and optuna.*
+        # are outside the hash, so another study, or none, drawing the point trains it).
+        study = job.cfg.optuna.study_name
+        return study is not None and run.data.tags.get(names.OPTUNA_STUDY) == study
+    if not job.cfg.train.reuse_twin and names.TRAINED_AS in run.data.tags:
+        return False  # it took a twin's training; train.reuse_twin=false asks for this job's own
+    return job.scored(run)
 
 
 def skip(job: Job, run: Any) -> float | list[float] | Any:
@@ -227,7 +250,7 @@ def run_tags(job: Job) -> tuple[str, dict[str, str]]:
     tags = {
         names.ROLE: names.ROLE_FINETUNE,
         names.CONFIG_HASH: job.config_hash,
-        "variant": cfg.variant.name,
+        **({"variant": cfg.variant.name} if "variant.name" in job.params else {}),  # FlagEmbedding's
         "model": cfg.model.name,
         "data": cfg.data.name,
     }
@@ -238,16 +261,40 @@ def run_tags(job: Job) -> tuple[str, dict[str, str]]:
     tags.update(study_runs.job_tags(job.experiment_id, cfg.optuna.study_name, sweep))  # nested under the parent
     if job.twin_key:
         tags[names.TWIN_KEY] = job.twin_key
+    arm = HydraConfig.get().runtime.choices.get("arm") if HydraConfig.initialized() else None
+    if arm:  # the recipe's name (conf/arm/<arm>.yaml): how a report names the configuration
+        tags[names.ARM] = arm
     return run_name, tags
 
 
-def load_data(job: Job) -> Splits:
-    import mlflow
+def load_inputs(job: Job) -> tuple[Splits, str]:
+    """The data and the base model, read and checked before the store is opened, so a wrong path, a
+    missing column, an unknown model or a batch larger than the data leaves no record: (splits, model folder)."""
+    from embft.encoding.model_folder import resolve_model_path, weights_fingerprint
+    from embft.evaluation.classification import check_support
+    from embft.training.labelled import check_budget
 
+    cfg = job.cfg
+    splits = load_data(job)
+    check_support(splits, cfg.eval, cfg.data.name)  # one line before minutes of encoding
+    check_budget(cfg, splits)  # train.per_class: a class short of N rows (or of validation rows), named
+    check_data = getattr(job.trainer, "check_data", None)  # optional in the Trainer interface
+    if check_data is not None:
+        check_data(cfg, splits)
+    model_path = resolve_model_path(cfg.model)
+    job.weights = weights_fingerprint(model_path)
+    return splits, model_path
+
+
+def open_store(job: Job) -> None:
+    """Open the MLflow store (a server or database that is down fails in one line) and the experiment."""
+    job.experiment_id = mlflow_runs.setup(job.cfg.tracking)
+
+
+def load_data(job: Job) -> Splits:
     from embft.data import load_splits
 
     splits = load_splits(job.cfg.data)
-    mlflow.log_dict(splits.notes, names.DATA_NOTES_ARTIFACT)
     log.info(
         "Data %s: %d train, %d validation, %d test rows, %d classes",
         splits.source,
@@ -261,16 +308,12 @@ def load_data(job: Job) -> Splits:
 
 def score_baseline(job: Job, splits: Splits, base_encoder) -> dict[str, EvalResult]:
     """The untrained model's scores on both splits: computed once per (model, data, eval settings), cached."""
-    arm = HydraConfig.get().runtime.choices.get("arm") if HydraConfig.initialized() else None
-    if arm:  # the recipe's name (conf/arm/<arm>.yaml): how a report names the configuration
-        tags[names.ARM] = arm
     import mlflow
 
-    from embft.evaluation.classification import baseline_key, cached_baseline, check_support, evaluate
+    from embft.evaluation.classification import baseline_key, cached_baseline, evaluate
     from embft.evaluation.per_class import log_class_artifacts
 
     cfg = job.cfg
-    check_support(splits, cfg.eval, cfg.data.name)  # one line before minutes of encoding
     key = baseline_key(job.model_id, splits, cfg.eval, job.encode, job.device)
     with _lock(job.cache_dir, f"baseline-{key}"):
         baseline, _ = cached_baseline(
@@ -459,27 +502,25 @@ def run_job(cfg: Config) -> float | list[float] | Any:
     import mlflow
 
     from embft.encoding import encoders
-    from embft.encoding.model_folder import resolve_model_path, weights_fingerprint
 
     job = start(cfg)
+    splits, model_path = load_inputs(job)  # every input checked before the store is touched
+    open_store(job)
     done = finished_run(job)
     if done is not None:
         return skip(job, done)
     mlflow_runs.close_stale_runs(job.experiment_id, job.config_hash)
     run_name, tags = run_tags(job)
+    tags.update(scoring_tags(cfg, splits, job.encode))  # what "best" may compare it with
     with mlflow_runs.job_run(job.experiment_id, run_name, tags, note_dir=job.out_dir) as run:
         if run is None:  # a live run elsewhere has this config (job_run said where): skip it
             return float("nan")
         mlflow_runs.log_params(job.params)
         mlflow.log_text(OmegaConf.to_yaml(to_container(cfg)), names.CONFIG_ARTIFACT)
-        job.trainer.check(cfg)  # in the run, so a sweep counts it; before minutes of baseline
         twin = twins.finished_twin(job, run)
         if twin is not None:
             return job.returned(twins.take_twin(job, twin))
-        splits = load_data(job)
-        mlflow.set_tags(scoring_tags(cfg, splits, job.encode))  # what "best" may compare it with
-        model_path = resolve_model_path(cfg.model)
-        job.weights = weights_fingerprint(model_path)
+        mlflow.log_dict(splits.notes, names.DATA_NOTES_ARTIFACT)
         base_encoder = functools.cache(
             lambda: encoders.build_encoder(model_path, cfg.model.pooling, cfg.model.normalize, job.encode, job.device)
         )

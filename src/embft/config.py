@@ -161,9 +161,31 @@ class DataConfig:
 
 @dataclass
 class VariantConfig:
+    """FlagEmbedding's batching switches (conf/variant/): read by train.backend=flagembedding only."""
+
     name: str = MISSING
     same_dataset_within_batch: bool = MISSING
     no_in_batch_neg: bool = MISSING
+
+
+# Settings only one backend reads, by backend, at the value every other backend carries unread
+# (conf/config.yaml's variant=same, conf/train/default.yaml). Another backend refuses a job that moves one
+# (check_backend_settings), and they stay out of its identity (embft.tracking.identity).
+BACKEND_SETTINGS: dict[str, dict[str, Any]] = {
+    "flagembedding": {
+        "variant.name": "same",
+        "variant.same_dataset_within_batch": True,
+        "variant.no_in_batch_neg": False,
+        "train.train_group_size": 8,
+        "train.passage_max_len": 64,
+        "train.pad_to_multiple_of": 8,
+        "train.same_dataset_batch_size": None,
+        "train.negatives_cross_device": False,
+        "data.pairing": "examples",
+        "model.query_instruction": "",  # set by the model's file (conf/model/), so never refused
+    },
+}
+SET_BY_MODEL_FILE = frozenset({"model.query_instruction"})
 
 
 @dataclass
@@ -429,3 +451,25 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not ok(value):
             raise EmbftError(f"{key}={value}: must be {allowed}.")
+
+
+def check_backend_settings(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse, in one line naming the key, a setting that only another backend reads (BACKEND_SETTINGS)
+    where the job's overrides (the command line, a sweep's parameters) move it: it would be silently
+    ignored. An experiment file's choice made for the default backend (experiment=smoke's variant) is
+    left alone: it is the backend's, not the user's, and stays out of the job's identity all the same."""
+    backend = str(cfg.train.backend)
+    named = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    for owner, settings in BACKEND_SETTINGS.items():
+        if owner == backend:
+            continue
+        for key, unread in settings.items():
+            value = OmegaConf.select(cfg, key)
+            chosen = key in named or (key.startswith("variant.") and "variant" in named)  # the group is FE's
+            if key in SET_BY_MODEL_FILE or value == unread or not chosen:
+                continue
+            shown = f"variant={value}" if key == "variant.name" else f"{key}={value}"
+            raise EmbftError(
+                f"{shown}: only train.backend={owner} reads it, and this job trains with train.backend={backend}; "
+                f"drop it (or choose train.backend={owner})."
+            )

@@ -3,6 +3,7 @@ split. Training records are written by each trainer (FlagEmbedding's: training/f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -65,6 +66,32 @@ def _find_split_file(folder: Path, split: str) -> Path:
             f"(set data.local_dir to the folder that holds them)."
         )
     return found[0]
+
+
+def folder_fingerprint(cfg: DataConfig) -> Optional[str]:
+    """The bytes of the split files data.local_dir holds (None without local_dir): a job's identity
+    names the data, not how its path was spelled (`../shared/data/x`, its absolute path, another
+    machine's mount). Read before the data is loaded; hashed once per (file, size, mtime) in a process."""
+    if not cfg.local_dir:
+        return None
+    folder = local_folder(cfg)
+    assert folder is not None  # local_dir set: local_folder found it or raised
+    splits = [cfg.train_split, cfg.test_split, *([cfg.validation_split] if cfg.validation_split else [])]
+    files = [_find_split_file(folder, split) for split in splits]
+    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _files_digest(stats)
+
+
+@functools.cache
+def _files_digest(stats: tuple) -> str:
+    digest = hashlib.sha256()
+    for path, _, _ in stats:
+        digest.update(Path(path).suffix.encode() + b"\0")  # the reader a file gets is part of the data
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _read_local(folder: Path, split: str) -> tuple[pd.DataFrame, str]:

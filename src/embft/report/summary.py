@@ -101,7 +101,7 @@ def _usable(df: pd.DataFrame, role: str, metric: str) -> pd.Series:
     return (df["role"] == role) & (df["status"] == "FINISHED") & ~_pruned(df) & _metric(df, metric).notna()
 
 
-SUPERSEDED = "FINISHED, superseded by a newer FINISHED run of the same config (force=true)"
+SUPERSEDED = "FINISHED, superseded by a newer FINISHED run of the same config and seed (force=true, reuse_twin=false)"
 
 
 def _superseded(df: pd.DataFrame, used: pd.Series) -> pd.Series:
@@ -112,6 +112,26 @@ def _superseded(df: pd.DataFrame, used: pd.Series) -> pd.Series:
     hashed = used & df["config_hash"].notna()
     start = pd.to_numeric(df["start_time"], errors="coerce")
     newest = start[hashed].groupby(df.loc[hashed, "config_hash"]).transform("max")
+    out = pd.Series(False, df.index)
+    out[newest.index] = start[newest.index] < newest
+    return out
+
+
+def _same_seed(df: pd.DataFrame, used: pd.Series) -> pd.Series:
+    """Usable runs with a newer usable run of the same configuration (the settings that vary) and seed:
+    a seed counts once, whatever settings outside the report tell the two apart (train.reuse_twin,
+    train.keep_model, a path, a hash an older embft computed)."""
+    seed = f"params.{SEED_PARAM}"
+    if seed not in df:  # runs that do not say their seed are never taken for one another
+        return pd.Series(False, df.index)
+    start = pd.to_numeric(df["start_time"], errors="coerce")
+    runs = df[used & df[seed].notna()]
+    columns = [f"params.{k}" for k in varying_settings(runs)] + [seed]
+    columns += ["scoring_id"] if "scoring_id" in runs else []  # runs scored apart are never one seed
+    if not len(runs):
+        return pd.Series(False, df.index)
+    key = runs[columns].apply(lambda row: "\0".join(map(str, row)), axis=1)
+    newest = start[runs.index].groupby(key).transform("max")
     out = pd.Series(False, df.index)
     out[newest.index] = start[newest.index] < newest
     return out
@@ -299,6 +319,7 @@ def summarize(df: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame
     selected = df[df["selected"]] if "selected" in df else df
     used_mask = _usable(selected, "finetune", metric)
     superseded = _superseded(selected, used_mask)
+    superseded |= _same_seed(selected, used_mask & ~superseded)
     used_mask &= ~superseded
     # Baseline runs are reported as the baseline, not as used or skipped study runs.
     skipped = selected[
@@ -419,6 +440,10 @@ def _run_frame(used, settings, acc, val_acc, delta, val_delta, seconds) -> pd.Da
         dataset = dataset.where(dataset.notna(), used["dataset"])
     runs["dataset"] = dataset.fillna("(unset)").astype(str)
     runs["seed"] = used[f"params.{SEED_PARAM}"] if f"params.{SEED_PARAM}" in used else None
+    # For the plots: the configuration's label, the run's arm, and the run whose training it took (a twin).
+    runs["configuration"] = [config_label(dict(zip(settings, v))) for v in used[settings].values]
+    for column in ("run_id", "arm", "trained_as"):
+        runs[column] = used[column] if column in used else None
     for name, values in {
         "accuracy": acc,
         "val_accuracy": val_acc,
@@ -440,10 +465,6 @@ def used_sentence(info: StudyInfo) -> str:
     text = f"used {info.n_used} runs, skipped {info.n_skipped}"
     if info.skipped_by_status:
         text += ": " + ", ".join(f"{n} {s}" for s, n in sorted(info.skipped_by_status.items()))
-    # For the plots: the configuration's label, the run's arm, and the run whose training it took (a twin).
-    runs["configuration"] = [config_label(dict(zip(settings, v))) for v in used[settings].values]
-    for column in ("run_id", "arm", "trained_as"):
-        runs[column] = used[column] if column in used else None
     if info.n_baseline_runs:
         text += f" (plus {info.n_baseline_runs} baseline run(s))"
     return text

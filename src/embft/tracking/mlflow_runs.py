@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,29 +37,9 @@ from embft.names import (
     SCORES_ARTIFACT,
     VALIDATION_PREFIX,
 )
+from embft.tracking.identity import config_hash, twin_key  # noqa: F401  (a job's identity: its own module)
 
 log = logging.getLogger(__name__)
-
-# Keys that locate things rather than choose them: they stay out of the config hash.
-# (`objectives` only says what a job returns to a search.)
-LOCATION_KEYS = ("paths", "tracking", "optuna", "force", "debug", "objectives")
-# Locations inside a group: where a dataset's local copies live (data.root) is never hashed.
-NESTED_LOCATION_KEYS = (("data", "root"),)
-# Keys added after studies were logged: at these defaults they leave a job's hash as it was, so
-# rerunning an older study's command still skips its finished jobs.
-HASH_NEUTRAL = {
-    ("train", "backend"): "flagembedding",
-    ("train", "nproc_per_node"): 1,
-    ("train", "negatives_cross_device"): False,
-    ("train", "reuse_twin"): True,
-    ("train", "margin"): None,
-    ("eval", "every_steps"): None,
-    ("eval", "also"): [],
-    ("data", "folder"): None,
-    ("data", "hub_label_column"): None,
-    ("eval", "precision"): "fp32",
-    ("eval", "backend"): "torch",
-}
 
 # Liveness (who is running a config right now). A job's run carries where it runs and a heartbeat
 # (epoch seconds) that a thread refreshes; a RUNNING run is dead, and may be closed as KILLED, only
@@ -92,26 +71,6 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_hash(resolved: dict) -> str:
-    """Hash of the settings that decide a result (locations and trial bookkeeping excluded)."""
-    chosen = {k: v for k, v in resolved.items() if k not in LOCATION_KEYS}
-    for group, key in NESTED_LOCATION_KEYS:
-        if isinstance(chosen.get(group), dict):
-            chosen[group] = {k: v for k, v in chosen[group].items() if k != key}
-    for (group, key), neutral in HASH_NEUTRAL.items():
-        if isinstance(chosen.get(group), dict) and chosen[group].get(key, neutral) == neutral:
-            chosen[group] = {k: v for k, v in chosen[group].items() if k != key}
-    return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def twin_key(resolved: dict) -> str:
-    """config_hash with the variant reduced to its batching mode, for a job whose no_in_batch_neg
-    suffix cannot change training (embft.training.flagembedding.runner.inert_suffix_reason); FlagEmbedding's version is in
-    it because that argument is about its code."""
-    variant = {"same_dataset_within_batch": resolved["variant"]["same_dataset_within_batch"]}
-    return config_hash({**resolved, "variant": variant, "FlagEmbedding": metadata.version("FlagEmbedding")})
-
-
 def setup(tracking_cfg: TrackingConfig) -> str:
     """Point MLflow at the store and return the experiment id (created with its artifact root)."""
     import mlflow
@@ -129,6 +88,9 @@ def setup(tracking_cfg: TrackingConfig) -> str:
         for name, value in CLIENT_RETRIES.items():
             os.environ.setdefault(name, value)
         _check_server(uri)
+    elif is_database(uri):
+        uri = store_uri(uri)
+        _check_database(uri)
     mlflow.set_tracking_uri(uri)
     lock = nullcontext()
     if uri.startswith("sqlite:///"):
@@ -185,6 +147,59 @@ def _check_server(uri: str, timeout: float = 10.0) -> None:
             f"tracking.uri={uri}: no MLflow server answers ({reason}); start one "
             "(`make mlflow-server`) or point tracking.uri / EMBFT_MLFLOW_URI at it."
         ) from err
+
+
+DATABASES = ("postgresql", "mysql", "mssql")  # MLflow's database stores besides SQLite
+
+
+def is_database(uri: str) -> bool:
+    return uri.split(":", 1)[0].split("+", 1)[0] in DATABASES
+
+
+def store_uri(uri: str) -> str:
+    """`postgresql://` (MLflow's documented form) as `postgresql+psycopg2://` where psycopg 3 is missing:
+    SQLAlchemy 2.1 maps the bare scheme to psycopg 3, while embft installs psycopg2 (as the sweeper's
+    storage does, hydra_plugins.embft_optuna_sweeper._storage)."""
+    import importlib.util
+
+    if uri.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + uri[len("postgresql://") :]
+    return uri
+
+
+def masked(uri: str) -> str:
+    """A database URI with its password hidden (what a message or a param may show)."""
+    if not is_database(uri):
+        return uri
+    from sqlalchemy.engine import make_url
+
+    return make_url(uri).render_as_string(hide_password=True)
+
+
+def _check_database(uri: str, timeout: int = 10) -> None:
+    """Fail in seconds with one line when the database is down or its driver missing; MLflow's store
+    retries its first connection for about two minutes, then ends in SQLAlchemy's traceback."""
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    try:
+        engine = sqlalchemy.create_engine(
+            uri, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": timeout}
+        )
+    except (ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as err:
+        raise EmbftError(f"tracking.uri={masked(uri)}: no database driver for it ({err}).") from err
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", err)).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EmbftError(
+            f"tracking.uri={masked(uri)}: the database does not answer ({reason}); start it or point "
+            "tracking.uri / EMBFT_MLFLOW_URI at a running one."
+        ) from err
+    finally:
+        engine.dispose()
 
 
 def _server_away(err: BaseException) -> bool:

@@ -1,22 +1,38 @@
 """Twin runs: a job whose training would repeat a FINISHED run's (the same weights, by the trainer's
 twin rule, e.g. FlagEmbedding's inert no_in_batch_neg suffix) takes that run's results instead.
 
-`job` is the app's Job: its twin_key, twin_reason, experiment_id, cfg, metric and scored(run).
+`job` is a TwinJob: what these functions read of the app's Job (embft.app.Job is one).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 from embft import names
+from embft.config import Config
 from embft.tracking import mlflow_runs
 
 log = logging.getLogger("embft")
 
 
-def finished_twin(job: Any, own: Any) -> Optional[Any]:
+@runtime_checkable
+class TwinJob(Protocol):
+    """A job as the twin rule sees it (embft.app.Job): a Protocol, so tracking needs not import the app."""
+
+    cfg: Config
+    experiment_id: str
+    metric: str  # the test score's name; names.validation(metric) for validation
+    twin_key: Optional[str]  # the config hash with an inert no_in_batch_neg suffix left out
+    twin_reason: Optional[str]  # why that suffix cannot change training
+
+    def scored(self, run: Any) -> bool:
+        """Does `run` hold every objective the job returns?"""
+        ...
+
+
+def finished_twin(job: TwinJob, own: Any) -> Optional[Any]:
     """A FINISHED run that trained what this job would train (see Job.twin_key), with its scores;
     none under force=true.
 
@@ -41,7 +57,7 @@ def finished_twin(job: Any, own: Any) -> Optional[Any]:
         time.sleep(mlflow_runs.TWIN_POLL_S)
 
 
-def take_twin(job: Any, twin: Any) -> dict[str, float]:
+def take_twin(job: TwinJob, twin: Any) -> dict[str, float]:
     """Log the twin's metrics (with their histories) and scores as this run's: the same weights,
     evaluated the same way, would give the same numbers. Tagged with the run that trained."""
     import mlflow

@@ -3,7 +3,8 @@
 `train.backend` selects one: a name in BACKENDS, or the dotted path of any class with these methods
 (`package.module.Class`, imported as Hydra imports a `_target_`), so adding a trainer is one module
 and one config file. The app calls only this interface: check, twin_reason, prepare, train and
-live_encoder; it names no backend.
+live_encoder, and where a backend has it check_data(cfg, splits) (the loaded data against the settings,
+before the store is opened); it names no backend.
 """
 
 from __future__ import annotations

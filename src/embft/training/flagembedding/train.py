@@ -19,6 +19,25 @@ from embft.training.flagembedding.runner import check_parallel, per_process_batc
 log = logging.getLogger(__name__)
 
 
+def check_batches(cfg: Config, n_records: int) -> int:
+    """Queries per step over all processes; one line where the settings or `n_records` training queries
+    fill no step (FlagEmbedding would build no batch at all and its Trainer fail obscurely)."""
+    t, v = cfg.train, cfg.variant
+    per_process = per_process_batch_size(t, v.same_dataset_within_batch)
+    if per_process < 1:
+        raise EmbftError(
+            f"train.per_device_train_batch_size={t.per_device_train_batch_size} gives batch {per_process} in same-dataset "
+            f"mode (FlagEmbedding halves it for symmetric records); use at least 2 or set train.same_dataset_batch_size."
+        )
+    batch = per_process * t.nproc_per_node
+    if v.same_dataset_within_batch and n_records < batch:
+        raise EmbftError(
+            f"{n_records} training queries do not fill one step of {batch} queries ({t.nproc_per_node} process(es) x "
+            f"{per_process}); raise train.max_train_queries or lower the batch size."
+        )
+    return batch
+
+
 def train(
     cfg: Config,
     records_dir: Path,
@@ -38,18 +57,7 @@ def train(
     check_parallel(t, v)
     nproc = t.nproc_per_node
     per_process = per_process_batch_size(t, v.same_dataset_within_batch)
-    if per_process < 1:
-        raise EmbftError(
-            f"train.per_device_train_batch_size={t.per_device_train_batch_size} gives batch {per_process} in same-dataset "
-            f"mode (FlagEmbedding halves it for symmetric records); use at least 2 or set train.same_dataset_batch_size."
-        )
-    batch = per_process * nproc
-    if v.same_dataset_within_batch and n_records < batch:
-        # FlagEmbedding would build no batch at all and the Trainer would fail obscurely.
-        raise EmbftError(
-            f"{n_records} training queries do not fill one step of {batch} queries ({nproc} process(es) x "
-            f"{per_process}); raise train.max_train_queries or lower the batch size."
-        )
+    batch = check_batches(cfg, n_records)
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)
 

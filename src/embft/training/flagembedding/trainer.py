@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from embft import names
 from embft.config import Config
+from embft.data import Splits
 from embft.training.base import Prepared, TrainContext, TrainResult
 from embft.training.common import live_sentence_transformer
 
@@ -28,6 +29,14 @@ class FlagEmbeddingTrainer:
                 "(the label-aware losses are train.backend=sentence_transformers's)."
             )
         check_parallel(cfg.train, cfg.variant)
+
+    def check_data(self, cfg: Config, splits: Splits) -> None:
+        """Refuse, before the store is opened, a batch the training queries cannot fill."""
+        from embft.training.flagembedding.train import check_batches
+
+        if cfg.train.get("per_class") is None:  # a per_class budget is checked where it is drawn
+            cap = cfg.train.max_train_queries
+            check_batches(cfg, len(splits.train) if cap is None else min(cap, len(splits.train)))
 
     def twin_reason(self, cfg: Config) -> Optional[str]:
         from embft.training.flagembedding.runner import inert_suffix_reason

@@ -38,6 +38,18 @@ class SentenceTransformersTrainer:
             )
         check_single_process(cfg)
 
+    def check_data(self, cfg: Config, splits: Any) -> None:
+        """Refuse, before the store is opened, a batch larger than the labelled texts (label-grouped batches
+        drop the last partial one, so none would be left)."""
+        t = cfg.train
+        if str(t.loss) in LOSSES and not LOSSES[str(t.loss)].pairs and t.get("per_class") is None:
+            n = len(splits.train) if t.max_train_queries is None else min(t.max_train_queries, len(splits.train))
+            if n < t.per_device_train_batch_size:
+                raise EmbftError(
+                    f"{n} labelled texts fill no batch of {t.per_device_train_batch_size}: raise "
+                    "train.max_train_queries or lower train.per_device_train_batch_size."
+                )
+
     def twin_reason(self, cfg: Config) -> Optional[str]:
         return None  # the twin rule is about FlagEmbedding's no_in_batch_neg suffix
 
