@@ -37,6 +37,14 @@ def test_switches_and_locations_are_not_part_of_a_jobs_identity(compose, tmp_pat
     assert _start(compose, ["experiment=seed_grid", "train.seed=7"]).config_hash != base
 
 
+def test_a_served_backend_other_than_torch_is_another_job(compose):
+    """The served scores a run logs depend on tracking.serve_backend: an onnx rerun of a finished torch job
+    trains and scores anew instead of being skipped with torch's served scores; torch keeps the old hash."""
+    base = _start(compose, ["experiment=seed_grid"]).config_hash
+    assert _start(compose, ["experiment=seed_grid", "tracking.serve_backend=torch"]).config_hash == base
+    assert _start(compose, ["experiment=seed_grid", "tracking.serve_backend=onnx"]).config_hash != base
+
+
 def test_one_data_folder_under_two_spellings_is_one_job(compose, tmp_path, monkeypatch):
     """data.local_dir enters by its files' content: relative, absolute and a copy elsewhere are one job
     (so skip, twins and "running elsewhere" match); other content is another job."""

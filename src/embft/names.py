@@ -144,3 +144,7 @@ def f1_macro(metric: str, primary: bool = True) -> str:
     """Macro-F1 beside an accuracy: `f1_macro` for the job's classifier, `f1_macro_logreg` beside
     eval.also's `accuracy_logreg`."""
     return F1_MACRO if primary else f"{F1_MACRO}_{metric.removeprefix('accuracy_')}"
+
+
+# The sweeper's results file in a sweep folder (the official hydra-optuna-sweeper's name); the core reads it.
+RESULTS_FILE = "optimization_results.yaml"

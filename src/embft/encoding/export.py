@@ -176,4 +176,3 @@ def _export_openvino_int8(model: Any, model_dir: Path, texts: list[str]) -> dict
         for suffix in (".xml", ".bin"):
             shutil.move(str(source / f"openvino_model{suffix}"), str(model_dir / "openvino" / f"{name}{suffix}"))
     return {"backend": "openvino", "file_name": f"openvino/{name}.xml", "quantization": "static int8"}
-

@@ -144,6 +144,11 @@ def config_hash(resolved: dict, data_fingerprint: Optional[str] = None) -> str:
                 group[key] = v
         if group:
             chosen[top] = group
+    # The served backend changes the served scores the run logs: another backend is another job (torch,
+    # the default, stays out, so every earlier hash holds).
+    serve_backend = str((resolved.get("tracking") or {}).get("serve_backend", "torch"))
+    if serve_backend != "torch":
+        chosen["tracking"] = {"serve_backend": serve_backend}
     return _digest(chosen)
 
 

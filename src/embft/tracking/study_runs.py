@@ -21,7 +21,6 @@ from embft import names
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "optimization_results.yaml"
 SWEEPER_NAME = "embft_optuna_sweeper"  # in the sweeper's _target_
 
 
@@ -226,7 +225,7 @@ def finish_parent_run(experiment_id: str, run_id: str, config: Any, counts: Mapp
         now = int(time.time() * 1000)
         # this sweep's runs; "skipped (already FINISHED)" -> sweep_n_skipped_already_finished (MLflow's name rules)
         metrics = [Metric("sweep_n_" + re.sub(r"\W+", "_", s.lower()).strip("_"), n, now, 0) for s, n in counts.items()]
-        results_file = Path(config.hydra.sweep.dir) / RESULTS_FILE
+        results_file = Path(config.hydra.sweep.dir) / names.RESULTS_FILE
         if results_file.is_file():
             results = OmegaConf.to_container(OmegaConf.load(results_file))
             tag_trials(experiment_id, results)

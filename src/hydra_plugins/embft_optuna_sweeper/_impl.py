@@ -27,7 +27,9 @@ from optuna.storages import RDBStorage
 from optuna.trial import Trial, TrialState
 from sqlalchemy.engine import make_url
 
-from ._results import PRUNED, RESULTS_FILE, log_summary, objective_values, study_results, write_results
+from embft.names import RESULTS_FILE  # one name, which the core reads too
+
+from ._results import PRUNED, log_summary, objective_values, study_results, write_results
 from ._samplers import (
     _AskTellGridSampler,
     _PerTrialSeedSampler,

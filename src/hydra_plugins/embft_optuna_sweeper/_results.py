@@ -20,8 +20,6 @@ from ._storage import _retried
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "optimization_results.yaml"
-
 
 # --------------------------------------------------------------------------- objective values
 
