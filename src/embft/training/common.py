@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from embft.config import Config
 from embft.errors import EmbftError
-from embft.training.base import TrainContext
+from embft.training.base import TrainContext, TrainResult
 
 
 def check_single_process(cfg: Config) -> None:
@@ -93,4 +93,22 @@ def live_view(ctx: TrainContext, model: Any) -> Any:
     encoder = SimpleNamespace(model=model[0].auto_model)
     return live_sentence_transformer(
         encoder, ctx.model_path, m.pooling, m.normalize, settings["max_seq_length"], settings.get("precision", "fp32")
+    )
+
+
+def trained_result(
+    trainer: Any, seconds: float, final: Path, batch_size: int, precision: str, device: str, metrics: dict
+) -> TrainResult:
+    """A Hugging Face style trainer's run as a TrainResult: queries from its optimizer steps, its logged losses."""
+    n_queries = trainer.state.global_step * batch_size
+    return TrainResult(
+        model_dir=final,
+        seconds=seconds,
+        n_queries=n_queries,
+        queries_per_second=n_queries / seconds if seconds else float("nan"),
+        effective_batch_size=batch_size,
+        precision=precision,
+        device=device,
+        losses=[(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e and "step" in e],
+        metrics=metrics,
     )

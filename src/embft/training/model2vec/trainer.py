@@ -71,7 +71,7 @@ class Model2VecTrainer:
         from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
         from embft.training.callbacks import use_progress_bar
-        from embft.training.common import quiet_arguments, train_and_save
+        from embft.training.common import quiet_arguments, train_and_save, trained_result
 
         cfg, t = ctx.cfg, ctx.cfg.train
         model, distill_seconds = distilled_model(ctx)
@@ -106,19 +106,8 @@ class Model2VecTrainer:
             return trainer
 
         trainer, seconds, final = train_and_save(ctx, "model2vec", build, model)
-        n_queries = trainer.state.global_step * t.per_device_train_batch_size
-        return TrainResult(
-            model_dir=final,
-            seconds=seconds,
-            n_queries=n_queries,
-            queries_per_second=n_queries / seconds if seconds else float("nan"),
-            effective_batch_size=t.per_device_train_batch_size,
-            precision="fp32",
-            device="cpu",
-            losses=[
-                (int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e and "step" in e
-            ],
-            metrics={"distill_seconds": distill_seconds},
+        return trained_result(
+            trainer, seconds, final, t.per_device_train_batch_size, "fp32", "cpu", {"distill_seconds": distill_seconds}
         )
 
     def live_encoder(self, ctx: TrainContext, model: Any) -> Any:

@@ -16,7 +16,7 @@ from embft import names
 from embft.config import Config
 from embft.errors import EmbftError
 from embft.training.base import Prepared, TrainContext, TrainResult
-from embft.training.common import check_single_process, live_view, quiet_arguments, train_and_save
+from embft.training.common import check_single_process, live_view, quiet_arguments, train_and_save, trained_result
 from embft.training.sentence_transformers.losses import LOSSES
 
 log = logging.getLogger(__name__)
@@ -110,17 +110,8 @@ class SentenceTransformersTrainer:
             return trainer
 
         trainer, seconds, final = train_and_save(ctx, "sentence-transformers", build, model)
-        n_queries = trainer.state.global_step * t.per_device_train_batch_size
-        return TrainResult(
-            model_dir=final,
-            seconds=seconds,
-            n_queries=n_queries,
-            queries_per_second=n_queries / seconds if seconds else float("nan"),
-            effective_batch_size=t.per_device_train_batch_size,
-            precision=str(t.precision),
-            device=str(t.device),
-            losses=train_losses(trainer),
-            metrics=metrics,
+        return trained_result(
+            trainer, seconds, final, t.per_device_train_batch_size, str(t.precision), str(t.device), metrics
         )
 
     def live_encoder(self, ctx: TrainContext, model: Any) -> Any:
@@ -170,7 +161,3 @@ def classes_per_batch(trainer: Any, dataset: Any) -> dict[str, float]:
             "%d of %d batches hold a single class: the loss has nothing to contrast there", counts.count(1), len(counts)
         )
     return {names.CLASSES_PER_BATCH: float(np.mean(counts)), names.MIN_CLASSES_PER_BATCH: float(min(counts))}
-
-
-def train_losses(trainer: Any) -> list[tuple[int, float]]:
-    return [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e and "step" in e]
