@@ -78,7 +78,7 @@ mlflow-ui:
 OPTUNA_DASHBOARD_PORT ?= 8080
 STORAGE ?= sqlite:///$(CURDIR)/mlruns/optuna.db
 optuna-dashboard:
-	$(BIN)/python -m hydra_plugins.embft_optuna_sweeper.dashboard --storage '$(STORAGE)' --port $(OPTUNA_DASHBOARD_PORT)
+	$(BIN)/python -m embft.sweeping.dashboard --storage '$(STORAGE)' --port $(OPTUNA_DASHBOARD_PORT)
 
 # An MLflow tracking server (basic-auth app) on PostgreSQL (scram passwords), artifacts proxied
 # into .e2e/mlartifacts; it keeps running (make services-down stops it). Admin credentials:

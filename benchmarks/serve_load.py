@@ -17,8 +17,9 @@ rps counts answered requests per second of the setting's wall time; peak_rss_mb 
 summed RSS of the server's process tree (the `mlflow` CLI, uvicorn and its workers) sampled every
 0.2 s during the setting; errors counts requests that got no 200 with one prediction per text
 (a timeout, a refused connection, a 5xx, MLflow's 504 after its 60 s request timeout). Before the
-load, per backend: its accuracy on ACCURACY_ROWS AG News test rows (not the load texts) next to torch
-fp32's, and its texts per second in this process (the pyfunc model's predict, one text per call):
+load, per backend: its accuracy on the HELD_OUT_ROWS AG News train rows that no support set holds
+(serve_latency.split_train; the choice below is made on them, never on test) next to torch fp32's, and
+its texts per second in this process (the pyfunc model's predict, one text per call):
 what the server adds on top is MLflow's. The last line is `serve_speedup=<x>`: the best backend whose
 accuracy is within --max-drop (0.005) of torch fp32, over torch fp32, in requests per second of one
 text at 8 clients. The command exits 1 if any setting had an error.
@@ -51,12 +52,11 @@ import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_server import HOST, PeakRss, start_model_server, stop_model_server  # noqa: E402
-from serve_latency import DATA, build_model  # noqa: E402
+from serve_latency import build_model, split_train  # noqa: E402
 
 CLIENTS = (1, 8, 32)
 TEXTS_PER_REQUEST = (1, 64)
 BACKENDS = ("torch", "onnx", "onnx_int8", "openvino", "openvino_int8")
-ACCURACY_ROWS = 1000  # AG News test rows after the load texts: each backend's accuracy beside torch fp32's
 
 
 def serve(model_uri: str, workers: int, threads: int, log: Path) -> tuple[subprocess.Popen, int]:
@@ -146,7 +146,7 @@ def build_backends(store: Path, backends: list[str], per_class: int) -> dict[str
     from embft.encoding.export import export_for_serving
 
     build_model(store, per_class)  # the torch fp32 folder (store/minilm) and a throwaway sqlite store
-    train = pd.read_csv(DATA / "train.csv")
+    train, _ = split_train()  # the support pool build_model drew from
     uris = {}
     for backend in backends:
         folder = store / f"minilm_{backend}"
@@ -219,9 +219,8 @@ def main() -> None:
     requests = args.requests or (48 if args.quick else 1000)
     seconds = args.seconds or (8.0 if args.quick else 60.0)
 
-    test = pd.read_csv(DATA / "test.csv")
-    texts = test["text"].tolist()[:640]
-    rows = test.iloc[640 : 640 + ACCURACY_ROWS]
+    _, rows = split_train()  # held out of every support set: accuracy and the load texts
+    texts = rows["text"].tolist()[:640]
     print(f"machine: {machine()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     failed = False
     rps: dict[tuple[str, int], float] = {}

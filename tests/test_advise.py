@@ -119,6 +119,50 @@ def test_a_bad_advise_on_the_command_line_creates_nothing(tmp_path, command) -> 
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()
 
 
+def test_a_label_budget_sweep_is_one_advise_per_cell() -> None:
+    from hydra_plugins.embft_advise_sweeper._plan import cells
+
+    line = ["data=trec,sst5", "train.per_class=8,64", "advise.seeds=2"]
+    assert cells(line) == [
+        ["data=trec", "train.per_class=8", "advise.seeds=2"],
+        ["data=trec", "train.per_class=64", "advise.seeds=2"],
+        ["data=sst5", "train.per_class=8", "advise.seeds=2"],
+        ["data=sst5", "train.per_class=64", "advise.seeds=2"],
+    ]
+    plain = ["data=trec", "train.per_class=8", "advise.arms=[supcon,setfit]"]
+    assert cells(plain) == [plain], "no sweep: the command line is the one cell, as written"
+
+
+def test_reference_arms_are_confirmed_without_a_search(compose, tmp_path) -> None:
+    folder = _data(tmp_path / "data")
+    base = ["experiment=advise", "data=local", f"data.local_dir={folder}", "data.label_names=[]", "train.per_class=8"]
+    plan = _plan(compose, [*base, "advise.arms=[supcon]", "advise.reference_arms=[untrained]"])
+    assert plan.arms == ["supcon"] and plan.references == ["untrained"] and plan.confirmed == ["supcon", "untrained"]
+    assert plan.configs["untrained"].train.backend == "untrained"
+    with pytest.raises(EmbftError, match="advise.reference_arms: no arm 'nope' in conf/arm"):
+        _plan(compose, [*base, "advise.arms=[supcon]", "advise.reference_arms=[nope]"])
+    with pytest.raises(EmbftError, match="arm 'supcon' is also in advise.arms"):
+        _plan(compose, [*base, "advise.arms=[supcon]", "advise.reference_arms=[supcon]"])
+    with pytest.raises(EmbftError, match="arm 'untrained' has no search space.*advise.reference_arms"):
+        _plan(compose, [*base, "advise.arms=[untrained]"])
+
+
+def test_the_label_budget_experiment_reports_each_cell_in_its_own_folder(compose, tmp_path) -> None:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    compose([])  # the schema registered, GlobalHydra cleared
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        overrides = [f"paths.root_dir={tmp_path}", "experiment=label_budget", "data=trec", "train.per_class=16"]
+        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    assert cfg.name == "label_budget" and list(cfg.advise.reference_arms) == ["untrained"]
+    assert cfg.tracking.registered_model_name == "label_budget_trec_16"
+    assert cfg.hydra.sweeper.report_dir.endswith("experiments/label_budget/trec_16")
+    assert cfg.hydra.sweeper.summary_dir.endswith("experiments/label_budget")
+
+
 # -------------------------------------------------------------------------------------- the report
 
 
@@ -158,16 +202,52 @@ def test_the_recommendation_is_the_paired_difference_by_seed(tmp_path) -> None:
     assert result.sentence in (tmp_path / "advise.md").read_text()
 
 
+def _cell(folder: Path, data: str, per_class: int, arms: dict[str, tuple[float, float]], best: str) -> None:
+    """An advise.json as the sweeper writes it: arm -> (validation kNN, test deployed)."""
+    rows = []
+    for arm, (val, test) in arms.items():
+        row = {"arm": arm, "n_seeds": 3, "val": val, "test": test - 0.01, "train_seconds": 5.0, "baseline_test": 0.5}
+        for key, mean in (("test_served", test), ("test", test - 0.01)):
+            row.update({key: mean, f"{key}_low": mean - 0.02, f"{key}_high": mean + 0.02})
+        rows.append(row)
+    cell = folder / f"{data}_{per_class}"
+    cell.mkdir(parents=True)
+    budget = {"data": data, "per_class": per_class, "trials_per_arm": 4, "seeds": 3, "arms": list(arms)}
+    (cell / "advise.json").write_text(
+        json.dumps({"sentence": f"use {best}", "best_arm": best, "budget": budget, "arms": rows, "paired": []})
+    )
+
+
+def test_the_label_budget_summary_shows_every_cell_and_its_choice(tmp_path) -> None:
+    from embft.report import label_budget
+
+    _cell(tmp_path, "trec", 8, {"supcon": (0.7, 0.72), "untrained": (0.6, 0.65)}, "supcon")
+    _cell(tmp_path, "trec", 64, {"supcon": (0.8, 0.83), "untrained": (0.82, 0.84)}, "untrained")
+    _cell(tmp_path, "sst5", 8, {"setfit": (0.3, 0.31), "untrained": (0.28, 0.29)}, "setfit")
+    cells = label_budget.load_cells(tmp_path)
+    assert len(cells) == 6 and set(cells["cell"]) == {"trec_8", "trec_64", "sst5_8"}
+    assert label_budget.main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("## sst5, 8 per class") < md.index("## trec, 8 per class") < md.index("## trec, 64 per class")
+    trec_64 = md[md.index("## trec, 64 per class") :]
+    assert "| **untrained** | 3 | 84.0 [82.0, 86.0] | 83.0 [81.0, 85.0] | 82.0 |" in trec_64, "the choice is bold"
+    assert "| supcon | 3 | 83.0" in trec_64
+    assert (tmp_path / "accuracy_vs_per_class.png").stat().st_size > 10_000
+    assert label_budget.main([str(tmp_path / "empty")]) == 1
+
+
 # ------------------------------------------------------------------------------- end to end (tiny)
 
 
-def _advise(root: Path, data: Path, model: Path, name: str, arms: str) -> subprocess.CompletedProcess:
+def _advise(
+    root: Path, data: Path, model: Path, name: str, arms: str, experiment: str = "advise", per_class: str = "6"
+) -> subprocess.CompletedProcess:
     from test_pipeline import embft
 
     return embft(
         root,
         "-m",
-        "experiment=advise",
+        f"experiment={experiment}",
         "data=local",
         f"data.name={name}",
         f"data.local_dir={data}",
@@ -178,7 +258,7 @@ def _advise(root: Path, data: Path, model: Path, name: str, arms: str) -> subpro
         "eval.max_seq_length=32",
         "eval.samples_per_label=4",
         "eval.n_experiments=1",
-        "train.per_class=6",
+        f"train.per_class={per_class}",
         "train.logging_steps=2",
         "train.per_device_train_batch_size=8",  # replaces the arms' batch choice: 24 texts fill 3 batches
         "train.num_train_epochs=1",
@@ -278,8 +358,10 @@ def test_a_rerun_trains_nothing(advised) -> None:
 
 
 @pytest.mark.slow
-def test_the_champion_is_chosen_per_dataset(advised) -> None:
-    """A second dataset's advise registers its own champion; the first dataset's stays where it was."""
+def test_a_label_budget_sweep_advises_each_cell_beside_the_untrained_model(advised) -> None:
+    """experiment=label_budget on a second dataset at two budgets: one advise per cell (its own studies, report
+    and champion), the untrained reference arm confirmed with no search and no training, the summary over the
+    cells; the first dataset's champion stays where it was."""
     from mlflow.tracking import MlflowClient
 
     from embft import names
@@ -288,10 +370,31 @@ def test_the_champion_is_chosen_per_dataset(advised) -> None:
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     alpha = client.get_model_version_by_alias("advise_alpha_6", names.CHAMPION)
     beta_data = _data(advised["base"] / "beta", classes=("x", "y", "z"), seed=5)
-    done = _advise(root, beta_data, advised["model"], "beta", "supcon")
+    done = _advise(
+        root, beta_data, advised["model"], "beta", "supcon", "experiment=label_budget", "train.per_class=4,6"
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    beta = client.get_model_version_by_alias("advise_beta_6", names.CHAMPION)
-    beta_run = client.get_run(beta.run_id)
-    assert beta_run.data.tags["data"] == "beta" and beta_run.data.metrics["train_labelled_texts"] == 6 * 3
+    tuned = _tuned(_runs(root, "label_budget"))
+    for n in (4, 6):
+        champion = client.get_run(client.get_model_version_by_alias(f"label_budget_beta_{n}", names.CHAMPION).run_id)
+        assert champion.data.tags["data"] == "beta" and champion.data.metrics["train_labelled_texts"] == n * 3
+        cell = [r for r in tuned if r.data.params["train.per_class"] == str(n)]
+        studies = {r.data.tags[names.OPTUNA_STUDY] for r in cell}
+        assert {s.split("/")[-2] if s.endswith("/seeds") else s.split("/")[-1] for s in studies} == {
+            "supcon",
+            "untrained",
+        }
+        assert not any(s.endswith("/untrained") for s in studies), "a reference arm is not searched"
+        untrained = [r for r in cell if r.data.tags[names.OPTUNA_STUDY].endswith("/untrained/seeds")]
+        assert sorted(r.data.params["train.seed"] for r in untrained) == ["1", "2"]
+        for run in untrained:  # its scores are the base model's; its deployed classifier read the same texts
+            m = run.data.metrics
+            assert m["train_seconds"] == 0 and m["delta_val_accuracy_cosine"] == pytest.approx(0, abs=1e-9)
+            assert m["train_labelled_texts"] == n * 3 and "served_accuracy_logreg" in m
+        summary = json.loads((root / "experiments" / "label_budget" / f"beta_{n}" / "advise.json").read_text())
+        assert {a["arm"] for a in summary["arms"]} == {"supcon", "untrained"}
+    report = (root / "experiments" / "label_budget" / "report.md").read_text()
+    assert "## beta, 4 per class" in report and "## beta, 6 per class" in report
+    assert (root / "experiments" / "label_budget" / "accuracy_vs_per_class.png").is_file()
     assert client.get_model_version_by_alias("advise_alpha_6", names.CHAMPION).version == alpha.version
     assert client.get_run(alpha.run_id).data.tags["data"] == "alpha"

@@ -75,6 +75,20 @@ def test_a_flagembedding_setting_on_another_backend_is_refused_in_one_line(compo
     assert _start(compose, ["train=sentence_transformers", "variant=same"]).config_hash
 
 
+def test_setfits_pairs_per_text_are_setfits_own_setting(compose):
+    """train.num_iterations (the SetFit paper's 20 pairs per text) is refused on another backend and hashed off
+    its default only (every earlier SetFit job keeps its identity); test_trainers' SetFit job counts its pairs."""
+    from embft.errors import EmbftError
+
+    with pytest.raises(EmbftError, match="^train.num_iterations=20: only train.backend=setfit reads it"):
+        _start(compose, ["arm=supcon", "train.num_iterations=20"])
+    with pytest.raises(EmbftError, match="train.num_iterations"):
+        _start(compose, ["arm=setfit", "train.num_iterations=0"])
+    plain, paper = _start(compose, ["arm=setfit"]), _start(compose, ["arm=setfit", "train.num_iterations=20"])
+    assert plain.config_hash == _start(compose, ["arm=setfit", "train.num_iterations=null"]).config_hash
+    assert paper.config_hash != plain.config_hash and paper.params["train.num_iterations"] == 20
+
+
 def test_a_supcon_jobs_identity_holds_no_flagembedding_setting(compose):
     """An experiment's variant (experiment=smoke: same_nib) is FlagEmbedding's: a supcon job neither logs
     nor hashes it, so it is one job whatever variant the experiment file chose."""

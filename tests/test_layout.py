@@ -6,8 +6,23 @@ import itertools
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "embft"
-PACKAGES = {"training", "training.flagembedding", "encoding", "evaluation", "tracking", "report", "serving"}
-BACKENDS = ("flagembedding", "sentence_transformers", "setfit", "model2vec")  # training/<backend>/: one each
+PACKAGES = {
+    "training",
+    "training.flagembedding",
+    "encoding",
+    "evaluation",
+    "tracking",
+    "report",
+    "serving",
+    "sweeping",
+}
+BACKENDS = (
+    "flagembedding",
+    "sentence_transformers",
+    "setfit",
+    "model2vec",
+    "untrained",
+)  # training/<backend>/: one each
 MAX_LINES = 650  # "about 600": a file past it holds more than one concern
 PLUGIN = SRC.parent / "hydra_plugins"
 
@@ -114,6 +129,18 @@ def test_training_backends_do_not_import_each_other():
         (m, d) for m, deps in GRAPH.items() for d in deps if backend(m) and backend(d) not in (None, backend(m))
     }
     assert sideways == set()
+
+
+def test_the_core_does_not_import_the_sweeper_plugins():
+    """hydra_plugins/ builds on embft (a sweeper is replaceable); embft never reaches into a plugin:
+    what a job shares with the sweepers (trial reporter, storage, dashboard) lives in embft/sweeping/."""
+    found = set()
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            found.update((module, n) for n in names if n.split(".")[0] == "hydra_plugins")
+    assert found == set()
 
 
 def test_the_cycle_check_sees_a_cycle():

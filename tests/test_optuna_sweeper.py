@@ -609,12 +609,12 @@ def test_ask_lock_lost_with_its_connection_is_reported_and_released_without_rais
     connection, after which a commit raises PendingRollbackError; the worker must go on."""
     import sqlalchemy
 
-    from hydra_plugins.embft_optuna_sweeper._storage import _AskLock
+    from embft.sweeping.storage import AskLock
 
     engine = sqlalchemy.create_engine("sqlite://", poolclass=sqlalchemy.pool.NullPool)
     healthy = engine.connect()
     healthy.execute(sqlalchemy.text("SELECT 1"))  # the lock's transaction
-    lock = _AskLock(healthy)
+    lock = AskLock(healthy)
     assert lock.held()
     lock.release()
     assert healthy.closed and not healthy.in_transaction()
@@ -622,7 +622,7 @@ def test_ask_lock_lost_with_its_connection_is_reported_and_released_without_rais
     conn = engine.connect()
     conn.execute(sqlalchemy.text("SELECT 1"))
     conn.connection.dbapi_connection.close()  # the server ended the session
-    lost = _AskLock(conn)
+    lost = AskLock(conn)
     assert not lost.held()
     assert not lost.held()  # stays lost: no statement on the invalidated connection
     lost.release()  # raised PendingRollbackError from commit() before
@@ -632,7 +632,7 @@ def test_ask_lock_lost_with_its_connection_is_reported_and_released_without_rais
 def test_retry_on_disconnect_retries_lost_connections_only() -> None:
     import sqlalchemy.exc
 
-    from hydra_plugins.embft_optuna_sweeper._storage import is_disconnect, retry_on_disconnect
+    from embft.sweeping.storage import is_disconnect, retry_on_disconnect
 
     lost = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
     wrapped = optuna.exceptions.StorageInternalError("commit failed")  # how RDBStorage raises it
@@ -685,7 +685,7 @@ def test_reconnecting_storage_retries_an_operation_and_a_landed_state_change(
 ) -> None:
     import sqlalchemy.exc
 
-    from hydra_plugins.embft_optuna_sweeper._storage import ReconnectingRDBStorage
+    from embft.sweeping.storage import ReconnectingRDBStorage
 
     storage = ReconnectingRDBStorage(f"sqlite:///{tmp_path}/optuna.db", reconnect_timeout=30)
     study = optuna.create_study(storage=storage)
@@ -714,12 +714,12 @@ def test_reconnecting_storage_covers_every_database_call_of_optunas_cached_stora
 
     from optuna.storages import _cached_storage
 
-    from hydra_plugins.embft_optuna_sweeper._storage import _DB_METHODS, ReconnectingRDBStorage
+    from embft.sweeping.storage import DB_METHODS, ReconnectingRDBStorage
 
     called = set(re.findall(r"self\._backend\.(\w+)", inspect.getsource(_cached_storage)))
     no_database = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
     overridden = {"set_trial_state_values", "_set_trial_param"}  # retried with a landed-commit check
-    assert called - no_database - overridden <= set(_DB_METHODS)
+    assert called - no_database - overridden <= set(DB_METHODS)
     for name in overridden:
         assert name in vars(ReconnectingRDBStorage)
 
@@ -729,7 +729,7 @@ def test_a_suggest_whose_param_commit_landed_is_not_inserted_twice(
 ) -> None:
     import sqlalchemy.exc
 
-    from hydra_plugins.embft_optuna_sweeper._storage import ReconnectingRDBStorage
+    from embft.sweeping.storage import ReconnectingRDBStorage
 
     storage = ReconnectingRDBStorage(f"sqlite:///{tmp_path}/optuna.db", reconnect_timeout=30)
     study = optuna.create_study(storage=storage)
@@ -750,7 +750,7 @@ def test_a_suggest_whose_param_commit_landed_is_not_inserted_twice(
 
 
 def test_trials_counted_towards_n_trials() -> None:
-    from hydra_plugins.embft_optuna_sweeper._storage import DISCARDED_ATTR, _counts, _retried
+    from embft.sweeping.storage import DISCARDED_ATTR, counts_towards_n_trials, retried_trial_numbers
 
     def trial(number: int, state: TrialState, **system_attrs: Any) -> optuna.trial.FrozenTrial:
         t = optuna.trial.create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None)
@@ -767,10 +767,10 @@ def test_trials_counted_towards_n_trials() -> None:
         trial(5, TrialState.PRUNED),
         trial(6, TrialState.RUNNING),  # a live worker's (stale ones were failed just before)
     ]
-    retried = _retried(trials)
+    retried = retried_trial_numbers(trials)
     assert retried == {0}
-    assert [t.number for t in trials if _counts(t, True, retried)] == [1, 4, 5, 6]
-    assert [t.number for t in trials if _counts(t, False, retried)] == [1, 4, 5]
+    assert [t.number for t in trials if counts_towards_n_trials(t, True, retried)] == [1, 4, 5, 6]
+    assert [t.number for t in trials if counts_towards_n_trials(t, False, retried)] == [1, 4, 5]
 
 
 def test_storage_options_reach_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -849,7 +849,7 @@ def test_default_grace_period_outlasts_embfts_mlflow_heartbeat(interval: int, gr
 
 
 def test_trials_asked_past_n_trials_under_a_lost_lock_are_dropped_unrun(tmp_path: Path) -> None:
-    from hydra_plugins.embft_optuna_sweeper._impl import DISCARDED_ATTR, OptunaSweeperImpl, _NoHeartbeat
+    from hydra_plugins.embft_optuna_sweeper._impl import DISCARDED_ATTR, NoHeartbeat, OptunaSweeperImpl
 
     url = f"sqlite:///{tmp_path}/optuna.db"
     sweeper = OptunaSweeperImpl(
@@ -872,7 +872,7 @@ def test_trials_asked_past_n_trials_under_a_lost_lock_are_dropped_unrun(tmp_path
         warnings.simplefilter("ignore")
         other = study.ask()  # another worker's, asked while our lock was gone
         ours = [study.ask(), study.ask()]
-    sweeper._discard_overshoot(study, ours, _NoHeartbeat(), use_heartbeat=True)
+    sweeper._discard_overshoot(study, ours, NoHeartbeat(), use_heartbeat=True)
     assert len(ours) == 1  # 3 asked for n_trials=2: our last one goes
     states = {t.number: (t.state, t.system_attrs.get(DISCARDED_ATTR)) for t in study.trials}
     assert states == {
@@ -884,7 +884,7 @@ def test_trials_asked_past_n_trials_under_a_lost_lock_are_dropped_unrun(tmp_path
 
 
 def test_dashboard_opens_the_searchs_store_and_refuses_a_missing_one(tmp_path: Path) -> None:
-    from hydra_plugins.embft_optuna_sweeper.dashboard import resolve_storage
+    from embft.sweeping.dashboard import resolve_storage
 
     # A missing SQLite file is refused in one line (optuna-dashboard would create an empty store).
     with pytest.raises(SystemExit, match=f"No study store at {tmp_path}/mlruns/optuna.db: run a search first"):

@@ -13,11 +13,11 @@ from optuna.trial import TrialState
 
 from conftest import make_tiny_bert
 from embft.data import Splits
+from embft.sweeping.trial_reporter import TrialReporter
 from embft.training.callbacks import LiveTrainingCallback
 from embft.training.flagembedding.records import build_records, write_records
 from embft.training.flagembedding.train import train
 from embft.training.flagembedding.trainer import live_sentence_transformer
-from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
 
 pytestmark = pytest.mark.slow
 

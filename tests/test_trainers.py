@@ -271,13 +271,14 @@ def test_a_setfit_job_scores_its_body_by_knn_and_its_head_apart(compose, tmp_pat
     from embft.training.labelled import training_texts
 
     # Trained at 6 tokens, evaluated at 32: the synthetic texts (~10 tokens) are cut in training only.
+    # train.num_iterations=3: the SetFit paper's pair generation, 3 positive and 3 negative pairs per text.
     overrides = ["train=setfit", "train.per_device_train_batch_size=8", "train.max_train_queries=8"]
-    cfg = _job(compose, tmp_path, [*overrides, "train.query_max_len=6"])
+    cfg = _job(compose, tmp_path, [*overrides, "train.query_max_len=6", "train.num_iterations=3"])
     run_job(cfg)
     _, run = _finetune_run(tmp_path)
     m = run.data.metrics
     assert run.info.status == "FINISHED" and run.data.params["train.backend"] == "setfit"
-    assert m["train_labelled_texts"] == 8 and m["train_queries"] > 8  # SetFit trains on pairs of them
+    assert m["train_labelled_texts"] == 8 and m["train_queries"] == 3 * 2 * 8  # SetFit trains on pairs of them
     # The head, against SetFit's default head (sklearn's LogisticRegression) fitted on the trained body's
     # embeddings of the 8 labelled texts it read, at the evaluation's length, scored on the same rows.
     body = mlflow.sentence_transformers.load_model(f"runs:/{run.info.run_id}/embedder")

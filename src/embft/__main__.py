@@ -2,9 +2,11 @@
 `python -m embft predict MODEL_URI INPUT [--out FILE]` classifies a file with a logged classifier;
 `python -m embft advise [overrides]` is `python -m embft -m experiment=advise [overrides]`."""
 
+import logging
 import os
 import signal
 import sys
+import traceback
 
 
 class Terminated(KeyboardInterrupt):
@@ -33,11 +35,26 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         app_main()
-    except Terminated:
-        # Cleaned up; end by SIGTERM itself (exit status 143 in a shell), as the sender expects.
-        sys.stderr.write("Terminated by SIGTERM (cleaned up as after Ctrl-C: a running job's run is KILLED)\n")
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGTERM)
+    except KeyboardInterrupt as stop:
+        # Cleaned up (a running job's run ended KILLED, no half-saved model). End by the signal itself
+        # (130 or 143 in a shell), as the sender expects; CPython's own exit by SIGINT after an uncaught
+        # KeyboardInterrupt is not reliable under `-c`/runpy (seen exiting 1 on CI).
+        if isinstance(stop, Terminated):
+            sys.stderr.write("Terminated by SIGTERM (cleaned up as after Ctrl-C: a running job's run is KILLED)\n")
+            sig = signal.SIGTERM
+        else:
+            traceback.print_exc()
+            sig = signal.SIGINT
+        _die_by(sig)
+
+
+def _die_by(sig: signal.Signals) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()  # Hydra's job log file
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    raise SystemExit(128 + sig)  # only if the signal is blocked in this thread
 
 
 if __name__ == "__main__":

@@ -351,8 +351,8 @@ def fine_tune(job: Job, ctx: TrainContext, prepared: Prepared):
     import mlflow
 
     from embft.evaluation.classification import evaluate
+    from embft.sweeping.trial_reporter import TrialReporter
     from embft.training.callbacks import LiveTrainingCallback
-    from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
 
     cfg = job.cfg
 

@@ -184,6 +184,7 @@ BACKEND_SETTINGS: dict[str, dict[str, Any]] = {
         "data.pairing": "examples",
         "model.query_instruction": "",  # set by the model's file (conf/model/), so never refused
     },
+    "setfit": {"train.num_iterations": None},
 }
 SET_BY_MODEL_FILE = frozenset({"model.query_instruction"})
 
@@ -228,6 +229,9 @@ class TrainConfig:
     keep_model: bool = True
     # Triplet / contrastive margin of a sentence-transformers loss; null: the loss's own default.
     margin: Optional[float] = None
+    # SetFit only: pairs generated per text as setfit 0.x did and the SetFit paper ran (20); null: setfit 1.x's
+    # default, pairs by oversampling the rarer of positive and negative pairs.
+    num_iterations: Optional[int] = None
     # A job whose variant differs from a finished run's only by a no_in_batch_neg suffix that cannot
     # change training (embft.training.flagembedding.runner.inert_suffix_reason) takes that run's model scores instead of
     # training the same weights again. false: train anyway.
@@ -331,6 +335,9 @@ class AdviseConfig:
 
     # conf/arm names; the default is every arm in conf/arm that has an advise.space
     arms: list[str] = field(default_factory=list)
+    # Arms confirmed over the seeds with no search (their conf/arm has no advise.space): the untrained model
+    # with its deployed classifiers fitted on the same texts, the reference a fine-tuning arm has to beat.
+    reference_arms: list[str] = field(default_factory=list)
     trials_per_arm: int = 8
     # A total search budget instead, split evenly over the arms (each needs min_trials_per_arm).
     total_trials: Optional[int] = None
@@ -418,6 +425,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("eval.samples_per_label", _at_least(1), ">= 1"),
     ("eval.n_experiments", _at_least(1), ">= 1"),
     ("eval.max_test_rows", _at_least(1), ">= 1 or null"),
+    ("train.num_iterations", _at_least(1), ">= 1 or null"),
     ("eval.max_validation_rows", _at_least(1), ">= 1 or null"),
     ("eval.max_seq_length", _at_least(1), ">= 1"),
     ("eval.batch_size", _at_least(1), ">= 1"),

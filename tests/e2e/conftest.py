@@ -113,3 +113,46 @@ def smoke_sweep(mlflow_uri: str, ag_news_dir: Path, tmp_path_factory: pytest.Tem
     experiment = MlflowClient(tracking_uri=mlflow_uri).get_experiment_by_name(name)
     assert experiment is not None, f"experiment {name} missing on {mlflow_uri}\n{output[-2000:]}"
     return SmokeSweep(name, experiment.experiment_id, root, output)
+
+
+CHROMIUM = os.environ.get("EMBFT_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("EMBFT_CHROMEDRIVER", "/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Debian's headless Chromium through its chromedriver (apt packages chromium, chromium-driver);
+    Selenium Manager, which would download a browser or a driver, is never used."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.selenium_manager import SeleniumManager
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            pytest.fail(f"{path} is missing: apt-get install chromium chromium-driver", pytrace=False)
+
+    def no_downloads(*args, **kwargs):
+        raise AssertionError("Selenium Manager was called; the test must use Debian's chromium/chromedriver")
+
+    monkeypatch.setattr(SeleniumManager, "binary_paths", no_downloads)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1600,900",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()

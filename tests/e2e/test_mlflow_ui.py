@@ -3,11 +3,9 @@
 The server runs MLflow's basic-auth app: the browser sends the e2e user's Authorization header
 on every request (Chrome DevTools' Network.setExtraHTTPHeaders), as a logged-in user's would.
 
-Selenium drives /usr/bin/chromium through /usr/bin/chromedriver (apt packages chromium,
-chromium-driver); Selenium Manager, which would download a browser or a driver, is never used.
+Selenium drives Debian's headless Chromium (the `chromium` fixture of tests/e2e/conftest.py).
 """
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -16,52 +14,19 @@ import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # slow too: `-m "not slow"` must not need the services
 
-CHROMIUM = os.environ.get("EMBFT_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("EMBFT_CHROMEDRIVER", "/usr/bin/chromedriver")
 SCREENSHOT = Path(__file__).resolve().parents[2] / ".e2e" / "screenshots" / "mlflow_ui.png"
 METRIC_COL = "metrics.`accuracy_cosine`"  # ag-grid column id of a metric in MLflow 3's runs table
 
 
 @pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_credentials):
+def browser(chromium, mlflow_credentials):
+    """The browser as a logged-in user: the e2e user's Authorization header on every request."""
     import base64
 
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.selenium_manager import SeleniumManager
-
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not os.access(path, os.X_OK):
-            pytest.fail(f"{path} is missing: apt-get install chromium chromium-driver", pytrace=False)
-
-    def no_downloads(*args, **kwargs):
-        raise AssertionError("Selenium Manager was called; the test must use Debian's chromium/chromedriver")
-
-    monkeypatch.setattr(SeleniumManager, "binary_paths", no_downloads)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--window-size=1600,900",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(120)
     token = base64.b64encode(f"{mlflow_credentials.user}:{mlflow_credentials.password}".encode()).decode()
-    driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    chromium.execute_cdp_cmd("Network.enable", {})
+    chromium.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
+    return chromium
 
 
 def test_mlflow_ui_shows_the_smoke_runs(browser, smoke_sweep, mlflow_uri: str, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ and its trials, from a SQLite file or the e2e PostgreSQL server (a bare postgres
 hydra.sweeper.storage).
 
 The study is made by a real search of the stand-in app (tests/sweeper_app: no model training).
-Selenium drives /usr/bin/chromium through /usr/bin/chromedriver, as test_mlflow_ui.py does.
+Selenium drives Debian's headless Chromium (the `chromium` fixture of tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
@@ -23,38 +23,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "tests" / "sweeper_app" / "my_app.py"
-CHROMIUM = os.environ.get("EMBFT_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("EMBFT_CHROMEDRIVER", "/usr/bin/chromedriver")
 SCREENSHOT = ROOT / ".e2e" / "screenshots" / "optuna_dashboard.png"
 N_TRIALS = 4
-
-
-@pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.selenium_manager import SeleniumManager
-
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not os.access(path, os.X_OK):
-            pytest.fail(f"{path} is missing: apt-get install chromium chromium-driver", pytrace=False)
-
-    def no_downloads(*args, **kwargs):
-        raise AssertionError("Selenium Manager was called; the test must use Debian's chromium/chromedriver")
-
-    monkeypatch.setattr(SeleniumManager, "binary_paths", no_downloads)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"):
-        options.add_argument(arg)
-    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
-    options.add_argument("--window-size=1600,900")
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(120)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _free_port() -> int:
@@ -89,7 +59,7 @@ def _api(url: str):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_optuna_dashboard_shows_the_study_and_its_trials(browser, backend: str, tmp_path: Path, request) -> None:
+def test_optuna_dashboard_shows_the_study_and_its_trials(chromium, backend: str, tmp_path: Path, request) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -104,7 +74,7 @@ def test_optuna_dashboard_shows_the_study_and_its_trials(browser, backend: str, 
         [
             sys.executable,
             "-m",
-            "hydra_plugins.embft_optuna_sweeper.dashboard",
+            "embft.sweeping.dashboard",
             "--storage",
             storage,
             "--port",
@@ -134,14 +104,14 @@ def test_optuna_dashboard_shows_the_study_and_its_trials(browser, backend: str, 
             except OSError:
                 return False
 
-        WebDriverWait(browser, 120, poll_frequency=0.2).until(answers)
-        browser.get(f"{url}/trials")
-        body = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
-        WebDriverWait(browser, 120).until(lambda _: study in body() and f"Trial {N_TRIALS - 1}" in body())
+        WebDriverWait(chromium, 120, poll_frequency=0.2).until(answers)
+        chromium.get(f"{url}/trials")
+        body = lambda: chromium.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        WebDriverWait(chromium, 120).until(lambda _: study in body() and f"Trial {N_TRIALS - 1}" in body())
         assert all(f"Trial {n}" in body() for n in range(N_TRIALS))
         assert "COMPLETE" in body().upper()
     finally:
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(SCREENSHOT))
+        chromium.save_screenshot(str(SCREENSHOT))
         server.terminate()
         server.wait(timeout=30)

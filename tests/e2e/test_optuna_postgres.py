@@ -34,7 +34,7 @@ def test_two_workers_share_one_postgres_study(pg_uri: str, tmp_path: Path, pruni
     import optuna
     from sqlalchemy.engine import make_url
 
-    from hydra_plugins.embft_optuna_sweeper._storage import _with_installed_pg_driver
+    from embft.sweeping.storage import with_installed_pg_driver
 
     n_trials, study_name = 8, f"e2e_{uuid.uuid4().hex[:8]}"
     storage = f"{pg_uri}/optuna"  # a bare postgresql:// URL, as a user would write it
@@ -70,7 +70,7 @@ def test_two_workers_share_one_postgres_study(pg_uri: str, tmp_path: Path, pruni
         _, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err[-3000:]
 
-    url = _with_installed_pg_driver(make_url(storage)).render_as_string(hide_password=False)
+    url = with_installed_pg_driver(make_url(storage)).render_as_string(hide_password=False)
     trials = optuna.load_study(study_name=study_name, storage=url).trials
     states = [t.state for t in trials]
     assert len(trials) == n_trials  # pruned trials count: no overshoot

@@ -91,8 +91,8 @@ def _learning_curve(cfg: DictConfig, final: float) -> Any:
     import torch
     from transformers import TrainerControl, TrainerState
 
+    from embft.sweeping.trial_reporter import TrialReporter
     from embft.training.callbacks import LiveTrainingCallback
-    from hydra_plugins.embft_optuna_sweeper.reporting import TrialReporter
 
     reporter = TrialReporter.from_config(cfg.optuna)
     if cfg.prune_by == "raise" and reporter is not None:

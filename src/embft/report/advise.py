@@ -32,6 +32,7 @@ class Budget:
     seeds: int
     arms: list[str]
     chosen: dict[str, str] = field(default_factory=dict)  # arm -> the overrides its search chose
+    references: list[str] = field(default_factory=list)  # arms confirmed with no search (the untrained model)
 
 
 @dataclass
@@ -147,10 +148,18 @@ def sentence(budget: Budget, best: Optional[str], pairs: pd.DataFrame) -> str:
             "(validation, paired by seed, 95% interval)."
         )
     runner = others.sort_values("mean").iloc[0]  # the closest arm: the difference that matters most
+    if best in budget.references:
+        return (
+            f"For this data ({budget.data}) at {budget.per_class} per class, no fine-tuning beat {best}: it leads "
+            f"{runner['versus']} by {_points(runner['mean'], runner['low'], runner['high'])} points (validation kNN, "
+            "paired by seed, 95% interval)."
+        )
+    ratio = runner["time_ratio"]
+    cost = "while it trains none" if not math.isfinite(ratio) else f"at {ratio:.2g} times its training time"
     return (
         f"For this data ({budget.data}) at {budget.per_class} per class, use {best}: "
-        f"{_points(runner['mean'], runner['low'], runner['high'])} points over {runner['versus']}, at "
-        f"{runner['time_ratio']:.2g} times its training time ({_points(untrained['mean'], untrained['low'], untrained['high'])} "
+        f"{_points(runner['mean'], runner['low'], runner['high'])} points over {runner['versus']}, {cost} "
+        f"({_points(untrained['mean'], untrained['low'], untrained['high'])} "
         "over the untrained model; validation kNN, paired by seed, 95% interval)"
         + (
             f"; the interval spans 0: {best} is not clearly better than {runner['versus']} at {budget.seeds} seeds."
@@ -214,8 +223,9 @@ def _markdown(budget: Budget, table: pd.DataFrame, pairs: pd.DataFrame, text: st
                 f"{_fmt(ratio, 2)} |"
             )
     lines += ["", "## Chosen settings (search on validation)", ""]
-    lines += [f"- `{arm}`: `{o}`" for arm, o in budget.chosen.items()] or ["- none"]
-    missing = [a for a in budget.arms if a not in set(table["arm"] if len(table) else [])]
+    lines += [f"- `{arm}`: `{o}`" for arm, o in budget.chosen.items() if arm not in budget.references] or ["- none"]
+    lines += [f"- `{arm}`: reference, no search" for arm in budget.references]
+    missing = [a for a in [*budget.arms, *budget.references] if a not in set(table["arm"] if len(table) else [])]
     if missing:
         lines += ["", f"Not confirmed (no completed trial or no finished seed): {', '.join(missing)}."]
     lines += ["", f"![accuracy by arm]({IMAGE})", ""]

@@ -159,7 +159,7 @@ def is_database(uri: str) -> bool:
 def store_uri(uri: str) -> str:
     """`postgresql://` (MLflow's documented form) as `postgresql+psycopg2://` where psycopg 3 is missing:
     SQLAlchemy 2.1 maps the bare scheme to psycopg 3, while embft installs psycopg2 (as the sweeper's
-    storage does, hydra_plugins.embft_optuna_sweeper._storage)."""
+    storage does, embft.sweeping.storage)."""
     import importlib.util
 
     if uri.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:

@@ -136,7 +136,7 @@ def start_parent_run(experiment_id: str, config: Any) -> str:
 
 def dashboard_tags(storage: str) -> dict[str, str]:
     """The study in optuna-dashboard, linked from its parent run: the command that serves it and its URL."""
-    from hydra_plugins.embft_optuna_sweeper.dashboard import dashboard_url
+    from embft.sweeping.dashboard import dashboard_url
 
     return {
         "optuna.dashboard": dashboard_url(),

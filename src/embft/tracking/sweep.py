@@ -26,9 +26,6 @@ class SweepSummary(Callback):
     """Create the MLflow store before parallel jobs race to; at the end, count the sweep's runs."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra_plugins.embft_optuna_sweeper.checks import exit_on_bad_sweeper_config
-
-        exit_on_bad_sweeper_config(config)  # before any store or run: Hydra builds the sweeper after this
         try:
             experiment_id = mlflow_runs.setup(config.tracking)
         except EmbftError as err:

@@ -25,6 +25,7 @@ BACKENDS = {
     "sentence_transformers": "embft.training.sentence_transformers.trainer.SentenceTransformersTrainer",
     "setfit": "embft.training.setfit.trainer.SetFitTrainer",
     "model2vec": "embft.training.model2vec.trainer.Model2VecTrainer",
+    "untrained": "embft.training.untrained.trainer.UntrainedTrainer",
 }
 DEFAULT_BACKEND = "flagembedding"
 

@@ -60,7 +60,7 @@ class LiveTrainingCallback(TrainerCallback):
         self,
         score_fn: Optional[ScoreFn] = None,
         every_steps: Optional[int] = None,
-        reporter: Any = None,  # hydra_plugins.embft_optuna_sweeper.reporting.TrialReporter
+        reporter: Any = None,  # embft.sweeping.trial_reporter.TrialReporter
         metric: str = LIVE_VAL_METRIC,
     ) -> None:
         if every_steps is not None and every_steps < 1:

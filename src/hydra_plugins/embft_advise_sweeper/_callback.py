@@ -18,10 +18,12 @@ log = logging.getLogger("embft")
 
 class AdviseSummary(SweepSummary):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from ._plan import make_plan
+        from ._plan import _composer, cells, make_plan
 
+        compose, options = _composer(config)
         try:
-            make_plan(config, [str(a) for a in config.hydra.overrides.task])
+            for cell in cells([str(a) for a in config.hydra.overrides.task]):  # every cell checked before any runs
+                make_plan(compose(cell), cell, compose=compose, options=options)
         except EmbftError as err:
             log.error("%s", err)
             raise SystemExit(1) from None

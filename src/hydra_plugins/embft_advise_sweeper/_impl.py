@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embft import names
 
-from ._plan import ARM_GROUP, Plan, make_plan
+from ._plan import ARM_GROUP, Plan, cells, make_plan
 
 log = logging.getLogger("embft")
 OPTUNA_TARGET = "hydra_plugins.embft_optuna_sweeper.embft_optuna_sweeper.EmbftOptunaSweeper"
@@ -59,25 +59,58 @@ class AdviseSweeperImpl(Sweeper):
     # ---------------------------------------------------------------- stages
 
     def sweep(self, arguments: list[str]) -> list[Any]:
+        """One advise per cell of the command line's sweeps (experiment=label_budget: data=a,b train.per_class=8,64),
+        one after the other; a command line without sweeps is one cell."""
+        assert self.config is not None
+        whole = self.config
+        returns: list[Any] = []
+        try:
+            for cell in cells(arguments):
+                self.config = self._cell_config(whole, cell, arguments)
+                returns.extend(self.advise(cell))
+        finally:
+            self.config = whole
+        if self.options.get("summary_dir"):
+            from embft.report import label_budget
+
+            written = label_budget.write(Path(str(self.options["summary_dir"])), str(whole.tracking.classifier))
+            log.info("Label budgets over the finished cells: %s", written)
+        return returns
+
+    def _cell_config(self, whole: DictConfig, cell: list[str], arguments: list[str]) -> DictConfig:
+        """The multirun config of one cell: composed with the cell's overrides, this sweep's folder and time."""
+        if cell == list(arguments):
+            return whole
+        assert self.hydra_context is not None
+        config = self.hydra_context.config_loader.load_sweep_config(whole, cell)
+        with open_dict(config):
+            config.hydra.sweep.dir = whole.hydra.sweep.dir
+            config.hydra.overrides.task = cell
+        return config
+
+    def advise(self, arguments: list[str]) -> list[Any]:
         from embft.tracking import mlflow_runs
 
         assert self.config is not None
         plan = make_plan(self.config, arguments)  # checked again: the callback may not be the advise one
         experiment_id = mlflow_runs.setup(self.config.tracking)
         log.info(
-            "Advise %s: %d arm(s) (%s), %d search trial(s) each on validation, then %d seed(s) each, at %d texts "
-            "per class",
+            "Advise %s (%s, %d per class): %d arm(s) (%s), %d search trial(s) each on validation, then %d seed(s) "
+            "each%s",
             plan.name,
+            self.config.data.name,
+            plan.per_class,
             len(plan.arms),
             ", ".join(plan.arms),
             plan.trials_per_arm,
             plan.seeds,
-            plan.per_class,
+            f"; reference arm(s) {', '.join(plan.references)} confirmed without a search" if plan.references else "",
         )
         returns: list[Any] = []
         for arm in plan.arms:
             returns.extend(self.search(plan, arm, experiment_id))
         chosen = {arm: overrides for arm in plan.arms if (overrides := self.best_overrides(plan, arm)) is not None}
+        chosen.update({arm: [] for arm in plan.references})
         returns.append(self.confirm(plan, chosen, experiment_id))
         self.report(plan, chosen, experiment_id)
         return returns
@@ -185,7 +218,7 @@ class AdviseSweeperImpl(Sweeper):
 
         assert self.config is not None
         client = mlflow.MlflowClient()
-        runs = advise_report.load(client, experiment_id, {arm: plan.seeds_study(arm) for arm in plan.arms})
+        runs = advise_report.load(client, experiment_id, {arm: plan.seeds_study(arm) for arm in plan.confirmed})
         budget = advise_report.Budget(
             data=str(self.config.data.name),
             per_class=plan.per_class,
@@ -193,14 +226,17 @@ class AdviseSweeperImpl(Sweeper):
             seeds=plan.seeds,
             arms=plan.arms,
             chosen={arm: " ".join(o) for arm, o in chosen.items()},
+            references=plan.references,
         )
-        out = Path(str(self.options["report_dir"]))
+        # The cell's own folder (report_dir interpolates data.name and train.per_class).
+        out = Path(str(OmegaConf.select(self.config, "hydra.sweeper.report_dir") or self.options["report_dir"]))
         result = advise_report.write(
             runs, budget, out, metric=objective_metric(self.config), classifier=str(self.config.tracking.classifier)
         )
         log.info("Advise %s: report %s", plan.name, result.markdown)
         parent = _start_parent(
-            experiment_id, self._sub_config(Path(self.config.hydra.sweep.dir), f"{plan.name}/{plan.data_key}")
+            experiment_id,
+            self._sub_config(Path(self.config.hydra.sweep.dir), f"{plan.name}/{plan.data_key}/n{plan.per_class}"),
         )
         try:
             for path in result.files:
@@ -212,7 +248,7 @@ class AdviseSweeperImpl(Sweeper):
             study_runs.finish_parent_run(
                 experiment_id,
                 parent,
-                self._sub_config(Path(self.config.hydra.sweep.dir), f"{plan.name}/{plan.data_key}"),
+                self._sub_config(Path(self.config.hydra.sweep.dir), f"{plan.name}/{plan.data_key}/n{plan.per_class}"),
                 {},
             )
         name = self.config.tracking.registered_model_name

@@ -17,17 +17,23 @@ ARM_GROUP = "arm"
 @dataclass
 class Plan:
     name: str  # the study's name (the job config's `name`)
-    arms: list[str]
-    configs: dict[str, DictConfig]  # each arm's composed job config
+    arms: list[str]  # searched, then confirmed
+    configs: dict[str, DictConfig]  # each arm's composed job config (reference arms' too)
     trials_per_arm: int
     seeds: int
     every_steps: Optional[int]
     per_class: int
     base: list[str] = field(default_factory=list)  # the command line's overrides, arm= removed
     data_key: str = ""  # the splits' content fingerprint: two data=local folders never share a study
+    references: list[str] = field(default_factory=list)  # confirmed over the seeds with no search
+
+    @property
+    def confirmed(self) -> list[str]:
+        return [*self.arms, *self.references]
 
     def study(self, arm: str) -> str:
-        return f"{self.name}/{self.data_key}/{arm}"
+        # The budget in the name too: a study of N per class never resumes into another budget's.
+        return f"{self.name}/{self.data_key}/n{self.per_class}/{arm}"
 
     def seeds_study(self, arm: str) -> str:
         return f"{self.study(arm)}/seeds"
@@ -44,6 +50,18 @@ def _composer(config: DictConfig) -> tuple[Callable[[list[str]], DictConfig], li
     name = OmegaConf.select(config, "hydra.job.config_name") or "config"
     options = sorted(GlobalHydra.instance().config_loader().get_group_options(ARM_GROUP))
     return (lambda overrides: compose(config_name=name, overrides=overrides)), options
+
+
+def cells(arguments: Sequence[str]) -> list[list[str]]:
+    """The command line's sweeps as cells, one advise each: `data=trec,sst5 train.per_class=8,64` gives four
+    (Hydra's basic sweeper's cartesian product); a command line without sweeps is one cell, itself."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(arguments))
+    if not any(o.is_sweep_override() for o in parsed):
+        return [list(arguments)]
+    return [cell for batch in BasicSweeper.split_arguments(parsed, None) for cell in batch]
 
 
 def make_plan(
@@ -94,11 +112,21 @@ def make_plan(
             )
     if int(advise.seeds) < 2:
         raise EmbftError(f"advise.seeds={advise.seeds}: a paired interval needs at least 2 training seeds.")
-    configs = {arm: compose([*base, f"{ARM_GROUP}={arm}"]) for arm in arms}
-    for arm, arm_cfg in configs.items():
-        if not arm_cfg.advise.space:
+    references = [str(a) for a in advise.get("reference_arms", [])]
+    unknown = [a for a in references if a not in options]
+    if unknown:
+        raise EmbftError(f"advise.reference_arms: no arm {unknown[0]!r} in conf/arm; choose from {', '.join(options)}.")
+    both = [a for a in references if a in arms]
+    if both:
+        raise EmbftError(
+            f"advise.reference_arms: arm {both[0]!r} is also in advise.arms; an arm is searched or a reference."
+        )
+    configs = {arm: compose([*base, f"{ARM_GROUP}={arm}"]) for arm in [*arms, *references]}
+    for arm in arms:
+        if not configs[arm].advise.space:
             raise EmbftError(
-                f"advise.arms: arm {arm!r} has no search space: give conf/arm/{arm}.yaml an advise.space block."
+                f"advise.arms: arm {arm!r} has no search space: give conf/arm/{arm}.yaml an advise.space block, "
+                "or list it in advise.reference_arms."
             )
     if splits is None:
         splits = load_splits(config.data)
@@ -115,4 +143,5 @@ def make_plan(
         per_class=int(per_class),
         base=base,
         data_key=splits.fingerprint()[:8],
+        references=references,
     )

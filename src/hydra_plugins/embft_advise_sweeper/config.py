@@ -21,7 +21,9 @@ class EmbftAdviseSweeperConf:
       ``embft_optuna`` (default tpe and median: a trial scoring under the median of earlier trials at the
       same live step stops).
     - ``n_jobs``: trials of one arm launched together (the launcher's parallelism).
-    - ``report_dir``: where the recommendation (advise.md, advise.png, advise.json) is written.
+    - ``report_dir``: where a cell's recommendation (advise.md, advise.png, advise.json) is written.
+    - ``summary_dir``: when set (experiment=label_budget), report.md and accuracy_vs_per_class.png over every
+      cell's advise.json under it, rewritten after the sweep (embft.report.label_budget).
     """
 
     defaults: list[Any] = field(default_factory=lambda: ["_self_", {"pruner": "median"}, {"sampler": "tpe"}])
@@ -35,6 +37,7 @@ class EmbftAdviseSweeperConf:
     max_failure_rate: float = 0.5
     heartbeat_interval: Optional[int] = 60
     report_dir: str = "${paths.root_dir}/experiments/advise/${data.name}_${train.per_class}"
+    summary_dir: Optional[str] = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="embft_advise", node=EmbftAdviseSweeperConf, provider="embft")

@@ -26,6 +26,7 @@ class EmbftAdviseSweeper(Sweeper):
         max_failure_rate: float = 0.5,
         heartbeat_interval: Optional[int] = 60,
         report_dir: Optional[str] = None,
+        summary_dir: Optional[str] = None,
     ) -> None:
         from ._impl import AdviseSweeperImpl
 
@@ -39,6 +40,7 @@ class EmbftAdviseSweeper(Sweeper):
             max_failure_rate=max_failure_rate,
             heartbeat_interval=heartbeat_interval,
             report_dir=report_dir,
+            summary_dir=summary_dir,
         )
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:

@@ -28,6 +28,20 @@ from optuna.trial import Trial, TrialState
 from sqlalchemy.engine import make_url
 
 from embft.names import RESULTS_FILE  # one name, which the core reads too
+from embft.sweeping.storage import (
+    DISCARDED_ATTR,
+    HEARTBEAT_ATTR,
+    STALE_CALLBACK_ARG,
+    Heartbeat,
+    NoHeartbeat,
+    ReconnectingRDBStorage,
+    RetryOwnStaleTrial,
+    ask_lock,
+    counts_towards_n_trials,
+    retried_trial_numbers,
+    with_installed_pg_driver,
+)
+from embft.sweeping.trial_reporter import PRUNER_ATTR, make_pruner
 
 from ._results import PRUNED, log_summary, objective_values, study_results, write_results
 from ._samplers import (
@@ -41,21 +55,7 @@ from ._samplers import (
     split_seed,
 )
 from ._search_space import SearchSpace, SearchSpaceError, _check_compatible, format_value, parse_search_space
-from ._storage import (
-    _STALE_CALLBACK_ARG,
-    DISCARDED_ATTR,
-    HEARTBEAT_ATTR,
-    ReconnectingRDBStorage,
-    _ask_lock,
-    _counts,
-    _Heartbeat,
-    _NoHeartbeat,
-    _retried,
-    _RetryOwnStaleTrial,
-    _with_installed_pg_driver,
-)
 from .checks import NOP_PRUNER, check_pruner, check_sampler, load_custom_search_space, parse_directions
-from .reporting import PRUNER_ATTR, make_pruner
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class OptunaSweeperImpl(Sweeper):
         if self.storage_url is None:
             return None
         assert self.config is not None
-        url = _with_installed_pg_driver(make_url(self.storage_url))
+        url = with_installed_pg_driver(make_url(self.storage_url))
         engine_kwargs: dict[str, Any] = _plain(self.engine_kwargs)
         if url.get_backend_name() == "sqlite":
             database = url.database
@@ -226,7 +226,7 @@ class OptunaSweeperImpl(Sweeper):
         self.storage_url = url.render_as_string(hide_password=False)
         callback = None
         if self.stale_trial_retries != 0:
-            callback = _RetryOwnStaleTrial(self.stale_trial_retries)
+            callback = RetryOwnStaleTrial(self.stale_trial_retries)
         for attempt in range(1, 6):
             try:
                 with warnings.catch_warnings():
@@ -237,7 +237,7 @@ class OptunaSweeperImpl(Sweeper):
                         engine_kwargs=engine_kwargs,
                         heartbeat_interval=self.heartbeat_interval,
                         grace_period=self.effective_grace_period(),
-                        **{_STALE_CALLBACK_ARG: callback},
+                        **{STALE_CALLBACK_ARG: callback},
                     )
             except (
                 sqlalchemy.exc.IntegrityError,
@@ -329,9 +329,9 @@ class OptunaSweeperImpl(Sweeper):
 
         use_heartbeat = storage is not None and self.heartbeat_interval is not None
         heartbeat = (
-            _Heartbeat(storage, self.heartbeat_interval)  # type: ignore[arg-type]
+            Heartbeat(storage, self.heartbeat_interval)  # type: ignore[arg-type]
             if use_heartbeat
-            else _NoHeartbeat()
+            else NoHeartbeat()
         )
         info_keys = self._trial_info_keys()
         if self.pruner_spec is not None and (storage is None or "storage" not in info_keys):
@@ -405,7 +405,7 @@ class OptunaSweeperImpl(Sweeper):
         self,
         study: optuna.Study,
         space: SearchSpace,
-        heartbeat: _Heartbeat | _NoHeartbeat,
+        heartbeat: Heartbeat | NoHeartbeat,
         use_heartbeat: bool,
         job_idx: int,
         trial_info_keys: Sequence[str],
@@ -417,7 +417,7 @@ class OptunaSweeperImpl(Sweeper):
         try:
             # Count and ask under one lock, so that concurrent workers never ask for the
             # same remaining trial; the asked trials are RUNNING, hence counted, on release.
-            with _ask_lock(self.storage_url, study.study_name, self.reconnect_timeout) as lock:
+            with ask_lock(self.storage_url, study.study_name, self.reconnect_timeout) as lock:
                 n = min(self.n_jobs, self._remaining_trials(study, use_heartbeat))
                 for _ in range(n):
                     with warnings.catch_warnings():
@@ -478,12 +478,12 @@ class OptunaSweeperImpl(Sweeper):
         return [f"{k}={format_value(v)}" for k, v in returned.items()]
 
     def _discard_overshoot(
-        self, study: optuna.Study, trials: list[Trial], heartbeat: _Heartbeat | _NoHeartbeat, use_heartbeat: bool
+        self, study: optuna.Study, trials: list[Trial], heartbeat: Heartbeat | NoHeartbeat, use_heartbeat: bool
     ) -> None:
         """The ask lock was lost while asking (the database restarted), so another worker may
         have counted the same remaining trials: recount under a new lock and end our excess
         trials, not yet run, as FAIL marked DISCARDED_ATTR, which do not count."""
-        with _ask_lock(self.storage_url, study.study_name, self.reconnect_timeout):
+        with ask_lock(self.storage_url, study.study_name, self.reconnect_timeout):
             excess = min(-self._remaining_trials(study, use_heartbeat), len(trials))
             if excess <= 0:
                 log.info("Ask lock lost with the database connection; recounted: no overshoot")
@@ -506,7 +506,9 @@ class OptunaSweeperImpl(Sweeper):
         if use_heartbeat:
             self._fail_stale(study)
         trials = study.get_trials(deepcopy=False)
-        return self.n_trials - sum(_counts(t, use_heartbeat, _retried(trials)) for t in trials)
+        return self.n_trials - sum(
+            counts_towards_n_trials(t, use_heartbeat, retried_trial_numbers(trials)) for t in trials
+        )
 
     def _others_running(self, study: optuna.Study) -> list[int]:
         """Numbers of the study's RUNNING trials with heartbeats (of live workers: stale ones

@@ -15,8 +15,9 @@ from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
+from embft.sweeping.storage import retried_trial_numbers
+
 from ._search_space import SearchSpace, format_value
-from ._storage import _retried
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def study_results(
         "n_complete": len(complete),
         "n_failed": sum(t.state == TrialState.FAIL for t in trials),
         "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
-        "n_retried": len(_retried(trials)),
+        "n_retried": len(retried_trial_numbers(trials)),
         "pruner": None if pruner is None else dict(pruner),
     }
     if metric_names is not None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .config import MOTPE_REMOVED, PRUNERS, SAMPLERS, SWEEPER_TARGET
@@ -65,7 +66,7 @@ def check_pruner(pruner: Any) -> Optional[dict[str, Any]]:
     if not isinstance(target, str) or not target:
         raise SweeperConfigError(f"hydra.sweeper.pruner has no _target_: choose a pruner with {group}")
     spec = dict(pruner)
-    from .reporting import make_pruner
+    from embft.sweeping.trial_reporter import make_pruner
 
     try:
         make_pruner(spec)
@@ -259,3 +260,11 @@ def exit_on_bad_sweeper_config(config: DictConfig) -> None:
     except SweeperConfigError as e:
         log.error("%s", e)
         raise SystemExit(1) from None
+
+
+class SweeperConfigCheck(Callback):
+    """The app's first multirun callback (conf/config.yaml): a bad sweeper node is one line before any
+    store or run is created, since Hydra builds the sweeper only after ``on_multirun_start``."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        exit_on_bad_sweeper_config(config)

@@ -67,6 +67,7 @@ class SetFitTrainer:
                 body_learning_rate=t.learning_rate,
                 warmup_proportion=t.warmup_ratio,
                 use_amp=t.precision == "bf16",
+                **({} if t.num_iterations is None else {"num_iterations": int(t.num_iterations)}),
             )
             dataset = datasets.Dataset.from_pandas(prepared.data, preserve_index=False)
             trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=list(callbacks))

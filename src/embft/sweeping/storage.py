@@ -33,7 +33,7 @@ RETRY_HISTORY_ATTR = "retry_history"  # Optuna's RetryHeartbeatStaleTrialCallbac
 # --------------------------------------------------------------------------- heartbeat
 
 
-class _Heartbeat:
+class Heartbeat:
     """Records heartbeats of this process's in-flight trials from a background thread.
 
     Optuna only runs heartbeats inside ``Study.optimize``; with ask/tell we keep them
@@ -48,7 +48,7 @@ class _Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
 
-    def __enter__(self) -> _Heartbeat:
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -79,8 +79,8 @@ class _Heartbeat:
                     log.warning("Could not record heartbeat of trial id %d: %s", trial_id, e)
 
 
-class _NoHeartbeat:
-    def __enter__(self) -> _NoHeartbeat:
+class NoHeartbeat:
+    def __enter__(self) -> NoHeartbeat:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -152,7 +152,7 @@ _RETRY_DEPTH = threading.local()  # retries happen in the outermost storage call
 
 # RDBStorage methods that talk to the database (those the Study and _CachedStorage call, private
 # ones included: a test checks this list against what the installed _CachedStorage calls).
-_DB_METHODS = (
+DB_METHODS = (
     "create_new_study",
     "delete_study",
     "set_study_user_attr",
@@ -251,19 +251,19 @@ def _retrying(name: str) -> Callable[..., Any]:
     return wrapper
 
 
-for _name in _DB_METHODS:
+for _name in DB_METHODS:
     setattr(ReconnectingRDBStorage, _name, _retrying(_name))
 
 
 # --------------------------------------------------------------------------- n_trials accounting
 
 
-def _retried(trials: Sequence[FrozenTrial]) -> set[int]:
+def retried_trial_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     """Numbers of the trials that a later trial retries (Optuna's retry callback)."""
     return {t.system_attrs[RETRY_HISTORY_ATTR][-1] for t in trials if t.system_attrs.get(RETRY_HISTORY_ATTR)}
 
 
-def _counts(trial: FrozenTrial, use_heartbeat: bool, retried: set[int]) -> bool:
+def counts_towards_n_trials(trial: FrozenTrial, use_heartbeat: bool, retried: set[int]) -> bool:
     """Whether ``trial`` takes one of the study's n_trials.
 
     COMPLETE and PRUNED trials do; FAIL ones too, unless another trial retries them (that one
@@ -287,10 +287,10 @@ def _stale_callback_arg() -> str:
     return "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
 
 
-_STALE_CALLBACK_ARG = _stale_callback_arg()  # Optuna 4.9 renamed failed_trial_callback
+STALE_CALLBACK_ARG = _stale_callback_arg()  # Optuna 4.9 renamed failed_trial_callback
 
 
-class _RetryOwnStaleTrial:
+class RetryOwnStaleTrial:
     """Optuna's retry of a heartbeat-stale trial (a WAITING copy with the same params, user
     attributes and system attributes ``failed_trial``/``retry_history``), for the trials this
     sweeper asked; a stale trial that other code left RUNNING is only failed."""
@@ -324,7 +324,7 @@ class _RetryOwnStaleTrial:
         )
 
 
-def _with_installed_pg_driver(url: Any) -> Any:
+def with_installed_pg_driver(url: Any) -> Any:
     """``postgresql://`` with psycopg2 when psycopg (3) is missing: SQLAlchemy 2.1 maps the bare
     scheme to psycopg 3, while psycopg2-binary is what embft installs."""
     if url.drivername != "postgresql":
@@ -340,7 +340,7 @@ def _lock_name(study_name: str) -> str:
     return hashlib.sha256(f"embft-optuna-ask\0{study_name}".encode()).hexdigest()
 
 
-class _AskLock:
+class AskLock:
     """A held ask lock; :meth:`held` says whether it was held all along."""
 
     def __init__(self, conn: Optional[sqlalchemy.Connection] = None) -> None:
@@ -379,7 +379,7 @@ class _AskLock:
 
 
 @contextmanager
-def _ask_lock(storage_url: Optional[str], study_name: str, reconnect_timeout: float = 0.0) -> Iterator[_AskLock]:
+def ask_lock(storage_url: Optional[str], study_name: str, reconnect_timeout: float = 0.0) -> Iterator[AskLock]:
     """Serializes "count the study's trials, then ask" across the processes sharing a study.
 
     Without it two workers can both see one trial left and both ask, overshooting n_trials.
@@ -389,7 +389,7 @@ def _ask_lock(storage_url: Optional[str], study_name: str, reconnect_timeout: fl
     seconds while the server is unreachable.
     """
     if storage_url is None:
-        yield _AskLock()
+        yield AskLock()
         return
     url = make_url(storage_url)
     backend = url.get_backend_name()
@@ -397,15 +397,15 @@ def _ask_lock(storage_url: Optional[str], study_name: str, reconnect_timeout: fl
     if backend == "sqlite":
         database = url.database or ""
         if not database or database == ":memory:" or database.startswith("file:"):
-            yield _AskLock()
+            yield AskLock()
             return
         from filelock import FileLock
 
         with FileLock(database + ".embft-ask.lock"):
-            yield _AskLock()
+            yield AskLock()
         return
     if backend not in ("postgresql", "mysql", "mariadb"):
-        yield _AskLock()
+        yield AskLock()
         return
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
@@ -429,7 +429,7 @@ def _ask_lock(storage_url: Optional[str], study_name: str, reconnect_timeout: fl
                 raise
             return conn
 
-        lock = _AskLock(retry_on_disconnect("taking the ask lock", take, reconnect_timeout))
+        lock = AskLock(retry_on_disconnect("taking the ask lock", take, reconnect_timeout))
         try:
             yield lock
         finally:

@@ -1,6 +1,6 @@
 """``make optuna-dashboard``: a search's study storage in optuna-dashboard, on a loopback port.
 
-``python -m hydra_plugins.embft_optuna_sweeper.dashboard [--storage URL] [--port 8080]``. The storage
+``python -m embft.sweeping.dashboard [--storage URL] [--port 8080]``. The storage
 is the search's ``hydra.sweeper.storage`` (SQLite or PostgreSQL); by default embft's searches' store,
 ``mlruns/optuna.db`` under the current folder. The server listens on 127.0.0.1 only: put it behind
 an SSH tunnel or a proxy to reach it from elsewhere (it has no login of its own).
@@ -28,9 +28,9 @@ def resolve_storage(url: str, cwd: Path) -> str:
     exist: the dashboard would create an empty store), PostgreSQL with the installed driver."""
     from sqlalchemy.engine import make_url
 
-    from ._storage import _with_installed_pg_driver
+    from embft.sweeping.storage import with_installed_pg_driver
 
-    parsed = _with_installed_pg_driver(make_url(url))
+    parsed = with_installed_pg_driver(make_url(url))
     if parsed.get_backend_name() == "sqlite":
         path = Path(parsed.database or "").expanduser()
         path = path if path.is_absolute() else cwd / path

@@ -58,7 +58,7 @@ class TrialReporter:
         import optuna
         from optuna.trial import Trial
 
-        from ._storage import ReconnectingRDBStorage
+        from embft.sweeping.storage import ReconnectingRDBStorage
 
         self.trial_number = int(trial_number)
         rdb = ReconnectingRDBStorage(
