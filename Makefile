@@ -41,8 +41,12 @@ grid: install
 search: install
 	$(BIN)/python -m embft -m experiment=search data.local_dir=$(DATA)
 
+# Two pytest workers (pytest-xdist), each file's tests on one of them (--dist loadfile: its module fixtures
+# shared) and one torch thread each: most of the suite waits on one core (Python start-up, SQLite), and two
+# workers of two threads on two cores spin against each other. PYTEST_WORKERS=0: one process, as before.
+PYTEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"

@@ -370,9 +370,7 @@ def test_a_label_budget_sweep_advises_each_cell_beside_the_untrained_model(advis
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     alpha = client.get_model_version_by_alias("advise_alpha_6", names.CHAMPION)
     beta_data = _data(advised["base"] / "beta", classes=("x", "y", "z"), seed=5)
-    done = _advise(
-        root, beta_data, advised["model"], "beta", "supcon", "experiment=label_budget", "train.per_class=4,6"
-    )
+    done = _advise(root, beta_data, advised["model"], "beta", "supcon", experiment="label_budget", per_class="4,6")
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     tuned = _tuned(_runs(root, "label_budget"))
     for n in (4, 6):
