@@ -18,6 +18,14 @@ CONF_DIR = ROOT / "conf"
 AG_NEWS = (ROOT.parent / "shared" / "data" / "ag_news").resolve()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files that hold a slow test first, each file's own order kept: under `make test`'s two workers
+    (--dist loadfile) the long files start at once and the short ones fill in around them, instead of two
+    long files ending the run alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 def _mlflow_state() -> tuple:
     """MLflow's process-wide settings: the URIs set by set_tracking_uri / set_registry_uri (None:
     unset; both also write the environment, which subprocesses inherit) and the variables."""
@@ -108,6 +116,14 @@ def compose(tmp_path):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> list[str]:
+    """Overrides that run a job on the tiny BERT below: for tests of launching, tracking and recovery, where
+    MiniLM's scores are not under test (a job then takes seconds, not minutes)."""
+    folder = make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_session"))
+    return [f"model.name_or_path={folder}", "model.package=null"]
 
 
 def make_tiny_bert(folder: Path, dropout: bool = True) -> Path:

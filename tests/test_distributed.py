@@ -237,7 +237,7 @@ def test_a_failing_worker_fails_the_job_with_one_error_and_no_model(compose, tmp
 
 
 @pytest.mark.slow
-def test_two_process_smoke_job_through_the_app(tmp_path, ag_news_dir):
+def test_two_process_smoke_job_through_the_app(tmp_path, ag_news_dir, tiny_model):
     """`python -m embft experiment=smoke train.nproc_per_node=2`: one FINISHED MLflow run with the
     metric logged once, a SentenceTransformer folder that loads and encodes like the one-process kind."""
     from mlflow.tracking import MlflowClient
@@ -248,6 +248,7 @@ def test_two_process_smoke_job_through_the_app(tmp_path, ag_news_dir):
         tmp_path,
         "experiment=smoke",
         f"data.local_dir={ag_news_dir}",
+        *tiny_model,
         "train.nproc_per_node=2",
         "train.keep_model=true",
         "eval.max_test_rows=100",

@@ -30,7 +30,7 @@ def test_slurm_override_a_user_types(compose):
 
 
 @pytest.mark.slow
-def test_submitit_local_multirun(tmp_path, ag_news_dir):
+def test_submitit_local_multirun(tmp_path, ag_news_dir, tiny_model):
     """Two smoke jobs through submitit's local executor: both runs FINISHED, per-task logs written."""
     env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -43,6 +43,7 @@ def test_submitit_local_multirun(tmp_path, ag_news_dir):
             "hydra/launcher=slurm_local",
             "experiment=smoke",
             f"data.local_dir={ag_news_dir}",
+            *tiny_model,
             "variant=same_nib,no_same",
             "train.max_train_queries=8",
             "eval.max_test_rows=100",

@@ -86,12 +86,13 @@ def test_smoke_run_fine_tunes_evaluates_and_tracks(root, ag_news_dir, compose):
     assert len(runs(root, "smoke")) == 2
 
 
-def test_sweep_records_a_failing_job_and_goes_on(root, ag_news_dir):
+def test_sweep_records_a_failing_job_and_goes_on(root, ag_news_dir, tiny_model):
     # train_group_size=5000 asks for more negatives than AG News has: that job must fail cleanly.
     args = [
         "-m",
         "experiment=smoke",
         f"data.local_dir={ag_news_dir}",
+        *tiny_model,
         "train.train_group_size=5000,8",
         "name=smoke_sweep",
     ]

@@ -16,8 +16,14 @@ def finetune_runs(root, experiment):
     return [r for r in runs(root, experiment) if r.data.tags.get("embft.role") == "finetune"]
 
 
-def test_killed_job_is_finished_by_rerunning_the_same_command(tmp_path, ag_news_dir):
-    args = ["experiment=smoke", f"data.local_dir={ag_news_dir}", "name=killed", "train.max_train_queries=64"]
+def test_killed_job_is_finished_by_rerunning_the_same_command(tmp_path, ag_news_dir, tiny_model):
+    args = [
+        "experiment=smoke",
+        f"data.local_dir={ag_news_dir}",
+        *tiny_model,
+        "name=killed",
+        "train.max_train_queries=64",
+    ]
     env = {**os.environ, "EMBFT_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     marker, log = tmp_path / "in_training", tmp_path / "killed.log"
@@ -51,13 +57,14 @@ def test_killed_job_is_finished_by_rerunning_the_same_command(tmp_path, ag_news_
     assert sorted(r.info.status for r in finetune_runs(tmp_path, "killed")) == ["FINISHED", "KILLED"]
 
 
-def test_two_joblib_workers_land_every_run_and_results_are_deterministic(tmp_path, ag_news_dir):
+def test_two_joblib_workers_land_every_run_and_results_are_deterministic(tmp_path, ag_news_dir, tiny_model):
     args = [
         "-m",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         "experiment=smoke",
         f"data.local_dir={ag_news_dir}",
+        *tiny_model,
         "name=parallel",
         "train.seed=7,7,8",
         "force=true",
@@ -73,7 +80,13 @@ def test_two_joblib_workers_land_every_run_and_results_are_deterministic(tmp_pat
     baselines = [r for r in runs(tmp_path, "parallel") if r.data.tags.get("embft.role") == "baseline"]
     assert len(baselines) == 1, "the shared baseline is computed and logged once"
     again = embft(
-        tmp_path, "experiment=smoke", f"data.local_dir={ag_news_dir}", "name=parallel", "train.seed=7", "force=true"
+        tmp_path,
+        "experiment=smoke",
+        f"data.local_dir={ag_news_dir}",
+        *tiny_model,
+        "name=parallel",
+        "train.seed=7",
+        "force=true",
     )
     assert again.returncode == 0, again.stderr[-3000:]
     seven = [

@@ -12,6 +12,7 @@ TINY = [
     "train.max_train_queries=12",
     "train.logging_steps=2",
     "eval.max_test_rows=120",
+    "eval.max_validation_rows=120",
     "eval.samples_per_label=8",
     "eval.n_experiments=2",
     "train.num_train_epochs=1",
@@ -20,7 +21,11 @@ TINY = [
 
 
 def test_search_resumes_and_marks_the_best_trial(tmp_path, ag_news_dir):
-    args = ["-m", "experiment=search", f"data.local_dir={ag_news_dir}", *TINY]
+    from conftest import make_tiny_bert
+
+    tiny = make_tiny_bert(tmp_path / "tiny_bert")  # the search's bookkeeping is under test, not MiniLM
+    model = [f"model.name_or_path={tiny}", "model.package=null"]
+    args = ["-m", "experiment=search", f"data.local_dir={ag_news_dir}", *model, *TINY]
     first = embft(tmp_path, *args, "hydra.sweeper.n_trials=2")
     assert first.returncode == 0, first.stderr[-3000:]
     storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
