@@ -87,9 +87,12 @@ class SmokeSweep:
 
 
 @pytest.fixture(scope="session")
-def smoke_sweep(mlflow_uri: str, ag_news_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SmokeSweep:
-    """One smoke sweep logged to the server over HTTP, shared by the HTTP and the browser tests
-    (it trains for minutes). Its own project root keeps the project's mlruns/ and caches out."""
+def smoke_sweep(
+    mlflow_uri: str, ag_news_dir: Path, tiny_model: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> SmokeSweep:
+    """One smoke sweep logged to the server over HTTP, shared by the HTTP and the browser tests (on the tiny
+    BERT: the tracking, the registry and serving are under test). Its own project root keeps the project's
+    mlruns/ and caches out."""
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("smoke_root")
@@ -104,6 +107,7 @@ def smoke_sweep(mlflow_uri: str, ag_news_dir: Path, tmp_path_factory: pytest.Tem
         "experiment=smoke",
         "tracking=server",
         f"data.local_dir={ag_news_dir}",
+        *tiny_model,
         f"name={name}",
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
