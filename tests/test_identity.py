@@ -45,6 +45,20 @@ def test_a_served_backend_other_than_torch_is_another_job(compose):
     assert _start(compose, ["experiment=seed_grid", "tracking.serve_backend=onnx"]).config_hash != base
 
 
+def test_the_served_classifiers_support_set_is_part_of_a_jobs_identity(compose):
+    """A run logs its deployed classifiers' accuracy, which depends on their support set: a rerun with
+    another support_per_class or support_from_training is another job, not skipped with the old served
+    scores; at the defaults the hash is what it always was."""
+    base = _start(compose, ["experiment=seed_grid"]).config_hash
+    assert _start(compose, ["experiment=seed_grid", "tracking.support_per_class=256"]).config_hash == base
+    others = {
+        _start(compose, ["experiment=seed_grid", setting]).config_hash
+        for setting in ("tracking.support_per_class=32", "tracking.support_per_class=null")
+    }
+    others.add(_start(compose, ["experiment=seed_grid", "tracking.support_from_training=true"]).config_hash)
+    assert base not in others and len(others) == 3
+
+
 def test_one_data_folder_under_two_spellings_is_one_job(compose, tmp_path, monkeypatch):
     """data.local_dir enters by its files' content: relative, absolute and a copy elsewhere are one job
     (so skip, twins and "running elsewhere" match); other content is another job."""
@@ -157,6 +171,22 @@ def test_a_run_stored_under_an_earlier_hash_is_this_jobs_result(store, compose):
     (legacy,) = job.legacy_hashes
     old = _finished(store, job.experiment_id, {names.CONFIG_HASH: legacy})
     assert finished_run(job).info.run_id == old.info.run_id
+
+
+def test_a_run_stored_before_the_support_set_was_hashed_is_taken_only_with_the_same_support_set(store, compose):
+    """Stores written while the support set was outside the hash: a job finds their run under the earlier
+    hash, and takes it only where the run's logged tracking settings are the job's (else it trains anew)."""
+    from embft.app import finished_run
+
+    job = _job_in(store, compose, ["experiment=seed_grid", "tracking.support_per_class=32"])
+    earlier = _start(compose, ["experiment=seed_grid"]).config_hash  # the earlier rule's hash of this job
+    assert earlier in job.legacy_hashes
+    other = _finished(store, job.experiment_id, {names.CONFIG_HASH: earlier})
+    store.log_param(other.info.run_id, "tracking.support_per_class", "256")
+    assert finished_run(job) is None, "served scores measured on 256 texts a class are not this job's"
+    same = _finished(store, job.experiment_id, {names.CONFIG_HASH: earlier})
+    store.log_param(same.info.run_id, "tracking.support_per_class", "32")
+    assert finished_run(job).info.run_id == same.info.run_id
 
 
 def test_a_pruned_run_is_a_result_only_for_the_study_that_pruned_it(store, compose):

@@ -53,8 +53,8 @@ class Job:
     twin_key: Optional[str] = None
     twin_reason: Optional[str] = None
     weights: Optional[str] = None  # the base model's weights fingerprint, once its folder is resolved
-    # The hash an earlier embft gave this config where it differs (embft.tracking.identity.legacy_hash):
-    # its finished runs are this job's too.
+    # The hashes earlier rules gave this config where they differ (identity.legacy_hash, unsupported_hash):
+    # their finished runs are this job's too, where scored with the same support set.
     legacy_hashes: tuple[str, ...] = ()
 
     @property
@@ -178,7 +178,7 @@ def start(cfg: Config) -> Job:
     reuse = cfg.train.reuse_twin and not cfg.eval.every_steps
     twin_reason = trainer.twin_reason(cfg) if reuse else None
     config_hash = identity.config_hash(resolved, data_fingerprint)
-    legacy = identity.legacy_hash(resolved)
+    earlier = (identity.legacy_hash(resolved), identity.unsupported_hash(resolved, data_fingerprint))
     return Job(
         cfg=cfg,
         # what this backend reads: another backend's settings are neither logged nor hashed
@@ -195,7 +195,7 @@ def start(cfg: Config) -> Job:
         trainer=trainer,
         twin_key=identity.twin_key(resolved, data_fingerprint) if twin_reason else None,
         twin_reason=twin_reason,
-        legacy_hashes=(legacy,) if legacy and legacy != config_hash else (),
+        legacy_hashes=tuple(dict.fromkeys(h for h in earlier if h and h != config_hash)),
     )
 
 
@@ -218,6 +218,8 @@ def finished_run(job: Job) -> Optional[Any]:
 
 
 def _reusable(job: Job, run: Any) -> bool:
+    if not identity.same_served_settings(job.params, run.data.params):
+        return False  # found by an earlier hash, its served scores measured with another support set
     if mlflow_runs.is_pruned(run):
         # A partial score: a result only for the study whose pruner stopped it (the pruner and optuna.*
         # are outside the hash, so another study, or none, drawing the point trains it).

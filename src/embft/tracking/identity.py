@@ -7,11 +7,15 @@ The settings that decide a result, as the job's backend reads them:
   only for that backend, so `variant=` cannot make a supcon job another job;
 - data.local_dir enters as the content fingerprint of the split files it holds, so one folder under
   two spellings (or two machines' mounts) is one job;
+- of `tracking` (where runs go, what is logged), only the settings that change the served scores a run
+  logs (SCORED_TRACKING: the served backend, the deployed classifiers' support set), off their defaults;
 - the keys of the schema every store was hashed with (FIRST_KEYS, frozen) enter as they are, and a key
   added since only where it differs from the schema's default: a new key never needs a list entry, and
   rerunning an older study's command still finds its finished jobs.
-Stores hashed by the earlier rule stay findable: `legacy_hash` is what that rule gave the same config,
-and the app's finished-run lookup asks for either (migration computed per job, no table to keep).
+Stores hashed by earlier rules stay findable: `legacy_hash` is what embft 0a42dc7 gave the same config and
+`unsupported_hash` what the rule before the support set entered gave it; the app's finished-run lookup asks
+for each, and takes a run only where its logged support-set settings are the job's (`same_served_settings`):
+migration computed per job, no table to keep.
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ import json
 from importlib import metadata
 from typing import Any, Optional
 
-from embft.config import BACKEND_SETTINGS, Config, DataConfig, EvalConfig, ModelConfig, TrainConfig, VariantConfig
+from embft.config import (
+    BACKEND_SETTINGS,
+    Config,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    TrackingConfig,
+    TrainConfig,
+    VariantConfig,
+)
 
 GROUPS = {"model": ModelConfig, "data": DataConfig, "variant": VariantConfig, "train": TrainConfig, "eval": EvalConfig}
 # Never part of a job's identity: locations, bookkeeping and switches that cannot change a score.
@@ -119,9 +132,39 @@ def _digest(chosen: dict) -> str:
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Settings of `tracking` the served scores depend on (a run logs its deployed classifiers' accuracy):
+# hashed where they differ from TrackingConfig's defaults, so every hash written at the defaults holds.
+SCORED_TRACKING = ("serve_backend", "support_per_class", "support_from_training")
+
+
+def _scored_tracking(resolved: dict, keys: tuple[str, ...] = SCORED_TRACKING) -> dict[str, Any]:
+    tracking = resolved.get("tracking") or {}
+    return {k: tracking[k] for k in keys if k in tracking and tracking[k] != _default(TrackingConfig, k)}
+
+
+def same_served_settings(params: dict[str, Any], logged_params: dict[str, str]) -> bool:
+    """Did a stored run (its logged params) score its served classifiers with these settings (a job's
+    flattened params)? For runs found by a hash that did not hold them; a param a run lacks was at its default."""
+    for key in SCORED_TRACKING:
+        default = _default(TrackingConfig, key)
+        if str(params.get(f"tracking.{key}", default)) != logged_params.get(f"tracking.{key}", str(default)):
+            return False
+    return True
+
+
 def config_hash(resolved: dict, data_fingerprint: Optional[str] = None) -> str:
     """The job's identity (module doc). `data_fingerprint`: the content of data.local_dir's split files
     (embft.data.folder_fingerprint), in place of the path as typed."""
+    return _hash(resolved, data_fingerprint, SCORED_TRACKING)
+
+
+def unsupported_hash(resolved: dict, data_fingerprint: Optional[str] = None) -> str:
+    """What config_hash gave before the support set entered it (only tracking.serve_backend did): the
+    hash of stores written then, taken only with same_served_settings."""
+    return _hash(resolved, data_fingerprint, ("serve_backend",))
+
+
+def _hash(resolved: dict, data_fingerprint: Optional[str], scored_tracking: tuple[str, ...]) -> str:
     backend = str((resolved.get("train") or {}).get("backend", "flagembedding"))
     chosen: dict[str, Any] = {}
     for top, value in resolved.items():
@@ -144,11 +187,9 @@ def config_hash(resolved: dict, data_fingerprint: Optional[str] = None) -> str:
                 group[key] = v
         if group:
             chosen[top] = group
-    # The served backend changes the served scores the run logs: another backend is another job (torch,
-    # the default, stays out, so every earlier hash holds).
-    serve_backend = str((resolved.get("tracking") or {}).get("serve_backend", "torch"))
-    if serve_backend != "torch":
-        chosen["tracking"] = {"serve_backend": serve_backend}
+    tracking = _scored_tracking(resolved, scored_tracking)
+    if tracking:
+        chosen["tracking"] = {k: str(v) for k, v in tracking.items()}
     return _digest(chosen)
 
 
