@@ -19,7 +19,8 @@ summed RSS of the server's process tree (the `mlflow` CLI, uvicorn and its worke
 (a timeout, a refused connection, a 5xx, MLflow's 504 after its 60 s request timeout). Before the
 load, per backend: its accuracy on the HELD_OUT_ROWS AG News train rows that no support set holds
 (serve_latency.split_train; the choice below is made on them, never on test) next to torch fp32's, and
-its texts per second in this process (the pyfunc model's predict, one text per call):
+its texts per second in this process (the pyfunc model's predict, one text per call, and 8 texts per call: what a
+server batching 8 clients' one-text requests could reach, where MLflow's answers each request alone):
 what the server adds on top is MLflow's. The last line is `serve_speedup=<x>`: the best backend whose
 accuracy is within --max-drop (0.005) of torch fp32, over torch fp32, in requests per second of one
 text at 8 clients. The command exits 1 if any setting had an error.
@@ -173,8 +174,10 @@ def log_backend(folder: Path, train: pd.DataFrame, per_class: int, mlflow) -> st
         )
 
 
-def in_process(uri: str, rows: pd.DataFrame, texts: list[str]) -> tuple[float, float]:
-    """(accuracy on `rows`, texts per second of one-text predict calls on `texts`) of the logged classifier."""
+def in_process(uri: str, rows: pd.DataFrame, texts: list[str]) -> tuple[float, float, float]:
+    """(accuracy on `rows`, texts per second of one-text predict calls on `texts`, and of calls of 8 texts) of
+    the logged classifier. The 8-text rate is what a server that batched 8 clients' one-text requests into one
+    predict could reach (MLflow's answers each request alone)."""
     import mlflow
 
     model = mlflow.pyfunc.load_model(uri)
@@ -183,7 +186,11 @@ def in_process(uri: str, rows: pd.DataFrame, texts: list[str]) -> tuple[float, f
     started = time.perf_counter()
     for text in texts:
         model.predict(pd.DataFrame({"text": [text]}))
-    return accuracy, len(texts) / (time.perf_counter() - started)
+    one = len(texts) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for i in range(0, len(texts), 8):
+        model.predict(pd.DataFrame({"text": texts[i : i + 8]}))
+    return accuracy, one, len(texts) / (time.perf_counter() - started)
 
 
 def wait_idle(pid: int, timeout: float = 300) -> None:
@@ -231,10 +238,10 @@ def main() -> None:
             uris = build_backends(Path(tmp), [b.strip() for b in args.backends.split(",")], args.support_per_class)
         accuracy = {}
         for backend, uri in uris.items():
-            accuracy[backend], speed = in_process(uri, rows, texts[:64])
+            accuracy[backend], speed, batched = in_process(uri, rows, texts[:64])
             print(
                 f"backend={backend} accuracy={accuracy[backend]:.4f} on {len(rows)} rows; in-process "
-                f"texts_per_s_1={speed:.1f} (threads {cores})",
+                f"texts_per_s_1={speed:.1f} texts_per_s_8={batched:.1f} (threads {cores})",
                 flush=True,
             )
         print(f"each setting: at most {requests} requests or {seconds:g} s", flush=True)
