@@ -134,8 +134,8 @@ def machine() -> str:
                 model = value.strip()
             elif key.strip() == "flags":
                 flags = set(value.split())
-    native = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model}, {os.cpu_count()} cores, {'+'.join(native) if native else 'no avx512_bf16/amx'}"
+    native = [f for f in ("avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, {'+'.join(native) if native else 'no avx512_bf16/vnni/amx'}"
 
 
 def build_backends(store: Path, backends: list[str], per_class: int) -> dict[str, str]:

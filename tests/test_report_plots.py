@@ -33,6 +33,9 @@ ARMS = {
     "batch_semi_hard_triplet": ("sentence_transformers", "batch_semi_hard_triplet", "same", [(0.831, 5.6)] * 3),
     "fe_study": ("flagembedding", "stock", "same", [(0.79, 50), (0.80, 52), (0.795, 54)]),
     "fe_fast": ("flagembedding", "groupwise", "same_nib", [(0.80, 23), (0.81, 23.5), (0.805, 23.2)]),
+    "model2vec": ("model2vec", "batch_all_triplet", "same", [(0.70, 3.1), (0.71, 3.0), (0.705, 3.2)]),
+    # no training at all: 0 s, which a log axis cannot show
+    "untrained": ("untrained", "none", "same", [(0.74, 0.0)] * 3),
 }
 
 
@@ -181,6 +184,7 @@ def test_trainers_points_are_named_by_their_arm_and_never_overlap(stores, tmp_pa
     renderer = fig.canvas.get_renderer()
     labelled = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts]
     assert sorted(text for text, _ in labelled) == sorted(ARMS), "each arm once, by its name (tag or run name)"
+    assert ax.get_xscale() == "symlog", "0 s to ~300 s: log above the fastest trained arm, the untrained at 0"
     _assert_apart(labelled)
     _assert_all_on_canvas(fig)
     assert rendering.save(fig, tmp_path / "seconds.png").stat().st_size > 5000

@@ -275,7 +275,8 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
     """Validation score against training seconds, a point per configuration (means over seeds;
     vertical bars the score's t interval, horizontal ones the seeds' range of seconds, which cannot
     go below 0 as a t interval would), labelled by its arm (placed so no two labels overlap), one panel
-    per dataset; a log axis when the seconds span more than 20x. None when seconds or scores do not vary."""
+    per dataset; a log axis when the seconds span more than 20x (symlog where an arm has 0 s). None when seconds
+    or scores do not vary."""
     runs = info.runs
     if x_column not in runs or runs.empty or runs[x_column].nunique() < 2 or runs["val_accuracy"].notna().sum() == 0:
         return None
@@ -308,9 +309,12 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
             ax.errorbar(x, np.nanmean(y), xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=colour[label])
             points.append((x, np.nanmean(y)))
             texts.append(wrap(shown[label], 40))
-        xs = [p[0] for p in points]
-        if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
-            ax.set_xscale("log")
+        positive = [p[0] for p in points if p[0] > 0]
+        if positive and max(positive) / min(positive) > 20:
+            if len(positive) < len(points):  # an arm that does not train (0 s): linear up to the fastest that does
+                ax.set_xscale("symlog", linthresh=min(positive))
+            else:
+                ax.set_xscale("log")
         ax.set_xlabel(X_AXES[x_column][0])
         ax.set_ylabel(f"{info.ranked_by or 'validation score'} (mean over seeds)")
         if len(datasets) > 1:
