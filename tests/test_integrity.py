@@ -410,3 +410,17 @@ def test_a_store_written_before_the_layout_change_is_skipped_not_retrained(compo
             assert job.twin_key == case["twin_key"] and job.legacy_hashes == (), case["overrides"]
     studies = [overrides for overrides in moved if any(o.startswith("experiment=") for o in overrides)]
     assert studies == [["experiment=smoke"]], moved  # the studies keep their hashes; smoke's support set is 32
+
+
+def test_a_long_command_line_names_its_run_within_mlflows_limit():
+    """A tracking server on PostgreSQL refuses a run name over 250 characters (SQLite does not): an advise's
+    command line is longer. The name keeps what tells the sweep's jobs apart (arm, data, seed) and says "..."
+    where it left overrides out; a short one is Hydra's override_dirname as before."""
+    from embft.app import RUN_NAME_MAX, short_run_name
+    from embft.report.labels import arm_from_run_name
+
+    overrides = [f"advise.setting_{i}=value_{i}" for i in range(20)] + ["arm=supcon", "train.seed=2", "data=trec"]
+    name = short_run_name(overrides)
+    assert len(name) <= RUN_NAME_MAX and name.endswith(",...")
+    assert name.startswith("arm=supcon,data=trec,train.seed=2,") and arm_from_run_name(name) == "supcon"
+    assert short_run_name(["arm=supcon", "train.seed=1"]) == "arm=supcon,train.seed=1"
