@@ -239,14 +239,11 @@ def test_the_label_budget_summary_shows_every_cell_and_its_choice(tmp_path) -> N
 # ------------------------------------------------------------------------------- end to end (tiny)
 
 
-def _advise(
-    root: Path, data: Path, model: Path, name: str, arms: str, experiment: str = "advise", per_class: str = "6"
-) -> subprocess.CompletedProcess:
-    from test_pipeline import embft
-
-    return embft(
-        root,
-        "-m",
+def advise_overrides(
+    data: Path, model: Path, name: str, arms: str, experiment: str = "advise", per_class: str = "6"
+) -> list[str]:
+    """A small advise on the tiny model: 2 trials and 2 seeds an arm, short texts, one kNN experiment."""
+    return [
         f"experiment={experiment}",
         "data=local",
         f"data.name={name}",
@@ -266,7 +263,15 @@ def _advise(
         "advise.trials_per_arm=2",
         "advise.seeds=2",
         "advise.every_steps=2",
-    )
+    ]
+
+
+def _advise(
+    root: Path, data: Path, model: Path, name: str, arms: str, experiment: str = "advise", per_class: str = "6"
+) -> subprocess.CompletedProcess:
+    from test_pipeline import embft
+
+    return embft(root, "-m", *advise_overrides(data, model, name, arms, experiment, per_class))
 
 
 @pytest.fixture(scope="module")

@@ -12,48 +12,28 @@ import uuid
 from pathlib import Path
 
 import pytest
+from test_advise import advise_overrides
 
 from conftest import make_tiny_bert
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-CLASSES, PER_CLASS, TRIALS, SEEDS = ("a", "b", "c", "d"), 6, 2, 2
+CLASSES, PER_CLASS, TRIALS, SEEDS = ("a", "b", "c", "d"), 6, 2, 2  # as test_advise.advise_overrides
 
 
 def _advise(root: Path, mlflow_uri: str, storage: str, data: Path, model: Path, name: str, sweep: Path):
     env = {**os.environ, "EMBFT_ROOT": str(root), "EMBFT_MLFLOW_URI": mlflow_uri, "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [
-        sys.executable,
-        "-m",
-        "embft",
-        "-m",
-        "experiment=advise",
+        *(sys.executable, "-m", "embft", "-m"),
+        *advise_overrides(data, model, "alpha", "supcon", per_class=str(PER_CLASS)),
         "tracking=server",
         "hydra/launcher=slurm_local",
         f"hydra.sweeper.storage={storage}",
         f"hydra.sweeper.report_dir={root}/report",
         f"hydra.sweep.dir={sweep}",
         f"name={name}",
-        "data=local",
-        "data.name=alpha",
-        f"data.local_dir={data}",
-        "data.label_names=[]",
-        "data.validation=0.25",
-        "model.package=null",
-        f"model.name_or_path={model}",
-        "eval.max_seq_length=32",
-        "eval.samples_per_label=4",
-        "eval.n_experiments=1",
-        f"train.per_class={PER_CLASS}",
-        "train.logging_steps=2",
-        "train.per_device_train_batch_size=8",
-        "train.num_train_epochs=1",
-        "advise.arms=[supcon]",
         "advise.reference_arms=[untrained]",
-        f"advise.trials_per_arm={TRIALS}",
-        f"advise.seeds={SEEDS}",
-        "advise.every_steps=2",
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
