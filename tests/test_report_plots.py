@@ -238,3 +238,38 @@ def test_a_run_without_arm_or_tag_is_named_by_backend_and_loss():
     assert derived_arm({"train.backend": "setfit", "train.loss": "cosine_similarity"}) == "setfit"
     assert derived_arm({"train.backend": "flagembedding", "train.loss": "stock", "variant.name": "same"}) == "fe same"
     assert derived_arm({"train.loss": "groupwise", "variant.name": "same_nib"}) == "fe groupwise same_nib"
+
+
+def test_points_too_close_for_labels_are_named_in_a_legend(tmp_path):
+    """Eleven arms on one spot (as the MiniLM arms sit on the serving axis): no label covers another, so the
+    panel names them in a legend beside it, each once, each its own colour, all on the canvas."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("crowded", artifact_location=(tmp_path / "a").as_uri())
+    _run(client, exp, role="baseline", params={"model.name": "minilm"}, metrics={"accuracy_cosine": 0.75})
+    arms = [f"arm_{i:02d}" for i in range(11)] + ["far"]
+    for i, arm in enumerate(arms):
+        for seed in SEEDS:
+            val = 0.70 if arm == "far" else 0.80 + i / 2000 + (seed - 2) * 0.03  # wide intervals: a tall axis
+            _run(
+                client,
+                exp,
+                role="finetune",
+                params=_params("sentence_transformers", f"loss_{i}", "same", seed),
+                metrics={
+                    "val_accuracy_cosine": val,
+                    "accuracy_cosine": 0.8,
+                    "train_seconds": 300 if arm == "far" else 10 + i / 50,
+                },
+                tags={"embft.arm": arm},
+            )
+    _, info = report.summarize(report.load_runs(client, "crowded"))
+    fig = rendering.seconds_figure(info, "crowded")
+    ax = fig.axes[0]
+    assert not ax.texts, "no label beside a point where they would cover each other"
+    legend = ax.get_legend()
+    assert sorted(t.get_text() for t in legend.get_texts()) == arms
+    from matplotlib.colors import to_hex
+
+    colours = {to_hex(bars.lines[0].get_color()) for bars in ax.containers}
+    assert len(colours) == len(arms), "each arm its own colour"
+    _assert_all_on_canvas(fig)

@@ -127,41 +127,41 @@ def baseline_legend(label: str) -> str:
 # Offsets (points) tried for a point's label, nearest first: right, left, above, below, then diagonals,
 # in growing rings; a label further out than the first ring gets a leader line to its point.
 _DIRECTIONS = [(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1)]
-_RINGS = (6, 16, 28, 42, 58, 78, 100, 126)
+_DIRECTIONS += [(2, 1), (2, -1), (-2, 1), (-2, -1), (1, 2), (1, -2), (-1, 2), (-1, -2)]
+_RINGS = (6, 16, 28, 42, 58, 78, 100, 126, 160, 200, 250)
 
 
-def place_labels(ax, points: list[tuple[float, float]], texts: list[str], fontsize: float = 8) -> list:
-    """Annotate each point with its text where it overlaps no label placed before it (matplotlib has no
-    label placement of its own; adjustText is one more dependency for a dozen labels), preferring spots
-    inside the axes. Call after the figure's layout is final: offsets are screen distances."""
+def place_labels(ax, points: list[tuple[float, float]], texts: list[str], fontsize: float = 8) -> tuple[list, bool]:
+    """Annotate each point with its text where it overlaps no label placed before it and no point
+    (matplotlib has no label placement of its own; adjustText is one more dependency for a dozen labels),
+    inside the axes. Returns the annotations and whether every one found such a spot; where one did not
+    (too many points too close), the caller shows a legend instead. Call after the figure's layout is final:
+    offsets are screen distances."""
+    from matplotlib.transforms import Bbox
+
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    inside, canvas = ax.get_window_extent(renderer), fig.bbox
-    placed, boxes = [], []
+    inside = ax.get_window_extent(renderer)
+    placed, boxes, fitted = [], [], True
+    # every point's marker is an obstacle too, so no label covers another arm's point
+    markers = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in ax.transData.transform(points)] if points else []
     for (x, y), text in zip(points, texts):
-        kept = fallback = None
+        kept = None
         for ring, (dx, dy) in itertools.product(_RINGS, _DIRECTIONS):
             ann = _annotate(ax, text, (x, y), (dx * ring, dy * ring), fontsize, leader=ring > _RINGS[0])
             box = ann.get_window_extent(renderer)
-            free = not any(box.overlaps(b) for b in boxes)
-            if free and _within(box, inside):
+            if _within(box, inside) and not any(box.overlaps(b) for b in [*boxes, *markers]):
                 kept = (ann, box)
                 break
-            if free and fallback is None and _within(box, canvas):
-                fallback = (ann, box)  # outside the axes but on the canvas: kept unless a spot inside turns up
-                continue
             ann.remove()
-        if kept is None:
-            kept = fallback
-        elif fallback is not None:
-            fallback[0].remove()
         if kept is None:  # crowded out everywhere: below the point, as far out as tried
+            fitted = False
             ann = _annotate(ax, text, (x, y), (0, -_RINGS[-1]), fontsize, leader=True)
             kept = (ann, ann.get_window_extent(renderer))
         placed.append(kept[0])
         boxes.append(kept[1])
-    return placed
+    return placed, fitted
 
 
 def _annotate(ax, text, xy, offset, fontsize, leader):

@@ -275,7 +275,7 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
     """Validation score against training seconds, a point per configuration (means over seeds;
     vertical bars the score's t interval, horizontal ones the seeds' range of seconds, which cannot
     go below 0 as a t interval would), labelled by its arm (placed so no two labels overlap), one panel
-    per dataset; a log axis when the seconds span more than 20x (symlog where an arm has 0 s). None when seconds
+    per dataset; a log axis when the values span more than 5x (symlog where an arm has 0 s). None when seconds
     or scores do not vary."""
     runs = info.runs
     if x_column not in runs or runs.empty or runs[x_column].nunique() < 2 or runs["val_accuracy"].notna().sum() == 0:
@@ -289,7 +289,8 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
     settings = [k for k in info.settings if not k.startswith("data.")]
     runs = runs.assign(_label=[config_label({k: r[k] for k in settings}) for _, r in runs.iterrows()])
     kept, shown = display(runs, settings, list(dict.fromkeys(runs["_label"])), by="_label")
-    colour = {c: f"C{i % 10}" for i, c in enumerate(kept)}
+    palette = [f"C{i}" for i in range(10)] if len(kept) <= 10 else [plt.cm.tab20(i) for i in range(20)]
+    colour = {c: palette[i % len(palette)] for i, c in enumerate(kept)}
     datasets = sorted(runs["dataset"].unique())
     cols = min(len(datasets), 2)
     rows = math.ceil(len(datasets) / cols)
@@ -298,7 +299,7 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
         ax.set_visible(False)
     to_label = []
     for ax, dataset in zip(axes.flat, datasets):
-        points, texts = [], []
+        points, texts, handles = [], [], []
         for label, group in runs[runs["dataset"] == dataset].groupby("_label", sort=False):
             secs, y = group[x_column].to_numpy(float), group["val_accuracy"].to_numpy(float)
             if label not in colour or np.isnan(y).all() or np.isnan(secs).all():
@@ -306,13 +307,13 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
             x, (y_low, y_high) = np.nanmean(secs), t_interval(y)
             yerr = None if math.isnan(y_low) else [[np.nanmean(y) - y_low], [y_high - np.nanmean(y)]]
             xerr = [[max(0.0, x - np.nanmin(secs))], [max(0.0, np.nanmax(secs) - x)]]  # never -1e-16
-            ax.errorbar(x, np.nanmean(y), xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=colour[label])
+            handles.append(ax.errorbar(x, np.nanmean(y), xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=colour[label]))
             points.append((x, np.nanmean(y)))
             texts.append(wrap(shown[label], 40))
         positive = [p[0] for p in points if p[0] > 0]
-        if positive and max(positive) / min(positive) > 20:
-            if len(positive) < len(points):  # an arm that does not train (0 s): linear up to the fastest that does
-                ax.set_xscale("symlog", linthresh=min(positive))
+        if positive and max(positive) / min(positive) > 5:
+            if len(positive) < len(points):  # an arm that does not train (0 s): linear below the fastest that does
+                ax.set_xscale("symlog", linthresh=10 ** math.floor(math.log10(min(positive))))
             else:
                 ax.set_xscale("log")
         ax.set_xlabel(X_AXES[x_column][0])
@@ -321,11 +322,21 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
             ax.set_title(dataset)
         ax.grid(alpha=0.3)
         ax.margins(x=0.12, y=0.1)  # room for the labels of the outermost points
-        to_label.append((ax, points, texts))
+        to_label.append((ax, points, texts, handles))
     fig.suptitle(f"{name}: validation score against {X_AXES[x_column][1]} (bars: 95% t intervals, {seeds_text(info)})")
     fig.tight_layout()
-    for ax, points, texts in to_label:  # after the layout: placement measures screen distances
-        place_labels(ax, points, texts)
+    crowded = []
+    for ax, points, texts, handles in to_label:  # after the layout: placement measures screen distances
+        placed, fitted = place_labels(ax, points, texts)
+        if not fitted:  # too many points too close for a label beside each: a legend beside the panel
+            for annotation in placed:
+                annotation.remove()
+            crowded.append((ax, handles, texts))
+    for ax, handles, texts in crowded:
+        ax.legend(handles, texts, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    if crowded:
+        fig.set_figwidth(fig.get_figwidth() + 3)
+        fig.tight_layout()
     return fig
 
 
