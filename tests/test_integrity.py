@@ -416,8 +416,8 @@ def test_a_long_command_line_names_its_run_within_mlflows_limit():
     """A tracking server on PostgreSQL refuses a run name over 250 characters (SQLite does not): an advise's
     command line is longer. The name keeps what tells the sweep's jobs apart (arm, data, seed) and says "..."
     where it left overrides out; a short one is Hydra's override_dirname as before."""
-    from embft.app import RUN_NAME_MAX, short_run_name
     from embft.report.labels import arm_from_run_name
+    from embft.tracking.mlflow_runs import RUN_NAME_MAX, short_run_name
 
     overrides = [f"advise.setting_{i}=value_{i}" for i in range(20)] + ["arm=supcon", "train.seed=2", "data=trec"]
     name = short_run_name(overrides)

@@ -124,32 +124,11 @@ def _hydra_context() -> tuple[Optional[str], str]:
     hc = HydraConfig.get()
     sweep = names.sweep_id(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     name = hc.job.override_dirname or "job"
-    if len(name) > RUN_NAME_MAX:
+    if len(name) > mlflow_runs.RUN_NAME_MAX:
         excluded = set(hc.job.config.override_dirname.exclude_keys)
-        name = short_run_name([o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") not in excluded])
+        overrides = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") not in excluded]
+        name = mlflow_runs.short_run_name(overrides)
     return sweep, name
-
-
-# MLflow's runs.name is varchar(250): a tracking server on PostgreSQL refuses a longer name (SQLite does not).
-RUN_NAME_MAX = 250
-# What tells a sweep's jobs apart, first in a name that has to be cut (report.labels reads arm= from it).
-NAME_FIRST = ("arm", "data", "variant", "train.seed", "train.per_class")
-
-
-def short_run_name(overrides: list[str], limit: int = RUN_NAME_MAX) -> str:
-    """The overrides as a run name of at most `limit` characters: the keys of NAME_FIRST first, then the rest
-    in order while they fit, "..." where some were left out (every override is in the run's params)."""
-
-    def rank(override: str) -> int:
-        key = override.split("=", 1)[0]
-        return NAME_FIRST.index(key) if key in NAME_FIRST else len(NAME_FIRST)
-
-    kept: list[str] = []
-    for override in sorted(overrides, key=rank):
-        if len(",".join([*kept, override, "..."])) <= limit:
-            kept.append(override)
-    name = ",".join(kept)
-    return name if len(kept) == len(overrides) else f"{name},..."[:limit]
 
 
 def _lock(cache_dir: Path, name: str):

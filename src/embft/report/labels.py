@@ -131,11 +131,11 @@ _DIRECTIONS += [(2, 1), (2, -1), (-2, 1), (-2, -1), (1, 2), (1, -2), (-1, 2), (-
 _RINGS = (6, 16, 28, 42, 58, 78, 100, 126, 160, 200, 250)
 
 
-def place_labels(ax, points: list[tuple[float, float]], texts: list[str], fontsize: float = 8) -> tuple[list, bool]:
-    """Annotate each point with its text where it overlaps no label placed before it and no point
-    (matplotlib has no label placement of its own; adjustText is one more dependency for a dozen labels),
-    inside the axes. Returns the annotations and whether every one found such a spot; where one did not
-    (too many points too close), the caller shows a legend instead. Call after the figure's layout is final:
+def place_labels(ax, points: list[tuple[float, float]], texts: list[str], fontsize: float = 8) -> bool:
+    """Annotate each point with its text inside the axes where it overlaps no label placed before it and no
+    point (matplotlib has no label placement of its own; adjustText is one more dependency for a dozen
+    labels). All or none: where one label finds no such spot (too many points too close), none is left and
+    False is returned, for the caller to name the points otherwise. Call after the figure's layout is final:
     offsets are screen distances."""
     from matplotlib.transforms import Bbox
 
@@ -143,25 +143,23 @@ def place_labels(ax, points: list[tuple[float, float]], texts: list[str], fontsi
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     inside = ax.get_window_extent(renderer)
-    placed, boxes, fitted = [], [], True
     # every point's marker is an obstacle too, so no label covers another arm's point
-    markers = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in ax.transData.transform(points)] if points else []
+    boxes = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in ax.transData.transform(points)] if points else []
+    placed = []
     for (x, y), text in zip(points, texts):
-        kept = None
         for ring, (dx, dy) in itertools.product(_RINGS, _DIRECTIONS):
             ann = _annotate(ax, text, (x, y), (dx * ring, dy * ring), fontsize, leader=ring > _RINGS[0])
             box = ann.get_window_extent(renderer)
-            if _within(box, inside) and not any(box.overlaps(b) for b in [*boxes, *markers]):
-                kept = (ann, box)
+            if _within(box, inside) and not any(box.overlaps(b) for b in boxes):
+                placed.append(ann)
+                boxes.append(box)
                 break
             ann.remove()
-        if kept is None:  # crowded out everywhere: below the point, as far out as tried
-            fitted = False
-            ann = _annotate(ax, text, (x, y), (0, -_RINGS[-1]), fontsize, leader=True)
-            kept = (ann, ann.get_window_extent(renderer))
-        placed.append(kept[0])
-        boxes.append(kept[1])
-    return placed, fitted
+        else:
+            for ann in placed:
+                ann.remove()
+            return False
+    return True
 
 
 def _annotate(ax, text, xy, offset, fontsize, leader):

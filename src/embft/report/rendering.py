@@ -327,10 +327,7 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
     fig.tight_layout()
     crowded = []
     for ax, points, texts, handles in to_label:  # after the layout: placement measures screen distances
-        placed, fitted = place_labels(ax, points, texts)
-        if not fitted:  # too many points too close for a label beside each: a legend beside the panel
-            for annotation in placed:
-                annotation.remove()
+        if not place_labels(ax, points, texts):  # too many points too close for a label beside each: a legend
             crowded.append((ax, handles, texts))
     for ax, handles, texts in crowded:
         ax.legend(handles, texts, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)

@@ -483,6 +483,28 @@ def job_run(
         mlflow.end_run(status="FINISHED")
 
 
+# MLflow's runs.name is varchar(250): a tracking server on PostgreSQL refuses a longer name (SQLite does not).
+RUN_NAME_MAX = 250
+# What tells a sweep's jobs apart, first in a name that has to be cut (report.labels reads arm= from it).
+NAME_FIRST = ("arm", "data", "variant", "train.seed", "train.per_class")
+
+
+def short_run_name(overrides: list[str], limit: int = RUN_NAME_MAX) -> str:
+    """The overrides as a run name of at most `limit` characters: the keys of NAME_FIRST first, then the rest
+    in order while they fit, "..." where some were left out (every override is in the run's params)."""
+
+    def rank(override: str) -> int:
+        key = override.split("=", 1)[0]
+        return NAME_FIRST.index(key) if key in NAME_FIRST else len(NAME_FIRST)
+
+    kept: list[str] = []
+    for override in sorted(overrides, key=rank):
+        if len(",".join([*kept, override, "..."])) <= limit:
+            kept.append(override)
+    name = ",".join(kept)
+    return name if len(kept) == len(overrides) else f"{name},..."[:limit]
+
+
 def log_params(params: dict[str, Any]) -> None:
     import mlflow
 
