@@ -16,3 +16,11 @@ def on_files(files, config):
             uri = "studies/" + path.relative_to(experiments).as_posix()
             files.append(File.generated(config, uri, abs_src_path=str(path)))
     return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    # A study's README links the guides as the repository lays them out (../../docs/x.md), which works
+    # on GitHub; on the site the guides sit at the root, two levels above studies/<name>/.
+    if page.file.src_uri.startswith("studies/") and page.file.src_uri.count("/") == 2:
+        return markdown.replace("](../../docs/", "](../../")
+    return markdown
