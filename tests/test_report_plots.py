@@ -176,6 +176,19 @@ def _assert_apart(labelled: list[tuple[str, object]]):
         assert not box_a.overlaps(box_b), f"{a!r} and {b!r} print on top of each other"
 
 
+def _assert_off_the_bars(ax, labelled: list[tuple[str, object]]):
+    """No label covers an error bar (a label over its own arm's bar hides where the interval ends)."""
+    from matplotlib.transforms import Bbox
+
+    for bars in ax.containers:
+        for lines in bars.lines[2]:
+            for segment in lines.get_segments():
+                (x0, y0), (x1, y1) = ax.transData.transform(segment)
+                bar = Bbox([[min(x0, x1) - 1, min(y0, y1) - 1], [max(x0, x1) + 1, max(y0, y1) + 1]])
+                for text, box in labelled:
+                    assert not box.overlaps(bar), f"{text!r} covers an error bar at {bar}"
+
+
 def test_trainers_points_are_named_by_their_arm_and_never_overlap(stores, tmp_path):
     table, info = report.summarize(report.load_runs(stores, "trainers"))
     fig = rendering.seconds_figure(info, "trainers")
@@ -185,7 +198,11 @@ def test_trainers_points_are_named_by_their_arm_and_never_overlap(stores, tmp_pa
     labelled = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts]
     assert sorted(text for text, _ in labelled) == sorted(ARMS), "each arm once, by its name (tag or run name)"
     assert ax.get_xscale() == "symlog", "0 s to ~300 s: log above the fastest trained arm, the untrained at 0"
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in _drawn(ax.xaxis) + _drawn(ax.xaxis, minor=True) if t.get_text()]
+    assert ticks and not any("times" in t or "^" in t for t in ticks), f"seconds as numbers (20), not 2x10^1: {ticks}"
     _assert_apart(labelled)
+    _assert_off_the_bars(ax, labelled)
     _assert_all_on_canvas(fig)
     assert rendering.save(fig, tmp_path / "seconds.png").stat().st_size > 5000
 

@@ -284,6 +284,7 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
 
     # The dataset is the panel, so its own settings (folder, label names, ...) label nothing.
     settings = [k for k in info.settings if not k.startswith("data.")]
@@ -299,7 +300,7 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
         ax.set_visible(False)
     to_label = []
     for ax, dataset in zip(axes.flat, datasets):
-        points, texts, handles = [], [], []
+        points, texts, handles, bars = [], [], [], []
         for label, group in runs[runs["dataset"] == dataset].groupby("_label", sort=False):
             secs, y = group[x_column].to_numpy(float), group["val_accuracy"].to_numpy(float)
             if label not in colour or np.isnan(y).all() or np.isnan(secs).all():
@@ -309,6 +310,8 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
             xerr = [[max(0.0, x - np.nanmin(secs))], [max(0.0, np.nanmax(secs) - x)]]  # never -1e-16
             handles.append(ax.errorbar(x, np.nanmean(y), xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=colour[label]))
             points.append((x, np.nanmean(y)))
+            y_range = (np.nanmean(y),) * 2 if yerr is None else (y_low, y_high)
+            bars.append((np.nanmin(secs), np.nanmax(secs), *y_range))
             texts.append(wrap(shown[label], 40))
         positive = [p[0] for p in points if p[0] > 0]
         if positive and max(positive) / min(positive) > 5:
@@ -316,18 +319,20 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
                 ax.set_xscale("symlog", linthresh=10 ** math.floor(math.log10(min(positive))))
             else:
                 ax.set_xscale("log")
+            for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):  # 20, not 2 x 10^1
+                axis(LogFormatter(minor_thresholds=(2, 0.5)))
         ax.set_xlabel(X_AXES[x_column][0])
         ax.set_ylabel(f"{info.ranked_by or 'validation score'} (mean over seeds)")
         if len(datasets) > 1:
             ax.set_title(dataset)
         ax.grid(alpha=0.3)
         ax.margins(x=0.12, y=0.1)  # room for the labels of the outermost points
-        to_label.append((ax, points, texts, handles))
+        to_label.append((ax, points, texts, handles, bars))
     fig.suptitle(f"{name}: validation score against {X_AXES[x_column][1]} (bars: 95% t intervals, {seeds_text(info)})")
     fig.tight_layout()
     crowded = []
-    for ax, points, texts, handles in to_label:  # after the layout: placement measures screen distances
-        if not place_labels(ax, points, texts):  # too many points too close for a label beside each: a legend
+    for ax, points, texts, handles, bars in to_label:  # after the layout: placement measures screen distances
+        if not place_labels(ax, points, texts, bars=bars):  # too many points too close for a label beside each: a legend
             crowded.append((ax, handles, texts))
     for ax, handles, texts in crowded:
         ax.legend(handles, texts, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
