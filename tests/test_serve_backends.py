@@ -297,3 +297,42 @@ def test_the_served_model_answers_concurrent_requests(tmp_path, backend) -> None
     for thread in threads:
         thread.join()
     assert not errors and len(answers) == 80 and all(a == expected for a in answers)
+
+
+def test_the_served_classifier_runs_its_distance_product_on_one_blas_thread(tmp_path) -> None:
+    """On 2 cores OpenBLAS's second thread, spinning after the kNN's product, starved torch's next encode:
+    one text a call ran at 34 instead of 82 texts/s over 1,536 support texts (docs/performance.md)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from conftest import make_tiny_bert
+    from embft.encoding.model_folder import save_whole, sentence_transformer
+    from embft.serving.classifier import KnnClassifier
+
+    bare = make_tiny_bert(tmp_path / "bare")
+    embedder = sentence_transformer(str(bare), "cls", True, 32)
+    save_whole(embedder, tmp_path / "st", {"max_seq_length": 32})
+    texts = [f"text number {i} about things" for i in range(40)]
+    np.savez(tmp_path / "s.npz", embeddings=embedder.encode(texts), labels=np.arange(40) % 4)
+    model = KnnClassifier()
+    artifacts = {"embedder": str(tmp_path / "st"), "support": str(tmp_path / "s.npz")}
+    model.load_context(
+        SimpleNamespace(artifacts=artifacts, model_config={"k": 3, "metric": "cosine", "label_names": list("abcd")})
+    )
+    fitted, seen = model.classifier, []
+
+    class Recording:
+        classes_ = fitted.classes_
+
+        def predict_proba(self, embeddings):
+            seen.append({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+            return fitted.predict_proba(embeddings)
+
+    model.classifier = Recording()
+    with threadpool_limits(limits=2, user_api="blas"):  # as on a 2-core server (the suite runs with 1)
+        labels = model.predict(None, pd.DataFrame({"text": texts[:1]}))["label"].tolist()
+    assert labels == fitted.predict(embedder.encode(texts[:1])).tolist()
+    assert seen == [{1}], f"BLAS threads during the kNN: {seen}"

@@ -127,6 +127,9 @@ class KnnClassifier(PythonModel):
         length = self.embedder.max_seq_length  # a static model (math.inf) reads every token: cut as at 512
         self.max_chars = TEXT_CHARS_PER_TOKEN * (length if isinstance(length, int) and length else 512)
         support = np.load(context.artifacts["support"])
+        from threadpoolctl import ThreadpoolController  # scikit-learn's own dependency
+
+        self.blas = ThreadpoolController()  # scans the loaded libraries once; limit() per call is ~15 us
         self.classifier = make_classifier(config.get("classifier", "knn"), config["k"], config["metric"])
         self.classifier.fit(support["embeddings"], support["labels"])
 
@@ -146,7 +149,11 @@ class KnnClassifier(PythonModel):
             )
         with self.encode_lock:
             embeddings = self.embedder.encode(texts, batch_size=self.batch_size, convert_to_numpy=True)
-        labels, scores = predict_labels(self.classifier, embeddings, width)
+        # One BLAS thread for the few-row distance product: from ~1,200 support texts OpenBLAS runs it on
+        # two threads, which then spin and starve torch's next call on 2 cores (one text a call: 34 -> 82
+        # texts/s with 1,536 support texts, docs/performance.md).
+        with self.blas.limit(limits=1, user_api="blas"):
+            labels, scores = predict_labels(self.classifier, embeddings, width)
         out = pd.DataFrame({"label": labels.astype("int64"), "label_name": [self.label_names[i] for i in labels]})
         for i, name in enumerate(self.label_names):
             out[score_column(name)] = scores[:, i]
