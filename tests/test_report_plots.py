@@ -176,6 +176,19 @@ def _assert_apart(labelled: list[tuple[str, object]]):
         assert not box_a.overlaps(box_b), f"{a!r} and {b!r} print on top of each other"
 
 
+def _configuration_labels(fig) -> list[tuple[str, object]]:
+    """The per-configuration figure's labels with their boxes: a row each, or a column each where they fit."""
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    def names(axis_labels) -> list:
+        ticks = [t for t in axis_labels if t.get_text()]
+        return [] if all(t.get_text().replace(".", "", 1).replace("\u2212", "").isdigit() for t in ticks) else ticks
+
+    ticks = names(ax.get_yticklabels()) or names(ax.get_xticklabels())
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in ticks if t.get_text()]
+
+
 def _assert_off_the_bars(ax, labelled: list[tuple[str, object]]):
     """No label covers an error bar (a label over its own arm's bar hides where the interval ends)."""
     from matplotlib.transforms import Bbox
@@ -207,8 +220,9 @@ def test_trainers_points_are_named_by_their_arm_and_never_overlap(stores, tmp_pa
     assert rendering.save(fig, tmp_path / "seconds.png").stat().st_size > 5000
 
     fig = rendering.accuracy_figure(table, info, "trainers")
-    ticks = [t for t in fig.axes[0].get_xticklabels() if t.get_text()]
-    assert sorted(t.get_text().replace("\n", "") for t in ticks) == sorted(ARMS)
+    ticks = _configuration_labels(fig)
+    assert sorted(text.replace("\n", "") for text, _ in ticks) == sorted(ARMS)
+    _assert_apart(ticks)
     _assert_all_on_canvas(fig)
     rendering.save(fig, tmp_path / "report.png")
 
@@ -231,7 +245,8 @@ def test_dataset_rows_are_named_by_arm_and_twins_show_once(stores, tmp_path):
     assert datasets.plot(matrix, "datasets", tmp_path / "report_datasets.png").stat().st_size > 5000
 
     fig = rendering.accuracy_figure(table, info, "datasets")
-    ticks = [t.get_text().replace("\n", " ") for t in fig.axes[0].get_xticklabels() if t.get_text()]
+    _assert_apart(_configuration_labels(fig))
+    ticks = [text.replace("\n", " ") for text, _ in _configuration_labels(fig)]
     assert sorted(ticks) == [
         "fe no_same, data=ag_news (also fe no_same_nib, which took its training)",
         "fe no_same, data=emotion (also fe no_same_nib, which took its training)",
@@ -289,4 +304,49 @@ def test_points_too_close_for_labels_are_named_in_a_legend(tmp_path):
 
     colours = {to_hex(bars.lines[0].get_color()) for bars in ax.containers}
     assert len(colours) == len(arms), "each arm its own colour"
+    _assert_all_on_canvas(fig)
+
+
+def test_a_search_grid_too_large_for_colours_is_told_apart_by_style(tmp_path):
+    """24 configurations (6 losses x 2 learning rates x 2 batch sizes, as experiment=trainers_search): 20
+    colours would repeat, so colour names the loss, the marker the learning rate, hollow or filled the
+    batch size; every configuration its own look, the legend naming each value."""
+    import matplotlib.colors
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("search", artifact_location=(tmp_path / "a").as_uri())
+    _run(client, exp, role="baseline", params={"model.name": "minilm"}, metrics={"accuracy_cosine": 0.75})
+    losses = [f"loss_{i}" for i in range(6)]
+    for i, (loss, lr, batch) in enumerate(itertools.product(losses, (1e-4, 3e-4), (16, 32))):
+        params = {**_params("sentence_transformers", loss, "same", 42), "train.learning_rate": lr}
+        params["train.per_device_train_batch_size"] = batch
+        _run(
+            client,
+            exp,
+            role="finetune",
+            params=params,
+            metrics={"val_accuracy_cosine": 0.80 + i / 1000, "accuracy_cosine": 0.8, "train_seconds": 10 + i % 3},
+        )
+    _, info = report.summarize(report.load_runs(client, "search"))
+    fig = rendering.seconds_figure(info, "search")
+    ax = fig.axes[0]
+    looks = set()
+    for bars in ax.containers:
+        line = bars.lines[0]
+        looks.add((matplotlib.colors.to_hex(line.get_color()), line.get_marker(), line.get_markerfacecolor() == "white"))
+    assert len(ax.containers) == 24 and len(looks) == 24, "each configuration its own colour, marker and fill"
+    assert {matplotlib.colors.to_hex(c) for c, _, _ in looks} == {matplotlib.colors.to_hex(f"C{i}") for i in range(6)}
+    legend = sorted(t.get_text() for t in ax.get_legend().get_texts())
+    assert legend == sorted(
+        [f"loss={loss}" for loss in losses]
+        + ["learning_rate=0.0001", "learning_rate=0.0003", "per_device_train_batch_size=16", "per_device_train_batch_size=32"]
+    )
+    assert not ax.texts, "no label beside a point"
+    _assert_all_on_canvas(fig)
+
+    table, info = report.summarize(report.load_runs(client, "search"))
+    fig = rendering.accuracy_figure(table, info, "search")
+    labels = _configuration_labels(fig)
+    assert len(labels) == 24, "a label per configuration"
+    _assert_apart(labels)
     _assert_all_on_canvas(fig)

@@ -199,7 +199,9 @@ def display(info_runs: pd.DataFrame, settings: list[str], configs: list[str], by
 
 
 def accuracy_figure(table: pd.DataFrame, info: StudyInfo, name: str):
-    """Accuracy per configuration: mean ± std over seeds, seed points, dashed baseline line(s)."""
+    """Accuracy per configuration: mean ± std over seeds, seed points, dashed baseline line(s). Side by side
+    where the labels fit a 16-inch figure, else a row per configuration (rotated labels of several lines
+    print over each other)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,18 +212,21 @@ def accuracy_figure(table: pd.DataFrame, info: StudyInfo, name: str):
     configs = configs[configs["configuration"].isin(kept)].reset_index(drop=True)
     labels = [wrap(shown[c], 22) for c in configs["configuration"]]
     longest = max((len(line) for lab in labels for line in lab.split("\n")), default=0)
-    # Widen the figure so labels fit side by side (~0.09 in per character at this font size,
-    # plus room for the legend); rotate them only when that would get too wide.
+    # ~0.09 in per character at this font size, plus room for the legend
     width = len(labels) * max(1.2, 0.09 * longest) + 4.5
-    rotate = width > 16
-    if rotate:
-        width = len(labels) * 0.9 + 4.5
-    fig, ax = plt.subplots(figsize=(min(max(width, 7.0), 16), 6 if rotate else 5))
-    x = np.arange(len(configs))
+    rows = width > 16
+    if rows:
+        labels = [wrap(shown[c], 70) for c in configs["configuration"]]
+        lines = sum(lab.count("\n") + 1 for lab in labels)
+        longest = max((len(line) for lab in labels for line in lab.split("\n")), default=0)
+        fig, ax = plt.subplots(figsize=(min(8 + 0.075 * longest, 16), 1.8 + 0.16 * lines + 0.2 * len(labels)))
+    else:
+        fig, ax = plt.subplots(figsize=(max(width, 7.0), 5))
+    at = np.arange(len(configs))[::-1] if rows else np.arange(len(configs))  # the best on top / on the left
+    means, spread = configs["accuracy_mean"], configs["accuracy_std_seeds"].fillna(0)
     ax.errorbar(
-        x,
-        configs["accuracy_mean"],
-        yerr=configs["accuracy_std_seeds"].fillna(0),
+        *((means, at) if rows else (at, means)),
+        **({"xerr": spread} if rows else {"yerr": spread}),
         fmt="o",
         markersize=8,
         capsize=6,
@@ -232,9 +237,9 @@ def accuracy_figure(table: pd.DataFrame, info: StudyInfo, name: str):
     rng = np.random.default_rng(0)  # fixed jitter so reruns give the same picture
     for i, row in configs.iterrows():
         pts = info.accuracies[row["configuration"]]
+        jittered = at[i] + rng.uniform(-0.12, 0.12, len(pts))
         ax.scatter(
-            i + rng.uniform(-0.12, 0.12, len(pts)),
-            pts,
+            *((pts, jittered) if rows else (jittered, pts)),
             s=18,
             color="gray",
             alpha=0.7,
@@ -242,16 +247,20 @@ def accuracy_figure(table: pd.DataFrame, info: StudyInfo, name: str):
             label="individual seeds" if i == 0 else None,
         )
     for j, (label, value) in enumerate(info.baselines.items()):
-        ax.axhline(
+        (ax.axvline if rows else ax.axhline)(
             value, linestyle="--", color=f"C{(j + 1) % 10}", label=wrap(f"{baseline_legend(label)} ({value:.4f})", 40)
         )
-    ax.set_xticks(x, labels)
-    if rotate:
-        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
-    ax.set_xlim(-0.6, len(configs) - 0.4)
-    ax.set_ylabel(f"{info.metric} (test)")
+    if rows:
+        ax.set_yticks(at, labels)
+        ax.set_ylim(-0.6, len(configs) - 0.4)
+        ax.set_xlabel(f"{info.metric} (test)")
+        ax.grid(axis="x", alpha=0.3)
+    else:
+        ax.set_xticks(at, labels)
+        ax.set_xlim(-0.6, len(configs) - 0.4)
+        ax.set_ylabel(f"{info.metric} (test)")
+        ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"{name}: accuracy per configuration ({seeds_text(info)})")
-    ax.grid(axis="y", alpha=0.3)
     # Outside the axes so it never hides seed points.
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
@@ -269,6 +278,39 @@ def save(fig, path: Path) -> Path:
 
 def plot(table: pd.DataFrame, info: StudyInfo, name: str, path: Path) -> Path:
     return save(accuracy_figure(table, info, name), path)
+
+
+MARKERS = "osD^v<>"
+
+
+def setting_styles(runs: pd.DataFrame, settings: list[str], kept: list[str]):
+    """Where configurations outnumber the colours one can tell apart (a search's grid), a point is named
+    by its style: colour by the setting with the most values (at most 10), marker by the next (at most
+    7), hollow or filled by a third (2 values). ({label: errorbar keywords}, [(legend handle, text)]), or
+    None where the varying settings do not fit that."""
+    from matplotlib.lines import Line2D
+
+    sub = runs[runs["_label"].isin(kept)]
+    varying = sorted((k for k in settings if k in sub and sub[k].nunique() > 1), key=lambda k: -sub[k].nunique())
+    limits = (10, len(MARKERS), 2)
+    if not 1 <= len(varying) <= 3 or any(sub[k].nunique() > n for k, n in zip(varying, limits)):
+        return None
+    values = [sorted(sub[k].dropna().unique(), key=str) for k in varying]
+    styles = {}
+    for label, group in sub.groupby("_label", sort=False):
+        at = [vals.index(group[k].iloc[0]) for k, vals in zip(varying, values)] + [0, 0]
+        colour = f"C{at[0]}"
+        styles[label] = {"color": colour, "fmt": MARKERS[at[1]], "markerfacecolor": "white" if at[2] else colour}
+    legend = []
+    for i, (key, vals) in enumerate(zip(varying, values)):
+        for j, value in enumerate(vals):
+            look = [
+                {"color": f"C{j}", "marker": "o"},
+                {"color": "0.35", "marker": MARKERS[j]},
+                {"color": "0.35", "marker": "o", "markerfacecolor": "white" if j else "0.35"},
+            ][i]
+            legend.append((Line2D([], [], linestyle="", **look), f"{key.split('.')[-1]}={value}"))
+    return styles, legend
 
 
 def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
@@ -292,6 +334,7 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
     kept, shown = display(runs, settings, list(dict.fromkeys(runs["_label"])), by="_label")
     palette = [f"C{i}" for i in range(10)] if len(kept) <= 10 else [plt.cm.tab20(i) for i in range(20)]
     colour = {c: palette[i % len(palette)] for i, c in enumerate(kept)}
+    styled = setting_styles(runs, settings, kept) if len(kept) > len(palette) else None
     datasets = sorted(runs["dataset"].unique())
     cols = min(len(datasets), 2)
     rows = math.ceil(len(datasets) / cols)
@@ -308,7 +351,8 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
             x, (y_low, y_high) = np.nanmean(secs), t_interval(y)
             yerr = None if math.isnan(y_low) else [[np.nanmean(y) - y_low], [y_high - np.nanmean(y)]]
             xerr = [[max(0.0, x - np.nanmin(secs))], [max(0.0, np.nanmax(secs) - x)]]  # never -1e-16
-            handles.append(ax.errorbar(x, np.nanmean(y), xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=colour[label]))
+            look = styled[0][label] if styled else {"fmt": "o", "color": colour[label]}
+            handles.append(ax.errorbar(x, np.nanmean(y), xerr=xerr, yerr=yerr, capsize=4, **look))
             points.append((x, np.nanmean(y)))
             y_range = (np.nanmean(y),) * 2 if yerr is None else (y_low, y_high)
             bars.append((np.nanmin(secs), np.nanmax(secs), *y_range))
@@ -332,7 +376,9 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
     fig.tight_layout()
     crowded = []
     for ax, points, texts, handles, bars in to_label:  # after the layout: placement measures screen distances
-        if not place_labels(ax, points, texts, bars=bars):  # too many points too close for a label beside each: a legend
+        if styled:  # a point's style names its settings
+            crowded.append((ax, *map(list, zip(*styled[1]))))
+        elif not place_labels(ax, points, texts, bars=bars):  # too many points too close for a label beside each
             crowded.append((ax, handles, texts))
     for ax, handles, texts in crowded:
         ax.legend(handles, texts, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
