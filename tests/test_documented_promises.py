@@ -213,7 +213,15 @@ def test_heartbeat_staleness_and_settle_defaults_are_what_the_readme_says(tmp_pa
             super().__init__(run_id, interval)
 
     monkeypatch.setattr(mlflow_runs, "Heartbeat", SpyHeartbeat)
-    monkeypatch.setattr(mlflow_runs.time, "sleep", lambda s: sleeps.append(s))
+    real_sleep = time.sleep
+
+    def spy_sleep(seconds):  # job_run's own waits; MLflow's retries on a busy SQLite store sleep too
+        if sys._getframe(1).f_globals.get("__name__") == mlflow_runs.__name__:
+            sleeps.append(seconds)
+        else:
+            real_sleep(seconds)
+
+    monkeypatch.setattr(mlflow_runs.time, "sleep", spy_sleep)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     exp = MlflowClient().create_experiment("defaults")
     with mlflow_runs.job_run(exp, "job", {"embft.config_hash": "abc"}) as active:
