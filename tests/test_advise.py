@@ -171,11 +171,12 @@ def test_the_recommendation_is_the_paired_difference_by_seed(tmp_path) -> None:
 
     rows = []
     for seed, (a, b, base) in enumerate([(0.80, 0.70, 0.60), (0.84, 0.76, 0.60), (0.82, 0.71, 0.60)], start=1):
-        for arm, val, seconds in (("supcon", a, 10.0), ("setfit", b, 100.0)):
+        for arm, val, seconds in (("supcon", a, 10.0), ("setfit", b, 100.0), ("untrained", base, 0.0)):
             rows.append(
                 {
                     "arm": arm,
                     "seed": str(seed),
+                    "backend": "untrained" if arm == "untrained" else "sentence_transformers",
                     "val_accuracy_cosine": val,
                     "delta_val_accuracy_cosine": val - base,
                     "accuracy_cosine": val - 0.01,
@@ -196,6 +197,8 @@ def test_the_recommendation_is_the_paired_difference_by_seed(tmp_path) -> None:
     assert first["low"] == pytest.approx(diffs.mean() - half) and first["time_ratio"] == pytest.approx(0.1)
     expected = f"use supcon: +{100 * diffs.mean():.1f} [+{100 * (diffs.mean() - half):.1f}, +{100 * (diffs.mean() + half):.1f}] points over setfit, at 0.1 times its training time"
     assert expected in result.sentence
+    assert result.paired["versus"].tolist() == ["setfit", "untrained model"], "the untrained model once, by name"
+    assert result.paired["mean"].iloc[1] == pytest.approx(pd.Series([0.20, 0.24, 0.22]).mean())
     assert (tmp_path / "advise.png").is_file() and json.loads((tmp_path / "advise.json").read_text())[
         "best_arm"
     ] == "supcon"

@@ -21,6 +21,7 @@ from embft.report.datasets import outcome
 from embft.report.summary import t_interval
 
 MARKDOWN, IMAGE, DATA = "advise.md", "advise.png", "advise.json"
+UNTRAINED = "untrained"  # train.backend of the reference arm that is the untrained model
 SPEED_PREFIX = "serve_texts_per_second"
 
 
@@ -62,6 +63,7 @@ def load(client: Any, experiment_id: str, studies: dict[str, str]) -> pd.DataFra
                 {
                     "arm": arm,
                     "seed": run.data.params.get("train.seed"),
+                    "backend": run.data.params.get("train.backend"),
                     "run_id": run.info.run_id,
                     **run.data.metrics,
                 }
@@ -115,7 +117,9 @@ def paired(runs: pd.DataFrame, best: str, metric: str) -> pd.DataFrame:
     by_seed = runs.assign(_v=_col(runs, metric), _s=_col(runs, names.TRAIN_SECONDS))
     mine = by_seed[by_seed["arm"] == best].set_index("seed")
     rows = []
-    for arm in [a for a in by_seed["arm"].unique() if a != best]:
+    # An arm that is the untrained model (train.backend=untrained) is the last row's, by its delta.
+    the_untrained = set(by_seed.loc[by_seed["backend"] == UNTRAINED, "arm"]) if "backend" in by_seed else set()
+    for arm in [a for a in by_seed["arm"].unique() if a != best and a not in the_untrained]:
         other = by_seed[by_seed["arm"] == arm].set_index("seed")
         diff = (mine["_v"] - other["_v"]).dropna()
         mean, low, high = _interval(diff)
