@@ -59,7 +59,7 @@ def markdown(cells: pd.DataFrame, classifier: str = "logreg") -> str:
         "# Label budgets: which arm wins at which budget on which dataset",
         "",
         "Per dataset and budget (labelled texts of every class, strict for every arm): each arm's settings searched",
-        "on validation, then trained with seeds 1..S; test accuracy (%) with its 95% t interval over the seeds.",
+        "on validation, then trained with seeds 1..S; test accuracy (%) with its 95% t interval over the seeds (clipped to 0-100).",
         f"Deployed = the served classifier ({classifier} over the arm's embeddings, fitted on the same texts).",
         "The recommended arm (**bold**) is chosen on validation kNN, never on test.",
         "",
