@@ -91,7 +91,8 @@ def plot(cells: pd.DataFrame, path: Path, classifier: str = "logreg") -> Path:
     import matplotlib.pyplot as plt
 
     datasets = sorted(cells["data"].unique())
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 4.2), squeeze=False)
+    # wide enough for the title and the legend below when one dataset has finished
+    fig, axes = plt.subplots(1, len(datasets), figsize=(max(4.2 * len(datasets), 9), 4.6), squeeze=False)
     arms = sorted(cells["arm"].unique())
     colours = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
     for ax, data in zip(axes[0], datasets):
@@ -107,8 +108,10 @@ def plot(cells: pd.DataFrame, path: Path, classifier: str = "logreg") -> Path:
                     line["test_served_high"].to_numpy(dtype=float) - mean,
                 ]
             )
+            # each arm a little to the side of the budget (log axis: a factor), so no bar hides another
+            nudge = 2 ** (0.05 * (arms.index(arm) - (len(arms) - 1) / 2))
             ax.errorbar(
-                line["per_class"],
+                line["per_class"].to_numpy(dtype=float) * nudge,
                 100 * mean,
                 yerr=100 * np.nan_to_num(err),
                 label=arm,
@@ -133,7 +136,7 @@ def plot(cells: pd.DataFrame, path: Path, classifier: str = "logreg") -> Path:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
     fig.suptitle("Each arm at its settings chosen on validation; 95% intervals over training seeds")
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # a legend wider than planned widens it, never clipped
     plt.close(fig)
     return path
 
