@@ -201,7 +201,9 @@ def test_the_recommendation_is_the_paired_difference_by_seed(tmp_path) -> None:
     supcon = result.arms.set_index("arm").loc["supcon"]
     assert supcon["val_low"] < supcon["val"] and supcon["val_high"] < 1.0
     wide = advise.summarize(
-        pd.DataFrame({"arm": "a", "seed": ["1", "2"], "val_accuracy_cosine": [0.99, 0.70]}), "val_accuracy_cosine", "logreg"
+        pd.DataFrame({"arm": "a", "seed": ["1", "2"], "val_accuracy_cosine": [0.99, 0.70]}),
+        "val_accuracy_cosine",
+        "logreg",
     ).iloc[0]
     assert (wide["val_low"], wide["val_high"]) == (0.0, 1.0), "an accuracy's interval stays within [0, 1]"
     assert result.paired["mean"].iloc[1] == pytest.approx(pd.Series([0.20, 0.24, 0.22]).mean())

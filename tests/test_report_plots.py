@@ -181,6 +181,7 @@ def _configuration_labels(fig) -> list[tuple[str, object]]:
     ax = fig.axes[0]
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
+
     def names(axis_labels) -> list:
         ticks = [t for t in axis_labels if t.get_text()]
         return [] if all(t.get_text().replace(".", "", 1).replace("\u2212", "").isdigit() for t in ticks) else ticks
@@ -333,13 +334,20 @@ def test_a_search_grid_too_large_for_colours_is_told_apart_by_style(tmp_path):
     looks = set()
     for bars in ax.containers:
         line = bars.lines[0]
-        looks.add((matplotlib.colors.to_hex(line.get_color()), line.get_marker(), line.get_markerfacecolor() == "white"))
+        looks.add(
+            (matplotlib.colors.to_hex(line.get_color()), line.get_marker(), line.get_markerfacecolor() == "white")
+        )
     assert len(ax.containers) == 24 and len(looks) == 24, "each configuration its own colour, marker and fill"
     assert {matplotlib.colors.to_hex(c) for c, _, _ in looks} == {matplotlib.colors.to_hex(f"C{i}") for i in range(6)}
     legend = sorted(t.get_text() for t in ax.get_legend().get_texts())
     assert legend == sorted(
         [f"loss={loss}" for loss in losses]
-        + ["learning_rate=0.0001", "learning_rate=0.0003", "per_device_train_batch_size=16", "per_device_train_batch_size=32"]
+        + [
+            "learning_rate=0.0001",
+            "learning_rate=0.0003",
+            "per_device_train_batch_size=16",
+            "per_device_train_batch_size=32",
+        ]
     )
     assert not ax.texts, "no label beside a point"
     _assert_all_on_canvas(fig)

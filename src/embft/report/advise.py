@@ -121,7 +121,7 @@ def paired(runs: pd.DataFrame, best: str, metric: str) -> pd.DataFrame:
     by_seed = runs.assign(_v=_col(runs, metric), _s=_col(runs, names.TRAIN_SECONDS))
     mine = by_seed[by_seed["arm"] == best].set_index("seed")
     rows = []
-    # An arm that is the untrained model (train.backend=untrained) is the last row's, by its delta.
+    # The untrained model is compared once, by the delta row below; an arm that is it repeats that row.
     the_untrained = set(by_seed.loc[by_seed["backend"] == UNTRAINED, "arm"]) if "backend" in by_seed else set()
     for arm in [a for a in by_seed["arm"].unique() if a != best and a not in the_untrained]:
         other = by_seed[by_seed["arm"] == arm].set_index("seed")

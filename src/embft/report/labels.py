@@ -135,7 +135,8 @@ def place_labels(
     ax, points: list[tuple[float, float]], texts: list[str], fontsize: float = 8, bars: list[tuple] | None = None
 ) -> bool:
     """Annotate each point with its text inside the axes where it overlaps no label placed before it, no
-    point and no error bar (`bars`: each point's (x_low, x_high, y_low, y_high) in data units) (matplotlib has no label placement of its own; adjustText is one more dependency for a dozen
+    point and no error bar (`bars`: each point's (x_low, x_high, y_low, y_high) in data units). (matplotlib
+    has no label placement of its own; adjustText is one more dependency for a dozen
     labels). All or none: where one label finds no such spot (too many points too close), none is left and
     False is returned, for the caller to name the points otherwise. Call after the figure's layout is final:
     offsets are screen distances."""
@@ -149,7 +150,7 @@ def place_labels(
     boxes = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in ax.transData.transform(points)] if points else []
     for (x, y), (x_low, x_high, y_low, y_high) in zip(points, bars or []):  # each bar a thin box
         (left, low), (right, high) = ax.transData.transform([(x_low, y_low), (x_high, y_high)])
-        (px, py), = ax.transData.transform([(x, y)])
+        ((px, py),) = ax.transData.transform([(x, y)])
         boxes += [Bbox([[left, py - 3], [right, py + 3]]), Bbox([[px - 3, low], [px + 3, high]])]
     placed = []
     for (x, y), text in zip(points, texts):

@@ -149,9 +149,8 @@ class KnnClassifier(PythonModel):
             )
         with self.encode_lock:
             embeddings = self.embedder.encode(texts, batch_size=self.batch_size, convert_to_numpy=True)
-        # One BLAS thread for the few-row distance product: from ~1,200 support texts OpenBLAS runs it on
-        # two threads, which then spin and starve torch's next call on 2 cores (one text a call: 34 -> 82
-        # texts/s with 1,536 support texts, docs/performance.md).
+        # One BLAS thread for the few-row distance product: on a large support set OpenBLAS runs it on two
+        # threads, which then spin and starve torch's next call on 2 cores (measured in docs/performance.md).
         with self.blas.limit(limits=1, user_api="blas"):
             labels, scores = predict_labels(self.classifier, embeddings, width)
         out = pd.DataFrame({"label": labels.astype("int64"), "label_name": [self.label_names[i] for i in labels]})
