@@ -135,11 +135,10 @@ def place_labels(
     ax, points: list[tuple[float, float]], texts: list[str], fontsize: float = 8, bars: list[tuple] | None = None
 ) -> bool:
     """Annotate each point with its text inside the axes where it overlaps no label placed before it, no
-    point and no error bar (`bars`: each point's (x_low, x_high, y_low, y_high) in data units). (matplotlib
-    has no label placement of its own; adjustText is one more dependency for a dozen
-    labels). All or none: where one label finds no such spot (too many points too close), none is left and
-    False is returned, for the caller to name the points otherwise. Call after the figure's layout is final:
-    offsets are screen distances."""
+    point and no error bar (`bars`: each point's (x_low, x_high, y_low, y_high) in data units). All or none:
+    where one label finds no such spot, none is left and False is returned, for the caller to name the points
+    otherwise. Call after the figure's layout is final: offsets are screen distances. (matplotlib has no label
+    placement of its own; adjustText is one more dependency for a dozen labels.)"""
     from matplotlib.transforms import Bbox
 
     fig = ax.figure

@@ -376,8 +376,8 @@ def seconds_figure(info: StudyInfo, name: str, x_column: str = "train_seconds"):
     fig.tight_layout()
     crowded = []
     for ax, points, texts, handles, bars in to_label:  # after the layout: placement measures screen distances
-        if styled:  # a point's style names its settings
-            crowded.append((ax, *map(list, zip(*styled[1]))))
+        if styled:  # a point's style names its settings: the legend says which
+            crowded.append((ax, [handle for handle, _ in styled[1]], [text for _, text in styled[1]]))
         elif not place_labels(ax, points, texts, bars=bars):  # too many points too close for a label beside each
             crowded.append((ax, handles, texts))
     for ax, handles, texts in crowded:
