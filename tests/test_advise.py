@@ -147,6 +147,20 @@ def test_reference_arms_are_confirmed_without_a_search(compose, tmp_path) -> Non
         _plan(compose, [*base, "advise.arms=[untrained]"])
 
 
+def test_an_arms_fixed_overrides_hold_in_its_jobs_only(compose, tmp_path) -> None:
+    folder = _data(tmp_path / "data")
+    base = ["experiment=advise", "data=local", f"data.local_dir={folder}", "data.label_names=[]", "train.per_class=8"]
+    fixed = "+advise.overrides.setfit=['train.num_iterations=20']"
+    plan = _plan(compose, [*base, "advise.arms=[supcon,setfit]", fixed])
+    assert plan.configs["setfit"].train.num_iterations == 20 and plan.configs["supcon"].train.num_iterations is None
+    assert (
+        plan.job("setfit")[-2:] == ["arm=setfit", "train.num_iterations=20"] and plan.job("supcon")[-1] == "arm=supcon"
+    )
+    assert _plan(compose, [*base, "advise.arms=[supcon]", fixed]).job("supcon")[-1] == "arm=supcon"
+    with pytest.raises(EmbftError, match="advise.overrides: no arm 'setfti' in conf/arm; choose from"):
+        _plan(compose, [*base, "advise.arms=[supcon]", "+advise.overrides.setfti=['train.num_iterations=20']"])
+
+
 def test_the_label_budget_experiment_reports_each_cell_in_its_own_folder(compose, tmp_path) -> None:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -158,6 +172,7 @@ def test_the_label_budget_experiment_reports_each_cell_in_its_own_folder(compose
         overrides = [f"paths.root_dir={tmp_path}", "experiment=label_budget", "data=trec", "train.per_class=16"]
         cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
     assert cfg.name == "label_budget" and list(cfg.advise.reference_arms) == ["untrained"]
+    assert list(cfg.advise.overrides.setfit) == ["train.num_iterations=20"], "SetFit's pairs as its paper drew them"
     assert cfg.tracking.registered_model_name == "label_budget_trec_16"
     assert cfg.hydra.sweeper.report_dir.endswith("experiments/label_budget/trec_16")
     assert cfg.hydra.sweeper.summary_dir.endswith("experiments/label_budget")
@@ -274,6 +289,7 @@ def advise_overrides(
         "advise.trials_per_arm=2",
         "advise.seeds=2",
         "advise.every_steps=2",
+        "+advise.overrides.setfit=['train.num_iterations=1']",  # fixed in every setfit job (48 pairs, not 432)
     ]
 
 
@@ -335,6 +351,13 @@ def test_an_advise_searches_each_arm_confirms_over_seeds_reports_and_registers(a
         ("supcon", "2"),
     ]
     assert all(r.info.status == "FINISHED" for r in seeds)
+    # advise.overrides held in every job of its arm, searched and confirmed, and in no other arm's
+    assert {r.data.params["train.num_iterations"] for r in tuned if "/setfit" in r.data.tags[names.OPTUNA_STUDY]} == {
+        "1"
+    }
+    assert {r.data.params["train.num_iterations"] for r in tuned if "/supcon" in r.data.tags[names.OPTUNA_STUDY]} == {
+        "None"
+    }
     report = root / "experiments" / "advise" / "alpha_6"
     md = (report / "advise.md").read_text()
     summary = json.loads((report / "advise.json").read_text())

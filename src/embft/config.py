@@ -344,6 +344,8 @@ class AdviseConfig:
     min_trials_per_arm: int = 2
     seeds: int = 3  # training seeds 1..seeds confirm each arm's chosen settings (a paired interval needs 2)
     every_steps: Optional[int] = 4  # live validation scores of a search trial, for the pruner (null: no pruning)
+    # Per arm, overrides held fixed in all its jobs (searched and confirmed), e.g. {setfit: [train.num_iterations=20]}
+    overrides: dict[str, list[str]] = field(default_factory=dict)
     # search space of the arm composed (set by conf/arm/<arm>.yaml): override key -> Optuna sweeper syntax
     space: dict[str, str] = field(default_factory=dict)
 

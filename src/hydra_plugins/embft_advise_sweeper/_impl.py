@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embft import names
 
-from ._plan import ARM_GROUP, Plan, cells, make_plan
+from ._plan import Plan, cells, make_plan
 
 log = logging.getLogger("embft")
 OPTUNA_TARGET = "hydra_plugins.embft_optuna_sweeper.embft_optuna_sweeper.EmbftOptunaSweeper"
@@ -157,9 +157,7 @@ class AdviseSweeperImpl(Sweeper):
         every = "null" if plan.every_steps is None else str(plan.every_steps)
         log.info("Advise %s: searching arm %s (study %s)", plan.name, arm, study)
         try:
-            return optuna_sweeper.sweep(
-                [*plan.base, f"{ARM_GROUP}={arm}", f"eval.every_steps={every}", "tracking.log_model=none"]
-            )
+            return optuna_sweeper.sweep([*plan.job(arm), f"eval.every_steps={every}", "tracking.log_model=none"])
         finally:
             self.storage_urls[arm] = optuna_sweeper.sweeper.storage_url
             _finish_parent(experiment_id, parent, sub, {names.OPTUNA_STUDY: study})
@@ -185,8 +183,7 @@ class AdviseSweeperImpl(Sweeper):
             for seed in range(1, plan.seeds + 1):
                 batch.append(
                     [
-                        *plan.base,
-                        f"{ARM_GROUP}={arm}",
+                        *plan.job(arm),
                         *overrides,
                         f"train.seed={seed}",
                         "eval.every_steps=null",
@@ -225,7 +222,7 @@ class AdviseSweeperImpl(Sweeper):
             trials_per_arm=plan.trials_per_arm,
             seeds=plan.seeds,
             arms=plan.arms,
-            chosen={arm: " ".join(o) for arm, o in chosen.items()},
+            chosen={arm: " ".join([*plan.fixed.get(arm, []), *o]) for arm, o in chosen.items()},
             references=plan.references,
         )
         # The cell's own folder (report_dir interpolates data.name and train.per_class).

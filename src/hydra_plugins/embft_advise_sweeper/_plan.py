@@ -26,6 +26,11 @@ class Plan:
     base: list[str] = field(default_factory=list)  # the command line's overrides, arm= removed
     data_key: str = ""  # the splits' content fingerprint: two data=local folders never share a study
     references: list[str] = field(default_factory=list)  # confirmed over the seeds with no search
+    fixed: dict[str, list[str]] = field(default_factory=dict)  # advise.overrides: per arm, held in every job
+
+    def job(self, arm: str) -> list[str]:
+        """The overrides every job of the arm starts from: the command line's, the arm, its fixed settings."""
+        return [*self.base, f"{ARM_GROUP}={arm}", *self.fixed.get(arm, [])]
 
     @property
     def confirmed(self) -> list[str]:
@@ -121,7 +126,11 @@ def make_plan(
         raise EmbftError(
             f"advise.reference_arms: arm {both[0]!r} is also in advise.arms; an arm is searched or a reference."
         )
-    configs = {arm: compose([*base, f"{ARM_GROUP}={arm}"]) for arm in [*arms, *references]}
+    fixed = {str(a): [str(o) for o in overrides] for a, overrides in (advise.get("overrides") or {}).items()}
+    unknown = [a for a in fixed if a not in options]  # an arm not advised this time keeps its entry, unused
+    if unknown:
+        raise EmbftError(f"advise.overrides: no arm {unknown[0]!r} in conf/arm; choose from {', '.join(options)}.")
+    configs = {arm: compose([*base, f"{ARM_GROUP}={arm}", *fixed.get(arm, [])]) for arm in [*arms, *references]}
     for arm in arms:
         if not configs[arm].advise.space:
             raise EmbftError(
@@ -144,4 +153,5 @@ def make_plan(
         base=base,
         data_key=splits.fingerprint()[:8],
         references=references,
+        fixed=fixed,
     )
