@@ -288,7 +288,7 @@ def advise_overrides(
         f"advise.arms=[{arms}]",
         "advise.trials_per_arm=2",
         "advise.seeds=2",
-        "advise.every_steps=2",
+        "advise.live_evals=2",
         "+advise.overrides.setfit=['train.num_iterations=1']",  # fixed in every setfit job (48 pairs, not 432)
     ]
 

@@ -157,6 +157,39 @@ def test_a_learning_rate_that_wrecks_the_model_is_pruned(compose, tmp_path, tiny
     assert bad_run.data.tags["optuna.pruned"] == "true" and bad_run.data.tags["optuna.pruned_step"] == "4"
 
 
+def test_live_evals_give_runs_of_any_length_as_many_scores_compared_by_their_number(compose, tmp_path, tiny_bert):
+    """eval.live_evals: a 4-step and a 16-step run are each scored twice, halfway and at the end, and the
+    pruner sees both at steps 1 and 2 (an equal fraction of their training), not at steps 2/4 and 8/16."""
+    import mlflow
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    for epochs in (1, 4):
+        trial = study.ask()
+        cfg, records = tiny_job(compose, tiny_bert, tmp_path / f"e{epochs}", f"train.num_train_epochs={epochs}")
+        reporter = TrialReporter("s", storage, trial.number)
+        callback = LiveTrainingCallback(lambda step, model: step / 100, reporter=reporter, evals=2)
+        with mlflow.start_run() as run:
+            train(cfg, records, str(tiny_bert), 16, tmp_path / f"e{epochs}", callbacks=[callback])
+        steps = 4 * epochs
+        assert [step for step, _ in callback.scores] == [steps // 2, steps]
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "live_val_accuracy_cosine")
+        assert [m.step for m in history] == [steps // 2, steps], "MLflow keeps the training step"
+        reported = study.trials[trial.number].intermediate_values
+        assert reported == {1: steps / 200, 2: steps / 100}
+
+
+def test_live_scores_are_spaced_one_way(compose) -> None:
+    from embft.config import check_values
+    from embft.errors import EmbftError
+
+    with pytest.raises(EmbftError, match=r"^eval.every_steps=4 and eval.live_evals=8: .*set the other to null.$"):
+        check_values(compose(["eval.every_steps=4", "eval.live_evals=8"]))
+    with pytest.raises(EmbftError, match=r"^eval.live_evals=0: must be >= 1 or null.$"):
+        check_values(compose(["eval.live_evals=0"]))
+
+
 def test_a_real_search_prunes_a_trial_and_never_takes_it_for_the_best(tmp_path, ag_news_dir):
     """`python -m embft -m experiment=search` end to end, on MiniLM (a random tiny BERT scores at chance on
     AG News, so a gap the pruner must act on would not be certain): the grid runs learning rate 1e-5 first

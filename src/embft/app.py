@@ -180,7 +180,7 @@ def start(cfg: Config) -> Job:
             "(the test split is for the final figure), or set eval.objective=test to allow it."
         )
     # Not under live validation scoring: a search's pruner wants each trial's own reports.
-    reuse = cfg.train.reuse_twin and not cfg.eval.every_steps
+    reuse = cfg.train.reuse_twin and not (cfg.eval.every_steps or cfg.eval.live_evals)
     twin_reason = trainer.twin_reason(cfg) if reuse else None
     config_hash = identity.config_hash(resolved, data_fingerprint)
     earlier = (identity.legacy_hash(resolved), identity.unsupported_hash(resolved, data_fingerprint))
@@ -353,7 +353,7 @@ def prepare(job: Job, ctx: TrainContext) -> Prepared:
 
 
 def fine_tune(job: Job, ctx: TrainContext, prepared: Prepared):
-    """Train; with eval.every_steps, score the live model on validation as it trains and report it to the
+    """Train; with eval.every_steps or eval.live_evals, score the live model on validation as it trains and report it to the
     Optuna trial, which may prune it. Returns (TrainResult, LiveTrainingCallback)."""
     import mlflow
 
@@ -367,14 +367,15 @@ def fine_tune(job: Job, ctx: TrainContext, prepared: Prepared):
         view = job.trainer.live_encoder(ctx, model)
         return evaluate(view, ctx.splits, cfg.eval, cfg.data.name, which=("validation",))["validation"].accuracy
 
-    every = cfg.eval.every_steps
+    every = cfg.eval.every_steps or cfg.eval.live_evals
     if every:  # the evaluation's precision and length; torch even under eval.backend=onnx (common.live_view)
         mlflow.set_tag(names.LIVE_ENCODING, f"{job.encode.precision} torch, {job.encode.max_seq_length} tokens")
     live = LiveTrainingCallback(
         score if every else None,
-        every,
+        cfg.eval.every_steps,
         TrialReporter.from_config(cfg.optuna) if every else None,
         metric=names.live(names.validation(job.metric)),
+        evals=cfg.eval.live_evals,
     )
     result = job.trainer.train(ctx, prepared, callbacks=(live,))
     result = replace(result, labelled_texts=prepared.labelled_texts)

@@ -264,6 +264,10 @@ class EvalConfig:
     # Score the live model every N training steps (logged by step, reported to the Optuna
     # trial for pruning); null: only after training.
     every_steps: Optional[int] = None
+    # Or this many live scores spread evenly over a run's training (every ceil(steps / N) steps): arms whose
+    # step counts differ 100x (SetFit's pairs, supcon's texts) each get N. The pruner compares trials at the
+    # score's number (1..N), an equal fraction of their training.
+    live_evals: Optional[int] = None
     # How texts are encoded for evaluation (embft.encoding.encoders), the baseline and the tuned model alike:
     # auto is resolved on this machine before the config hash (bf16 where native; onnx for fp32 on CPU).
     precision: Precision = Precision.fp32
@@ -343,7 +347,8 @@ class AdviseConfig:
     total_trials: Optional[int] = None
     min_trials_per_arm: int = 2
     seeds: int = 3  # training seeds 1..seeds confirm each arm's chosen settings (a paired interval needs 2)
-    every_steps: Optional[int] = 4  # live validation scores of a search trial, for the pruner (null: no pruning)
+    # live validation scores of a search trial, spread over its training, for the pruner (null: no pruning)
+    live_evals: Optional[int] = 8
     # Per arm, overrides held fixed in all its jobs (searched and confirmed), e.g. {setfit: [train.num_iterations=20]}
     overrides: dict[str, list[str]] = field(default_factory=dict)
     # search space of the arm composed (set by conf/arm/<arm>.yaml): override key -> Optuna sweeper syntax
@@ -432,6 +437,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("eval.max_seq_length", _at_least(1), ">= 1"),
     ("eval.batch_size", _at_least(1), ">= 1"),
     ("eval.every_steps", _at_least(1), ">= 1 or null"),
+    ("eval.live_evals", _at_least(1), ">= 1 or null"),
     (
         "data.validation",
         lambda v: 0 < v < 1 or (v >= 1 and float(v).is_integer()),
@@ -461,6 +467,12 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not ok(value):
             raise EmbftError(f"{key}={value}: must be {allowed}.")
+    every, evals = OmegaConf.select(cfg, "eval.every_steps"), OmegaConf.select(cfg, "eval.live_evals")
+    if every is not None and evals is not None:
+        raise EmbftError(
+            f"eval.every_steps={every} and eval.live_evals={evals}: live scores are spaced by one of them; "
+            "set the other to null."
+        )
 
 
 def check_backend_settings(cfg: DictConfig, overrides: list[str]) -> None:

@@ -1,5 +1,5 @@
 """Callbacks on a transformers Trainer (any backend's): live MLflow metrics, a validation score
-every `eval.every_steps` steps reported to the job's Optuna trial (pruning), and one progress bar.
+every `eval.every_steps` steps (or `eval.live_evals` times a run) reported to the job's Optuna trial (pruning), and one progress bar.
 
 Only the in-process path (train.nproc_per_node == 1) takes callbacks: torchrun's workers are
 other processes, without the job's MLflow run or its validation data.
@@ -8,6 +8,7 @@ other processes, without the job's MLflow run or its validation data.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Optional
@@ -62,15 +63,17 @@ class LiveTrainingCallback(TrainerCallback):
         every_steps: Optional[int] = None,
         reporter: Any = None,  # embft.sweeping.trial_reporter.TrialReporter
         metric: str = LIVE_VAL_METRIC,
+        evals: Optional[int] = None,  # eval.live_evals: every_steps set from the run's step count
     ) -> None:
         if every_steps is not None and every_steps < 1:
             from embft.errors import EmbftError
 
             raise EmbftError(f"eval.every_steps={every_steps}: use a number of steps >= 1, or null for no live eval.")
-        if every_steps is not None and score_fn is None:
-            raise ValueError("every_steps needs a score_fn")
+        if (every_steps is not None or evals is not None) and score_fn is None:
+            raise ValueError("live scores need a score_fn")
         self.score_fn = score_fn
         self.every_steps = every_steps
+        self.evals = evals
         self.reporter = reporter
         self.metric = metric
         self.scores: list[tuple[int, float]] = []
@@ -89,6 +92,10 @@ class LiveTrainingCallback(TrainerCallback):
         if mlflow is not None and logs and "loss" in logs and state.is_world_process_zero:
             mlflow.log_metric("train_loss", float(logs["loss"]), step=state.global_step)
             self.logged_loss = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.evals:  # the Trainer knows its step count here
+            self.every_steps = max(1, math.ceil(state.max_steps / self.evals))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every_steps and state.global_step % self.every_steps == 0:
@@ -124,7 +131,8 @@ class LiveTrainingCallback(TrainerCallback):
             mlflow.log_metric(self.metric, score, step=step)
         if self.reporter is None:
             return
-        if self.reporter.report(score, step):
+        # eval.live_evals: the pruner's step is the score's number, so trials compare at equal fractions of training
+        if self.reporter.report(score, len(self.scores) if self.evals else step):
             control.should_training_stop = True
             self.pruned_step = step
             self.reporter.prune(step)

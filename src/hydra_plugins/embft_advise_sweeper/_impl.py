@@ -154,10 +154,12 @@ class AdviseSweeperImpl(Sweeper):
         optuna_sweeper.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=sub)
         optuna_sweeper.sweeper.launcher = _Numbered(optuna_sweeper.sweeper.launcher, self.counter)
         parent = _start_parent(experiment_id, sub)
-        every = "null" if plan.every_steps is None else str(plan.every_steps)
+        evals = "null" if plan.live_evals is None else str(plan.live_evals)
         log.info("Advise %s: searching arm %s (study %s)", plan.name, arm, study)
         try:
-            return optuna_sweeper.sweep([*plan.job(arm), f"eval.every_steps={every}", "tracking.log_model=none"])
+            return optuna_sweeper.sweep(
+                [*plan.job(arm), "eval.every_steps=null", f"eval.live_evals={evals}", "tracking.log_model=none"]
+            )
         finally:
             self.storage_urls[arm] = optuna_sweeper.sweeper.storage_url
             _finish_parent(experiment_id, parent, sub, {names.OPTUNA_STUDY: study})
@@ -187,6 +189,7 @@ class AdviseSweeperImpl(Sweeper):
                         *overrides,
                         f"train.seed={seed}",
                         "eval.every_steps=null",
+                        "eval.live_evals=null",
                         "tracking.log_model=best",
                         f"optuna.study_name={plan.seeds_study(arm)}",
                         f"optuna.trial_number={seed}",

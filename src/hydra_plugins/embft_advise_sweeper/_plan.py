@@ -21,7 +21,7 @@ class Plan:
     configs: dict[str, DictConfig]  # each arm's composed job config (reference arms' too)
     trials_per_arm: int
     seeds: int
-    every_steps: Optional[int]
+    live_evals: Optional[int]
     per_class: int
     base: list[str] = field(default_factory=list)  # the command line's overrides, arm= removed
     data_key: str = ""  # the splits' content fingerprint: two data=local folders never share a study
@@ -141,14 +141,14 @@ def make_plan(
         splits = load_splits(config.data)
     for arm_cfg in configs.values():
         check_budget(arm_cfg, splits)
-    every = advise.every_steps
+    evals = advise.live_evals
     return Plan(
         name=str(config.name),
         arms=arms,
         configs=configs,
         trials_per_arm=trials,
         seeds=int(advise.seeds),
-        every_steps=None if every is None else int(every),
+        live_evals=None if evals is None else int(evals),
         per_class=int(per_class),
         base=base,
         data_key=splits.fingerprint()[:8],

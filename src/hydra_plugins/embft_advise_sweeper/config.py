@@ -13,7 +13,7 @@ SWEEPER_TARGET = "hydra_plugins.embft_advise_sweeper.embft_advise_sweeper.EmbftA
 @dataclass
 class EmbftAdviseSweeperConf:
     """What the advise sweeper runs; the budget itself is the job config's ``advise`` node (arms,
-    trials_per_arm, total_trials, min_trials_per_arm, seeds, every_steps), read from the config it sweeps.
+    trials_per_arm, total_trials, min_trials_per_arm, seeds, live_evals), read from the config it sweeps.
 
     - ``storage``: the arms' Optuna studies (``<name>/<arm>``), persistent so that a rerun resumes them;
       a PostgreSQL URL as for ``embft_optuna``.

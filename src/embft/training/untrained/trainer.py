@@ -18,11 +18,12 @@ class UntrainedTrainer:
     def check(self, cfg: Config) -> None:
         from embft.training.common import check_single_process
 
-        if cfg.eval.every_steps:
-            raise EmbftError(
-                f"eval.every_steps={cfg.eval.every_steps}: train.backend=untrained has no training steps to score "
-                "live; set eval.every_steps=null."
-            )
+        for key in ("every_steps", "live_evals"):
+            if cfg.eval[key]:
+                raise EmbftError(
+                    f"eval.{key}={cfg.eval[key]}: train.backend=untrained has no training steps to score live; "
+                    f"set eval.{key}=null."
+                )
         check_single_process(cfg)
 
     def twin_reason(self, cfg: Config) -> Optional[str]:
