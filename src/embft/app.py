@@ -353,8 +353,8 @@ def prepare(job: Job, ctx: TrainContext) -> Prepared:
 
 
 def fine_tune(job: Job, ctx: TrainContext, prepared: Prepared):
-    """Train; with eval.every_steps or eval.live_evals, score the live model on validation as it trains and report it to the
-    Optuna trial, which may prune it. Returns (TrainResult, LiveTrainingCallback)."""
+    """Train; with eval.every_steps or eval.live_evals, score the live model on validation as it trains and
+    report it to the Optuna trial, which may prune it. Returns (TrainResult, LiveTrainingCallback)."""
     import mlflow
 
     from embft.evaluation.classification import evaluate

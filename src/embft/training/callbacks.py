@@ -1,5 +1,6 @@
-"""Callbacks on a transformers Trainer (any backend's): live MLflow metrics, a validation score
-every `eval.every_steps` steps (or `eval.live_evals` times a run) reported to the job's Optuna trial (pruning), and one progress bar.
+"""Callbacks on a transformers Trainer (any backend's): live MLflow metrics, a validation score every
+`eval.every_steps` steps (or `eval.live_evals` times a run) reported to the job's Optuna trial (pruning), and
+one progress bar.
 
 Only the in-process path (train.nproc_per_node == 1) takes callbacks: torchrun's workers are
 other processes, without the job's MLflow run or its validation data.
