@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # System attributes this sweeper puts on its trials.
 HEARTBEAT_ATTR = "embft:heartbeat"  # the trial records heartbeats (its worker can be told dead)
 DISCARDED_ATTR = "embft:discarded"  # asked past n_trials after a lost database lock, never run
+INTERRUPTED_ATTR = "embft:interrupted"  # stopped by Ctrl-C or a kill, enqueued again with its params
 RETRY_HISTORY_ATTR = "retry_history"  # Optuna's RetryHeartbeatStaleTrialCallback: the trials retried
 
 
@@ -276,7 +277,11 @@ def counts_towards_n_trials(trial: FrozenTrial, use_heartbeat: bool, retried: se
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     if trial.state == TrialState.FAIL:
-        return trial.number not in retried and not trial.system_attrs.get(DISCARDED_ATTR)
+        return (
+            trial.number not in retried
+            and not trial.system_attrs.get(DISCARDED_ATTR)
+            and not trial.system_attrs.get(INTERRUPTED_ATTR)
+        )
     return use_heartbeat and trial.state == TrialState.RUNNING
 
 

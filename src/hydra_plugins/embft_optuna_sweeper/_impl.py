@@ -31,6 +31,7 @@ from embft.names import RESULTS_FILE  # one name, which the core reads too
 from embft.sweeping.storage import (
     DISCARDED_ATTR,
     HEARTBEAT_ATTR,
+    INTERRUPTED_ATTR,
     STALE_CALLBACK_ARG,
     Heartbeat,
     NoHeartbeat,
@@ -443,9 +444,13 @@ class OptunaSweeperImpl(Sweeper):
             results = self.launcher.launch(batch, initial_job_idx=job_idx)
             for trial, ret in zip(trials, results):
                 self._tell(study, trial, ret)
-        except BaseException:
-            # Don't leave RUNNING trials behind when composition or the launcher fails.
+        except BaseException as err:
+            # Don't leave RUNNING trials behind when composition or the launcher fails. A stop (Ctrl-C, a
+            # kill) is no failure of the trial: it takes no slot of n_trials and reruns first, same params.
             for trial in trials:
+                if isinstance(err, KeyboardInterrupt) and trial.params:
+                    study._storage.set_trial_system_attr(trial._trial_id, INTERRUPTED_ATTR, True)  # no public setter
+                    study.enqueue_trial(trial.params, skip_if_exists=False)
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
         finally:

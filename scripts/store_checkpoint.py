@@ -1,0 +1,97 @@
+"""Carry an unfinished study's stores (mlruns/: MLflow's and Optuna's SQLite files and the runs' artifacts,
+logged models left out) from one session's machine to the next through git, so a study longer than a
+session (experiments/label_budget's 64-per-class cells on 2 cores) resumes where it stopped: finished jobs
+and Optuna trials are found again, a trial cut off is retried. Own code: the stores are two files and a
+folder, carried whole so run ids, trials and their links stay as they were.
+
+  python scripts/store_checkpoint.py save experiments/label_budget/trec_64/store.tar.gz
+  python scripts/store_checkpoint.py restore experiments/label_budget/trec_64/store.tar.gz
+
+Stop the sweep first (Ctrl-C). Save only while no model is logged (a search logs none; an advise's seed
+confirmations log the champion's, which a checkpoint without models could not register): finish those in
+one session. Restore into an empty mlruns/ of a checkout at the path it was saved from (the stores hold
+absolute paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROOT_MARKER = "ROOT"  # the checkout's path the stores were written at
+MODELS = "models"  # mlruns/artifacts/<experiment>/models: logged models, too large for git
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def _models(store: Path) -> list[Path]:
+    return [p for p in store.glob(f"artifacts/*/{MODELS}/*") if p.exists()]
+
+
+def save(checkpoint: Path, root: Path = ROOT) -> list[str]:
+    """Write mlruns/ less its logged models to `checkpoint` (a .tar.gz); returns the member names."""
+    store = root / "mlruns"
+    if not (store / "mlflow.db").is_file():
+        raise CheckpointError(f"{store}/mlflow.db: no MLflow store to save.")
+    models = _models(store)
+    if models:
+        raise CheckpointError(
+            f"{models[0]}: the store holds a logged model; a checkpoint leaves models out, so it could not register "
+            "the champion. Save before a study logs models (an advise's searches), or finish it in this session."
+        )
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(checkpoint, "w:gz") as tar:
+        marker = str(root).encode()
+        info = tarfile.TarInfo(ROOT_MARKER)
+        info.size = len(marker)
+        tar.addfile(info, io.BytesIO(marker))
+        for path in sorted(store.rglob("*")):
+            if path.is_file() and not path.name.endswith(".lock"):
+                tar.add(path, arcname=str(path.relative_to(store)), recursive=False)
+        return tar.getnames()
+
+
+def restore(checkpoint: Path, root: Path = ROOT) -> None:
+    """Unpack `checkpoint` into root/mlruns, which must hold no store yet."""
+    store = root / "mlruns"
+    if (store / "mlflow.db").exists() or (store / "optuna.db").exists():
+        raise CheckpointError(f"{store} holds a store already: move it away, then restore into an empty mlruns/.")
+    with tarfile.open(checkpoint, "r:gz") as tar:
+        marker = tar.extractfile(ROOT_MARKER)
+        saved = marker.read().decode() if marker else ""
+        if Path(saved) != root:
+            raise CheckpointError(
+                f"{checkpoint} was saved at {saved} and its stores name that path: restore it from a checkout "
+                f"there (git worktree add {saved}), not {root}."
+            )
+        members = [m for m in tar.getmembers() if m.name != ROOT_MARKER]
+        store.mkdir(parents=True, exist_ok=True)
+        tar.extractall(store, members=members, filter="data")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("save", "restore"))
+    parser.add_argument("checkpoint", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "save":
+            names = save(args.checkpoint.resolve())
+            print(f"{args.checkpoint}: {len(names) - 1} files of {ROOT / 'mlruns'}")
+        else:
+            restore(args.checkpoint.resolve())
+            print(f"{ROOT / 'mlruns'}: restored from {args.checkpoint}")
+    except CheckpointError as err:
+        print(err, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
