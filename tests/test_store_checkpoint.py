@@ -94,7 +94,12 @@ def test_an_advise_stopped_in_its_search_resumes_from_a_checkpoint_on_a_new_mach
     env = {**os.environ, "EMBFT_ROOT": str(root), "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     first = subprocess.Popen(
-        [sys.executable, "-m", "embft", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "embft", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # a shell's background job (CI's runner may be one) starts with SIGINT ignored: Ctrl-C's default back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     storage, deadline = f"sqlite:///{root}/mlruns/optuna.db", time.monotonic() + 600
 
