@@ -30,16 +30,12 @@ class CheckpointError(Exception):
     pass
 
 
-def _models(store: Path) -> list[Path]:
-    return [p for p in store.glob(f"artifacts/*/{MODELS}/*") if p.exists()]
-
-
 def save(checkpoint: Path, root: Path = ROOT) -> list[str]:
     """Write mlruns/ less its logged models to `checkpoint` (a .tar.gz); returns the member names."""
     store = root / "mlruns"
     if not (store / "mlflow.db").is_file():
         raise CheckpointError(f"{store}/mlflow.db: no MLflow store to save.")
-    models = _models(store)
+    models = sorted(store.glob(f"artifacts/*/{MODELS}/*"))
     if models:
         raise CheckpointError(
             f"{models[0]}: the store holds a logged model; a checkpoint leaves models out, so it could not register "
