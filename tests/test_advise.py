@@ -161,6 +161,31 @@ def test_an_arms_fixed_overrides_hold_in_its_jobs_only(compose, tmp_path) -> Non
         _plan(compose, [*base, "advise.arms=[supcon]", "+advise.overrides.setfti=['train.num_iterations=20']"])
 
 
+def test_an_arms_recipe_is_its_searchs_first_point_where_its_space_allows(compose, tmp_path) -> None:
+    folder = _data(tmp_path / "data")
+    base = ["experiment=advise", "data=local", f"data.local_dir={folder}", "data.label_names=[]", "train.per_class=8"]
+    plan = _plan(compose, [*base, "advise.arms=[supcon,batch_hard_triplet]", "train.num_train_epochs=2"])
+    assert plan.recipe_trial
+    # conf/arm/supcon.yaml's settings; the command line's epochs is no searched key any more
+    assert plan.recipe("supcon") == (
+        {"train.learning_rate": 3.0e-4, "train.per_device_train_batch_size": 32, "train.temperature": 0.1},
+        [],
+    )
+    # batch_hard_triplet's margin is the loss's default (unset): the sampler draws it
+    assert plan.recipe("batch_hard_triplet") == (
+        {"train.learning_rate": 1.0e-4, "train.per_device_train_batch_size": 16},
+        ["train.margin"],
+    )
+    # a recipe outside its space is left to the sampler, not refused: the study path's batch is not in choice(2, 4, 8)
+    plan = _plan(compose, [*base, "advise.arms=[fe_study]", "train.num_train_epochs=2"])
+    assert plan.configs["fe_study"].train.per_device_train_batch_size not in (2, 4, 8)
+    assert plan.recipe("fe_study") == (
+        {"train.learning_rate": 1.0e-5, "train.temperature": 0.02},
+        ["train.per_device_train_batch_size"],
+    )
+    assert not _plan(compose, [*base, "advise.arms=[supcon]", "advise.recipe_trial=false"]).recipe_trial
+
+
 def test_the_label_budget_experiment_reports_each_cell_in_its_own_folder(compose, tmp_path) -> None:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -343,6 +368,11 @@ def test_an_advise_searches_each_arm_confirms_over_seeds_reports_and_registers(a
     for study in search:  # a budgeted search of the arm's own settings, on validation
         trials = optuna.load_study(study_name=study, storage=storage).trials
         assert len(trials) == 2 and "train.learning_rate" in trials[0].params
+        recipe = {"supcon": 3.0e-4, "setfit": 2.0e-5}[study.rsplit("/", 1)[1]]  # conf/arm's learning rates
+        first = next(
+            r for r in tuned if r.data.tags[names.OPTUNA_STUDY] == study and r.data.tags["optuna.trial_number"] == "0"
+        )
+        assert trials[0].params["train.learning_rate"] == recipe == float(first.data.params["train.learning_rate"])
     seeds = [r for r in tuned if r.data.tags[names.OPTUNA_STUDY].endswith("/seeds")]
     assert sorted((r.data.tags[names.OPTUNA_STUDY].split("/")[-2], r.data.params["train.seed"]) for r in seeds) == [
         ("setfit", "1"),

@@ -254,6 +254,26 @@ def test_grid_sampler_visits_a_range_and_refuses_an_interval_before_the_store(tm
     assert not (tmp_path / "b" / "b.db").exists()  # refused before the study's store was opened
 
 
+def test_enqueued_points_run_first_and_once_and_one_outside_the_space_is_refused_before_the_store(
+    tmp_path: Path,
+) -> None:
+    recipe = "hydra.sweeper.enqueue_trials=[{x: 1.25, y: 2}]"
+    _run(tmp_path, "s1", "hydra.sweeper.n_trials=2", recipe)
+    _run(tmp_path, "s2", "hydra.sweeper.n_trials=3", recipe)  # resumed: the point is in the study already
+    trials = _study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert trials[0].params == {"x": 1.25, "y": 2}
+    assert trials[0].user_attrs["overrides"] == ["x=1.25", "y=2"]  # what the job ran
+    assert [t.params for t in trials].count({"x": 1.25, "y": 2}) == 1
+
+    (tmp_path / "b").mkdir()
+    proc = _run(tmp_path / "b", "s", "hydra.sweeper.enqueue_trials=[{x: 9.0}]", check=False, storage="sqlite:///b.db")
+    assert proc.returncode == 1
+    assert "hydra.sweeper.enqueue_trials[0].x=9.0: outside its search space" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "b" / "b.db").exists()
+
+
 def test_stale_running_trial_is_failed_and_counted(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -351,6 +351,9 @@ class AdviseConfig:
     live_evals: Optional[int] = 8
     # Per arm, overrides held fixed in all its jobs (searched and confirmed), e.g. {setfit: [train.num_iterations=20]}
     overrides: dict[str, list[str]] = field(default_factory=dict)
+    # Each arm's own settings (its conf/arm recipe, values inside its space) are its search's first trial, so the
+    # chosen settings score no worse on validation than the recipe did
+    recipe_trial: bool = True
     # search space of the arm composed (set by conf/arm/<arm>.yaml): override key -> Optuna sweeper syntax
     space: dict[str, str] = field(default_factory=dict)
 

@@ -137,6 +137,18 @@ class AdviseSweeperImpl(Sweeper):
         study = plan.study(arm)
         sub = self._sub_config(Path(self.config.hydra.sweep.dir) / "search" / arm, study)
         o = self.options
+        enqueue = []
+        if plan.recipe_trial:
+            recipe, sampled = plan.recipe(arm)
+            if recipe:
+                enqueue.append(recipe)
+            log.info(
+                "Advise %s: arm %s's first trial is its recipe %s%s",
+                plan.name,
+                arm,
+                recipe,
+                f" ({', '.join(sampled)} sampled: unset or outside the space)" if sampled else "",
+            )
         optuna_sweeper = EmbftOptunaSweeper(
             direction="maximize",
             study_name=study,
@@ -150,6 +162,7 @@ class AdviseSweeperImpl(Sweeper):
             params=plan.space(arm),
             pruner=o["pruner"],
             storage_options=o["storage_options"],
+            enqueue_trials=enqueue,
         )
         optuna_sweeper.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=sub)
         optuna_sweeper.sweeper.launcher = _Numbered(optuna_sweeper.sweeper.launcher, self.counter)

@@ -27,6 +27,7 @@ class Plan:
     data_key: str = ""  # the splits' content fingerprint: two data=local folders never share a study
     references: list[str] = field(default_factory=list)  # confirmed over the seeds with no search
     fixed: dict[str, list[str]] = field(default_factory=dict)  # advise.overrides: per arm, held in every job
+    recipe_trial: bool = False  # advise.recipe_trial: the arm's own settings are its search's first trial
 
     def job(self, arm: str) -> list[str]:
         """The overrides every job of the arm starts from: the command line's, the arm, its fixed settings."""
@@ -45,6 +46,22 @@ class Plan:
 
     def space(self, arm: str) -> dict[str, str]:
         return {str(k): str(v) for k, v in self.configs[arm].advise.space.items()}
+
+    def recipe(self, arm: str) -> tuple[dict[str, Any], list[str]]:
+        """The arm's composed values of its searched keys that lie in its space (its search's first trial), and
+        the keys left to the sampler (unset, e.g. a loss's default margin, or outside the space)."""
+        from hydra_plugins.embft_optuna_sweeper._search_space import SearchSpaceError, parse_search_space
+
+        space = parse_search_space(self.space(arm), self.job(arm))  # as the search parses it: the command line wins
+        point: dict[str, Any] = {}
+        for key in space.params:
+            value = OmegaConf.select(self.configs[arm], key)
+            try:
+                space.check_point({key: value}, "recipe")
+            except SearchSpaceError:
+                continue
+            point[key] = value
+        return point, [k for k in space.params if k not in point]
 
 
 def _composer(config: DictConfig) -> tuple[Callable[[list[str]], DictConfig], list[str]]:
@@ -154,4 +171,5 @@ def make_plan(
         data_key=splits.fingerprint()[:8],
         references=references,
         fixed=fixed,
+        recipe_trial=bool(advise.get("recipe_trial", False)),
     )

@@ -120,6 +120,7 @@ class OptunaSweeperImpl(Sweeper):
         wait_for_running: bool = True,
         custom_search_space: Optional[str] = None,
         search_space: Optional[Mapping[str, Any]] = None,
+        enqueue_trials: Optional[Sequence[Mapping[str, Any]]] = None,
     ) -> None:
         directions, metric_names = _parse_directions(direction)
         if n_jobs < 1:
@@ -146,6 +147,7 @@ class OptunaSweeperImpl(Sweeper):
         self.custom_search_space = custom_search_space
         self.extend_trial = load_custom_search_space(custom_search_space)
         self.search_space = _plain(search_space) if search_space else None
+        self.enqueue_trials = [dict(_plain(point)) for point in enqueue_trials or []]
         self.max_failure_rate = max_failure_rate
         self.failure_rate_min_trials = failure_rate_min_trials
         self.heartbeat_interval = heartbeat_interval
@@ -312,6 +314,8 @@ class OptunaSweeperImpl(Sweeper):
             )
             if is_grid(self.sampler):
                 space.grid()
+            for i, point in enumerate(self.enqueue_trials):
+                space.check_point(point, f"hydra.sweeper.enqueue_trials[{i}]")
         except SearchSpaceError as err:
             log.error("%s", err)
             raise SystemExit(1) from None
@@ -327,6 +331,8 @@ class OptunaSweeperImpl(Sweeper):
             for name, dist in trial.distributions.items():
                 if name in space.params:
                     _check_compatible(name, dist, space.params[name].distribution)
+        for point in self.enqueue_trials:
+            study.enqueue_trial(point, skip_if_exists=True)
 
         use_heartbeat = storage is not None and self.heartbeat_interval is not None
         heartbeat = (

@@ -72,6 +72,21 @@ class SearchSpace:
         extra = [f"{n}={format_value(v)}" for n, v in values.items() if n not in self.params]
         return [*self.fixed.values(), *(p.override(values[n]) for n, p in self.params.items()), *extra]
 
+    def check_point(self, point: Mapping[str, Any], where: str) -> None:
+        """A point to enqueue: every key a searched param, every value inside its distribution."""
+        for name, value in point.items():
+            param = self.params.get(name)
+            if param is None:
+                raise SearchSpaceError(
+                    f"{where}.{name}: not a searched param; searched: {', '.join(self.params) or 'none'}"
+                )
+            try:
+                inside = param.distribution._contains(param.distribution.to_internal_repr(value))  # no public test
+            except (ValueError, TypeError):
+                inside = False
+            if not inside:
+                raise SearchSpaceError(f"{where}.{name}={value!r}: outside its search space {param.distribution}")
+
     def grid(self) -> dict[str, list[Any]]:
         """The grid sampler's search space; an interval() param has no points: refused in one line."""
         continuous = [n for n, p in self.params.items() if p.grid is None]

@@ -256,6 +256,10 @@ class EmbftOptunaSweeperConf:
     - ``params``: search space as Hydra override values, e.g.
       ``{lr: "tag(log, interval(1e-5, 1e-3))", batch_size: "choice(16, 32)"}``.
       Sweep overrides given on the command line are added and win over these.
+    - ``enqueue_trials``: points the study runs first, before the sampler proposes any (Optuna's
+      ``study.enqueue_trial``), e.g. ``[{lr: 3e-4, batch_size: 32}]`` to make a known recipe a trial;
+      a searched param left out is sampled. Each value must lie in its param's search space (refused
+      in one line otherwise); a point the study already holds is not queued again, so a rerun adds none.
     """
 
     defaults: list[Any] = field(default_factory=lambda: ["_self_", {"pruner": "none"}, {"sampler": "tpe"}])
@@ -280,6 +284,7 @@ class EmbftOptunaSweeperConf:
     params: Optional[dict[str, str]] = None
     custom_search_space: Optional[str] = None
     search_space: Any = None  # Any: OmegaConf cannot merge a mapping override into a None typed Dict
+    enqueue_trials: list[dict[str, Any]] = field(default_factory=list)
     pruner: Any = None  # chosen by the defaults list above
 
 

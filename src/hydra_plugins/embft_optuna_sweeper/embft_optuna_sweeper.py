@@ -6,7 +6,7 @@ this module stays light; Optuna is only imported (from ``_impl``) once the sweep
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from hydra.plugins.sweeper import Sweeper
@@ -47,6 +47,7 @@ class EmbftOptunaSweeper(Sweeper):
         wait_for_running: bool = True,
         custom_search_space: Optional[str] = None,
         search_space: Optional[Mapping[str, Any]] = None,
+        enqueue_trials: Optional[Sequence[Mapping[str, Any]]] = None,
     ) -> None:
         from ._impl import OptunaSweeperImpl
 
@@ -69,6 +70,7 @@ class EmbftOptunaSweeper(Sweeper):
             wait_for_running=wait_for_running,
             custom_search_space=custom_search_space,
             search_space=search_space,
+            enqueue_trials=enqueue_trials,
         )
 
     def setup(
