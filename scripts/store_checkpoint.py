@@ -7,7 +7,7 @@ folder, carried whole so run ids, trials and their links stay as they were.
   python scripts/store_checkpoint.py save experiments/label_budget/trec_64/store.tar.gz
   python scripts/store_checkpoint.py restore experiments/label_budget/trec_64/store.tar.gz
 
-Stop the sweep first (Ctrl-C). Save only while no model is logged (a search logs none; an advise's seed
+Stop the sweep first (Ctrl-C; save closes the parent run it leaves RUNNING, as KILLED). Save only while no model is logged (a search logs none; an advise's seed
 confirmations log the champion's, which a checkpoint without models could not register): finish those in
 one session. Restore into an empty mlruns/ of a checkout at the path it was saved from (the stores hold
 absolute paths).
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -41,6 +43,7 @@ def save(checkpoint: Path, root: Path = ROOT) -> list[str]:
             f"{models[0]}: the store holds a logged model; a checkpoint leaves models out, so it could not register "
             "the champion. Save before a study logs models (an advise's searches), or finish it in this session."
         )
+    _close_stopped_sweeps(store)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(checkpoint, "w:gz") as tar:
         marker = str(root).encode()
@@ -51,6 +54,19 @@ def save(checkpoint: Path, root: Path = ROOT) -> list[str]:
             if path.is_file() and not path.name.endswith(".lock"):
                 tar.add(path, arcname=str(path.relative_to(store)), recursive=False)
         return tar.getnames()
+
+
+def _close_stopped_sweeps(store: Path) -> None:
+    """A sweep stopped by Ctrl-C leaves its parent run RUNNING (Hydra calls no callback); the next sweep closes
+    it only on the machine whose process it was, so close it (KILLED) here, before it travels. In a child
+    process: MLflow keeps one engine per store URI, which would outlive a restore over this file."""
+    code = (
+        "import mlflow\n"
+        "from embft.tracking.study_runs import close_dead_sweep_parents\n"
+        "for e in mlflow.MlflowClient().search_experiments(): close_dead_sweep_parents(e.experiment_id)\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
 
 
 def restore(checkpoint: Path, root: Path = ROOT) -> None:

@@ -140,6 +140,9 @@ def test_an_advise_stopped_in_its_search_resumes_from_a_checkpoint_on_a_new_mach
     shutil.rmtree(root / "mlruns")
     shutil.rmtree(root / "multirun", ignore_errors=True)
     checkpoint.restore(saved, root)
+    # no run travels RUNNING: on the next machine nothing could tell that its process is gone
+    with contextlib.closing(sqlite3.connect(root / "mlruns" / "mlflow.db")) as db:
+        assert not list(db.execute("select run_uuid from runs where status = 'RUNNING'"))
     again = embft(root, *args)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
 
