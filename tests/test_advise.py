@@ -264,6 +264,7 @@ def _cell(folder: Path, data: str, per_class: int, arms: dict[str, tuple[float, 
     cell = folder / f"{data}_{per_class}"
     cell.mkdir(parents=True)
     budget = {"data": data, "per_class": per_class, "trials_per_arm": 4, "seeds": 3, "arms": list(arms)}
+    budget |= {"chosen": {best: "train.learning_rate=0.001"}, "recipe_trial": per_class == 64}
     (cell / "advise.json").write_text(
         json.dumps({"sentence": f"use {best}", "best_arm": best, "budget": budget, "arms": rows, "paired": []})
     )
@@ -283,6 +284,11 @@ def test_the_label_budget_summary_shows_every_cell_and_its_choice(tmp_path) -> N
     trec_64 = md[md.index("## trec, 64 per class") :]
     assert "| **untrained** | 3 | 84.0 [82.0, 86.0] | 83.0 [81.0, 85.0] | 82.0 |" in trec_64, "the choice is bold"
     assert "| supcon | 3 | 83.0" in trec_64
+    trec_8 = md[md.index("## trec, 8 per class") : md.index("## trec, 64 per class")]
+    assert (
+        "4 search trials per arm on validation (pruned), then seeds 1..3. supcon: `train.learning_rate=0.001`" in trec_8
+    )
+    assert "the first at the arm's own recipe" in trec_64 and "own recipe" not in trec_8, "which protocol a cell ran"
     assert (tmp_path / "accuracy_vs_per_class.png").stat().st_size > 10_000
     assert label_budget.main([str(tmp_path / "empty")]) == 1
 
@@ -393,6 +399,7 @@ def test_an_advise_searches_each_arm_confirms_over_seeds_reports_and_registers(a
     best = summary["best_arm"]
     assert f"For this data (alpha) at 6 per class, use {best}:" in md and (report / "advise.png").is_file()
     assert "points over" in summary["sentence"] and "untrained model" in md
+    assert summary["budget"]["recipe_trial"] and "the first at the arm's own recipe" in md, "which protocol ran"
     # the recommendation on the study's MLflow parent run
     parent = next(r for r in runs if r.data.tags.get("embft.role") == "study" and r.data.tags.get("advise.best_arm"))
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")

@@ -35,6 +35,13 @@ class Budget:
     arms: list[str]
     chosen: dict[str, str] = field(default_factory=dict)  # arm -> the overrides its search chose
     references: list[str] = field(default_factory=list)  # arms confirmed with no search (the untrained model)
+    recipe_trial: bool = False  # each search's first trial was the arm's own recipe (advise.recipe_trial)
+
+
+def search_words(budget: Budget) -> str:
+    """How each arm's settings were searched, in words a report can quote."""
+    first = ", the first at the arm's own recipe where its space allows" if budget.recipe_trial else ""
+    return f"{budget.trials_per_arm} search trials per arm on validation{first} (pruned)"
 
 
 @dataclass
@@ -189,7 +196,7 @@ def _markdown(budget: Budget, table: pd.DataFrame, pairs: pd.DataFrame, text: st
         f"**{text}**",
         "",
         f"Budget: {budget.per_class} texts of every class (strict: every arm, its served classifier's support set "
-        f"included, read only those labels); {budget.trials_per_arm} search trials per arm on validation (pruned), "
+        f"included, read only those labels); {search_words(budget)}, "
         f"then the chosen settings trained with seeds 1..{budget.seeds}. Chosen on `{metric}` (validation); test "
         "beside it, never chosen on. Intervals: 95% t over the seeds, an accuracy's clipped to [0, 1].",
         "",

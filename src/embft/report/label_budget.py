@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from embft.report.advise import DATA as CELL_FILE
+from embft.report.advise import Budget, search_words
 
 MARKDOWN, IMAGE = "report.md", "accuracy_vs_per_class.png"
 
@@ -31,6 +33,12 @@ def load_cells(folder: Path) -> pd.DataFrame:
     for path in sorted(folder.glob(f"*/{CELL_FILE}")):
         cell = json.loads(path.read_text())
         budget = cell["budget"]
+        known = Budget(**{k: v for k, v in budget.items() if k in Budget.__dataclass_fields__})
+        searched = f"{search_words(known)}, then seeds 1..{known.seeds}." + "".join(
+            f" {arm}: `{_short(chosen)}`."
+            for arm, chosen in known.chosen.items()
+            if chosen and arm not in known.references
+        )
         for arm in cell["arms"]:
             rows.append(
                 {
@@ -39,10 +47,16 @@ def load_cells(folder: Path) -> pd.DataFrame:
                     "cell": path.parent.name,
                     "recommended": arm["arm"] == cell.get("best_arm"),
                     "sentence": cell.get("sentence", ""),
+                    "searched": searched,
                     **arm,
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _short(overrides: str) -> str:
+    """Searched floats at 3 significant digits (the exact values are in the cell's advise.md)."""
+    return re.sub(r"\d+\.\d{4,}(?:e-?\d+)?", lambda m: f"{float(m.group()):.3g}", overrides)
 
 
 def _fmt(mean: Any, low: Any = math.nan, high: Any = math.nan) -> str:
@@ -69,6 +83,8 @@ def markdown(cells: pd.DataFrame, classifier: str = "logreg") -> str:
             f"## {data}, {per_class} per class",
             "",
             f"{cell['sentence'].iloc[0]}",
+            "",
+            f"Settings: {cell['searched'].iloc[0]}",
             "",
             "| arm | seeds | test deployed | test kNN | val kNN | train s |",
             "|---|---:|---:|---:|---:|---:|",

@@ -240,6 +240,7 @@ class AdviseSweeperImpl(Sweeper):
             arms=plan.arms,
             chosen={arm: " ".join([*plan.fixed.get(arm, []), *o]) for arm, o in chosen.items()},
             references=plan.references,
+            recipe_trial=plan.recipe_trial,
         )
         # The cell's own folder (report_dir interpolates data.name and train.per_class).
         out = Path(str(OmegaConf.select(self.config, "hydra.sweeper.report_dir") or self.options["report_dir"]))
