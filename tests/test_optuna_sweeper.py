@@ -868,6 +868,46 @@ def test_default_grace_period_outlasts_embfts_mlflow_heartbeat(interval: int, gr
     assert sweeper.effective_grace_period() == effective
 
 
+def test_a_point_is_queued_under_the_ask_lock_so_two_workers_starting_at_once_queue_it_once(tmp_path: Path) -> None:
+    from filelock import FileLock, Timeout
+
+    from hydra_plugins.embft_optuna_sweeper._impl import OptunaSweeperImpl
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    sweeper = OptunaSweeperImpl(
+        direction="maximize",
+        study_name=None,
+        storage=url,
+        n_trials=2,
+        n_jobs=1,
+        seed=None,
+        sampler=None,
+        max_failure_rate=0.5,
+        failure_rate_min_trials=5,
+        heartbeat_interval=None,
+        grace_period=None,
+        params=None,
+        enqueue_trials=[{"x": 1.25}],
+    )
+    study = optuna.create_study(study_name="s", storage=url)
+    held = []
+    queue = study.enqueue_trial
+
+    def enqueue_as_the_other_worker_would_see_it(*args: Any, **kwargs: Any) -> None:
+        try:  # the lock the other worker's ask and queue wait on
+            with FileLock(f"{tmp_path}/optuna.db.embft-ask.lock", timeout=0):
+                held.append(False)
+        except Timeout:
+            held.append(True)
+        queue(*args, **kwargs)
+
+    study.enqueue_trial = enqueue_as_the_other_worker_would_see_it  # type: ignore[method-assign]
+    sweeper._enqueue(study)
+    sweeper._enqueue(study)  # the second worker, after the first: the point is there already
+    assert held == [True, True]
+    assert [(t.state, t.system_attrs["fixed_params"]) for t in study.trials] == [(TrialState.WAITING, {"x": 1.25})]
+
+
 def test_trials_asked_past_n_trials_under_a_lost_lock_are_dropped_unrun(tmp_path: Path) -> None:
     from hydra_plugins.embft_optuna_sweeper._impl import DISCARDED_ATTR, NoHeartbeat, OptunaSweeperImpl
 

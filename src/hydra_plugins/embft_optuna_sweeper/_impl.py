@@ -331,8 +331,7 @@ class OptunaSweeperImpl(Sweeper):
             for name, dist in trial.distributions.items():
                 if name in space.params:
                     _check_compatible(name, dist, space.params[name].distribution)
-        for point in self.enqueue_trials:
-            study.enqueue_trial(point, skip_if_exists=True)
+        self._enqueue(study)
 
         use_heartbeat = storage is not None and self.heartbeat_interval is not None
         heartbeat = (
@@ -487,6 +486,15 @@ class OptunaSweeperImpl(Sweeper):
                 "return None or a mapping of overrides"
             )
         return [f"{k}={format_value(v)}" for k, v in returned.items()]
+
+    def _enqueue(self, study: optuna.Study) -> None:
+        """hydra.sweeper.enqueue_trials, each once: a point already in the study (a rerun, another worker's
+        queue) is skipped; under the ask lock, so that two workers starting at once cannot both queue it."""
+        if not self.enqueue_trials:
+            return
+        with ask_lock(self.storage_url, study.study_name, self.reconnect_timeout):
+            for point in self.enqueue_trials:
+                study.enqueue_trial(point, skip_if_exists=True)
 
     def _discard_overshoot(
         self, study: optuna.Study, trials: list[Trial], heartbeat: Heartbeat | NoHeartbeat, use_heartbeat: bool
