@@ -307,6 +307,27 @@ def test_default_and_relative_storage_resolve_against_launch_dir(tmp_path: Path)
     assert _results(tmp_path, "s2").storage == f"sqlite:///{tmp_path}/nested/dir/study.db"
 
 
+def _sweeper(**overrides: Any) -> Any:
+    """The sweeper object as Hydra would build it, with the config's defaults unless overridden."""
+    from hydra_plugins.embft_optuna_sweeper._impl import OptunaSweeperImpl
+
+    options: dict[str, Any] = dict(
+        direction="maximize",
+        study_name=None,
+        storage=None,
+        n_trials=1,
+        n_jobs=1,
+        seed=None,
+        sampler=None,
+        max_failure_rate=0.5,
+        failure_rate_min_trials=5,
+        heartbeat_interval=None,
+        grace_period=None,
+        params=None,
+    )
+    return OptunaSweeperImpl(**{**options, **overrides})
+
+
 def _MEET(tmp_path: Path) -> list[str]:
     """Both workers' first jobs wait for each other (files, polled): the workers overlap by construction."""
     return ["rendezvous=2", f"rendezvous_dir={tmp_path}/rendezvous"]
@@ -805,21 +826,7 @@ def test_storage_options_reach_the_engine(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(_impl, "ReconnectingRDBStorage", Recording)
 
     def storage_kwargs(url: str, **options: Any) -> dict[str, Any]:
-        sweeper = _impl.OptunaSweeperImpl(
-            direction="maximize",
-            study_name=None,
-            storage=url,
-            n_trials=1,
-            n_jobs=1,
-            seed=None,
-            sampler=None,
-            max_failure_rate=0.5,
-            failure_rate_min_trials=5,
-            heartbeat_interval=1,
-            grace_period=3,
-            params=None,
-            storage_options=options,
-        )
+        sweeper = _sweeper(storage=url, heartbeat_interval=1, grace_period=3, storage_options=options)
         sweeper.config = OmegaConf.create({"hydra": {"runtime": {"cwd": str(tmp_path)}}})
         sweeper._make_storage()
         return seen.pop()
@@ -849,46 +856,17 @@ def test_storage_options_from_the_command_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("interval", "grace", "effective"), [(60, None, 180), (200, None, 400), (60, 30, 30)])
 def test_default_grace_period_outlasts_embfts_mlflow_heartbeat(interval: int, grace: Any, effective: int) -> None:
-    from hydra_plugins.embft_optuna_sweeper._impl import OptunaSweeperImpl
 
-    sweeper = OptunaSweeperImpl(
-        direction="maximize",
-        study_name=None,
-        storage=None,
-        n_trials=1,
-        n_jobs=1,
-        seed=None,
-        sampler=None,
-        max_failure_rate=0.5,
-        failure_rate_min_trials=5,
-        heartbeat_interval=interval,
-        grace_period=grace,
-        params=None,
-    )
+    sweeper = _sweeper(heartbeat_interval=interval, grace_period=grace)
     assert sweeper.effective_grace_period() == effective
 
 
 def test_a_point_is_queued_under_the_ask_lock_so_two_workers_starting_at_once_queue_it_once(tmp_path: Path) -> None:
     from filelock import FileLock, Timeout
 
-    from hydra_plugins.embft_optuna_sweeper._impl import OptunaSweeperImpl
 
     url = f"sqlite:///{tmp_path}/optuna.db"
-    sweeper = OptunaSweeperImpl(
-        direction="maximize",
-        study_name=None,
-        storage=url,
-        n_trials=2,
-        n_jobs=1,
-        seed=None,
-        sampler=None,
-        max_failure_rate=0.5,
-        failure_rate_min_trials=5,
-        heartbeat_interval=None,
-        grace_period=None,
-        params=None,
-        enqueue_trials=[{"x": 1.25}],
-    )
+    sweeper = _sweeper(storage=url, n_trials=2, enqueue_trials=[{"x": 1.25}])
     study = optuna.create_study(study_name="s", storage=url)
     held = []
     queue = study.enqueue_trial
@@ -909,23 +887,10 @@ def test_a_point_is_queued_under_the_ask_lock_so_two_workers_starting_at_once_qu
 
 
 def test_trials_asked_past_n_trials_under_a_lost_lock_are_dropped_unrun(tmp_path: Path) -> None:
-    from hydra_plugins.embft_optuna_sweeper._impl import DISCARDED_ATTR, NoHeartbeat, OptunaSweeperImpl
+    from hydra_plugins.embft_optuna_sweeper._impl import DISCARDED_ATTR, NoHeartbeat
 
     url = f"sqlite:///{tmp_path}/optuna.db"
-    sweeper = OptunaSweeperImpl(
-        direction="maximize",
-        study_name=None,
-        storage=url,
-        n_trials=2,
-        n_jobs=2,
-        seed=None,
-        sampler=None,
-        max_failure_rate=0.5,
-        failure_rate_min_trials=5,
-        heartbeat_interval=60,
-        grace_period=None,
-        params=None,
-    )
+    sweeper = _sweeper(storage=url, n_trials=2, n_jobs=2, heartbeat_interval=60)
     sweeper.config = OmegaConf.create({"hydra": {"runtime": {"cwd": str(tmp_path)}}})
     study = optuna.create_study(study_name="s", storage=sweeper._make_storage())
     with warnings.catch_warnings():
