@@ -1,11 +1,11 @@
 """Carry an unfinished study's stores (mlruns/: MLflow's and Optuna's SQLite files and the runs' artifacts,
-logged models left out) from one session's machine to the next through git, so a study longer than a
+logged models left out) from one session to the next as one file kept outside the repository (a few MB), so a study longer than a
 session (experiments/label_budget's 64-per-class cells on 2 cores) resumes where it stopped: finished jobs
 and Optuna trials are found again, a trial cut off is retried. Own code: the stores are two files and a
 folder, carried whole so run ids, trials and their links stay as they were.
 
-  python scripts/store_checkpoint.py save experiments/label_budget/trec_64/store.tar.gz
-  python scripts/store_checkpoint.py restore experiments/label_budget/trec_64/store.tar.gz
+  python scripts/store_checkpoint.py save /work/checkpoints/trec_64.tar.gz
+  python scripts/store_checkpoint.py restore /work/checkpoints/trec_64.tar.gz
 
 Stop the sweep first (Ctrl-C; save closes the parent run it leaves RUNNING, as KILLED). Save only while no model is logged (a search logs none; an advise's seed
 confirmations log the champion's, which a checkpoint without models could not register): finish those in

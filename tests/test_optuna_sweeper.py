@@ -864,7 +864,6 @@ def test_default_grace_period_outlasts_embfts_mlflow_heartbeat(interval: int, gr
 def test_a_point_is_queued_under_the_ask_lock_so_two_workers_starting_at_once_queue_it_once(tmp_path: Path) -> None:
     from filelock import FileLock, Timeout
 
-
     url = f"sqlite:///{tmp_path}/optuna.db"
     sweeper = _sweeper(storage=url, n_trials=2, enqueue_trials=[{"x": 1.25}])
     study = optuna.create_study(study_name="s", storage=url)
