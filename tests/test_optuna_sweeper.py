@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -883,6 +885,80 @@ def test_a_point_is_queued_under_the_ask_lock_so_two_workers_starting_at_once_qu
     sweeper._enqueue(study)  # the second worker, after the first: the point is there already
     assert held == [True, True]
     assert [(t.state, t.system_attrs["fixed_params"]) for t in study.trials] == [(TrialState.WAITING, {"x": 1.25})]
+
+
+class _StopWhileSampling(optuna.samplers.RandomSampler):
+    """Sends this process Ctrl-C's signal from inside study.ask: a stop that lands after the trial exists in
+    the store but before the sweeper holds it (the window a sweep stopped right after a tell can hit)."""
+
+    def sample_independent(self, study: Any, trial: Any, name: str, distribution: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)
+        return super().sample_independent(study, trial, name, distribution)
+
+
+@pytest.fixture
+def ctrl_c_raises() -> Any:
+    """SIGINT at Python's default (KeyboardInterrupt in the main thread), whatever the runner set."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _stop_study(tmp_path: Path, sampler: Any = None) -> tuple[Any, Any, Any]:
+    from hydra_plugins.embft_optuna_sweeper._search_space import SearchParam, SearchSpace
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    sweeper = _sweeper(storage=url, n_trials=2)
+    sweeper.launcher = object()  # never reached: the stop comes first
+    space = SearchSpace(params={"x": SearchParam("x", FloatDistribution(0, 1))})
+    return sweeper, optuna.create_study(study_name="s", storage=url, sampler=sampler), space
+
+
+def test_a_stop_while_a_trial_is_asked_leaves_it_stopped_and_queued_again_not_running(
+    tmp_path: Path, ctrl_c_raises: Any
+) -> None:
+    """A trial left RUNNING by a stop takes a slot of n_trials in every rerun (an arm of an advise ended a
+    trial short on CI): the stop waits until the sweeper holds the trial, which then ends like any stopped one."""
+    from hydra_plugins.embft_optuna_sweeper._impl import INTERRUPTED_ATTR, NoHeartbeat
+
+    sweeper, study, space = _stop_study(tmp_path, _StopWhileSampling(seed=0))
+    with pytest.raises(KeyboardInterrupt):
+        sweeper._run_batch(study, space, NoHeartbeat(), use_heartbeat=False, job_idx=0, trial_info_keys=[])
+    stopped, again = study.trials
+    assert (stopped.state, stopped.system_attrs.get(INTERRUPTED_ATTR)) == (TrialState.FAIL, True)
+    assert (again.state, again.system_attrs["fixed_params"]) == (TrialState.WAITING, stopped.params)
+    assert sweeper._remaining_trials(study, use_heartbeat=True) == 2, "the stopped trial takes no slot"
+
+
+def test_a_stop_after_a_trial_was_told_keeps_its_result_and_queues_nothing(
+    tmp_path: Path, ctrl_c_raises: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.embft_optuna_sweeper._impl import NoHeartbeat
+
+    sweeper, study, space = _stop_study(tmp_path)
+
+    class Launcher:
+        def launch(self, batch: Any, initial_job_idx: int) -> list[JobReturn]:
+            ret = JobReturn(overrides=batch[0], status=JobStatus.COMPLETED)
+            ret.return_value = 0.5
+            return [ret]
+
+    told = sweeper._tell
+
+    def tell_then_stop(*args: Any) -> None:
+        told(*args)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the tell, before the batch returns
+
+    sweeper.launcher = Launcher()
+    monkeypatch.setattr(sweeper, "validate_batch_is_legal", lambda batch: None)
+    monkeypatch.setattr(sweeper, "_tell", tell_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        sweeper._run_batch(study, space, NoHeartbeat(), use_heartbeat=False, job_idx=0, trial_info_keys=[])
+    assert [(t.state, t.value) for t in study.trials] == [(TrialState.COMPLETE, 0.5)], "no copy queued to run again"
 
 
 def test_trials_asked_past_n_trials_under_a_lost_lock_are_dropped_unrun(tmp_path: Path) -> None:

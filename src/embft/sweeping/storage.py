@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
+import signal
 import threading
 import time
 import warnings
@@ -92,6 +94,32 @@ class NoHeartbeat:
 
     def untrack(self, trials: Sequence[Trial]) -> None:
         pass
+
+
+# --------------------------------------------------------------------------- stops
+
+
+@contextmanager
+def stops_deferred(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Ctrl-C or a kill held back until the block ends, then delivered as usual: a trial asked (or closed)
+    in the block is never left RUNNING by a stop that lands halfway, where it would take a slot of n_trials
+    in every rerun. Python-level handlers, not a signal mask: any thread may take a masked process signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread can set handlers, and only it runs them
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda sig, _frame: caught.append(sig)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)  # the default action (SIGTERM's: the process ends)
 
 
 # --------------------------------------------------------------------------- reconnecting storage

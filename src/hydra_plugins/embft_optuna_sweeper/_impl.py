@@ -40,6 +40,7 @@ from embft.sweeping.storage import (
     ask_lock,
     counts_towards_n_trials,
     retried_trial_numbers,
+    stops_deferred,
     with_installed_pg_driver,
 )
 from embft.sweeping.trial_reporter import PRUNER_ATTR, make_pruner
@@ -426,11 +427,11 @@ class OptunaSweeperImpl(Sweeper):
             with ask_lock(self.storage_url, study.study_name, self.reconnect_timeout) as lock:
                 n = min(self.n_jobs, self._remaining_trials(study, use_heartbeat))
                 for _ in range(n):
-                    with warnings.catch_warnings():
+                    with stops_deferred(), warnings.catch_warnings():  # asked, it is in `trials` before a stop
                         warnings.filterwarnings("ignore", message="Heartbeat of storage")
                         trial = study.ask(space.distributions)
-                    heartbeat.track(trial)
-                    trials.append(trial)
+                        heartbeat.track(trial)
+                        trials.append(trial)
                 lock_held = lock.held()
             if trials and not lock_held:
                 self._discard_overshoot(study, trials, heartbeat, use_heartbeat)
@@ -448,15 +449,20 @@ class OptunaSweeperImpl(Sweeper):
             self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=job_idx)
             for trial, ret in zip(trials, results):
-                self._tell(study, trial, ret)
+                with stops_deferred():  # told whole or not at all
+                    self._tell(study, trial, ret)
         except BaseException as err:
             # Don't leave RUNNING trials behind when composition or the launcher fails. A stop (Ctrl-C, a
-            # kill) is no failure of the trial: it takes no slot of n_trials and reruns first, same params.
-            for trial in trials:
-                if isinstance(err, KeyboardInterrupt) and trial.params:
-                    study._storage.set_trial_system_attr(trial._trial_id, INTERRUPTED_ATTR, True)  # no public setter
-                    study.enqueue_trial(trial.params, skip_if_exists=False)
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            # kill) is no failure of the trial: it takes no slot of n_trials and reruns first, same params;
+            # a trial told before the stop keeps its result and is not queued again.
+            with stops_deferred():
+                for trial in trials:
+                    if study._storage.get_trial(trial._trial_id).state.is_finished():  # no public by-id lookup
+                        continue
+                    if isinstance(err, KeyboardInterrupt) and trial.params:
+                        study._storage.set_trial_system_attr(trial._trial_id, INTERRUPTED_ATTR, True)  # no setter
+                        study.enqueue_trial(trial.params, skip_if_exists=False)
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
         finally:
             heartbeat.untrack(trials)
