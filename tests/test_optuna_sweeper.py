@@ -858,7 +858,6 @@ def test_storage_options_from_the_command_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("interval", "grace", "effective"), [(60, None, 180), (200, None, 400), (60, 30, 30)])
 def test_default_grace_period_outlasts_embfts_mlflow_heartbeat(interval: int, grace: Any, effective: int) -> None:
-
     sweeper = _sweeper(heartbeat_interval=interval, grace_period=grace)
     assert sweeper.effective_grace_period() == effective
 
@@ -932,9 +931,11 @@ def test_a_stop_while_a_trial_is_asked_leaves_it_stopped_and_queued_again_not_ru
     assert sweeper._remaining_trials(study, use_heartbeat=True) == 2, "the stopped trial takes no slot"
 
 
-def test_a_stop_after_a_trial_was_told_keeps_its_result_and_queues_nothing(
+def test_a_stop_while_a_result_is_told_keeps_the_result_and_queues_nothing(
     tmp_path: Path, ctrl_c_raises: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The tell finishes before the stop acts, and the stop then leaves the finished trial alone (a copy
+    queued would spend a slot of n_trials on a point already scored)."""
     from hydra.core.utils import JobReturn, JobStatus
 
     from hydra_plugins.embft_optuna_sweeper._impl import NoHeartbeat
@@ -949,13 +950,13 @@ def test_a_stop_after_a_trial_was_told_keeps_its_result_and_queues_nothing(
 
     told = sweeper._tell
 
-    def tell_then_stop(*args: Any) -> None:
+    def stop_then_tell(*args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the job's result is being told
         told(*args)
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the tell, before the batch returns
 
     sweeper.launcher = Launcher()
     monkeypatch.setattr(sweeper, "validate_batch_is_legal", lambda batch: None)
-    monkeypatch.setattr(sweeper, "_tell", tell_then_stop)
+    monkeypatch.setattr(sweeper, "_tell", stop_then_tell)
     with pytest.raises(KeyboardInterrupt):
         sweeper._run_batch(study, space, NoHeartbeat(), use_heartbeat=False, job_idx=0, trial_info_keys=[])
     assert [(t.state, t.value) for t in study.trials] == [(TrialState.COMPLETE, 0.5)], "no copy queued to run again"
