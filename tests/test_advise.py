@@ -253,7 +253,9 @@ def test_the_recommendation_is_the_paired_difference_by_seed(tmp_path) -> None:
     assert result.sentence in (tmp_path / "advise.md").read_text()
 
 
-def _cell(folder: Path, data: str, per_class: int, arms: dict[str, tuple[float, float]], best: str) -> None:
+def _cell(
+    folder: Path, data: str, per_class: int, arms: dict[str, tuple[float, float]], best: str, paired: tuple = ()
+) -> None:
     """An advise.json as the sweeper writes it: arm -> (validation kNN, test deployed)."""
     rows = []
     for arm, (val, test) in arms.items():
@@ -266,7 +268,9 @@ def _cell(folder: Path, data: str, per_class: int, arms: dict[str, tuple[float, 
     budget = {"data": data, "per_class": per_class, "trials_per_arm": 4, "seeds": 3, "arms": list(arms)}
     budget |= {"chosen": {best: "train.learning_rate=0.001"}, "recipe_trial": per_class == 64}
     (cell / "advise.json").write_text(
-        json.dumps({"sentence": f"use {best}", "best_arm": best, "budget": budget, "arms": rows, "paired": []})
+        json.dumps(
+            {"sentence": f"use {best}", "best_arm": best, "budget": budget, "arms": rows, "paired": list(paired)}
+        )
     )
 
 
@@ -275,12 +279,22 @@ def test_the_label_budget_summary_shows_every_cell_and_its_choice(tmp_path) -> N
 
     _cell(tmp_path, "trec", 8, {"supcon": (0.7, 0.72), "untrained": (0.6, 0.65)}, "supcon")
     _cell(tmp_path, "trec", 64, {"supcon": (0.8, 0.83), "untrained": (0.82, 0.84)}, "untrained")
-    _cell(tmp_path, "sst5", 8, {"setfit": (0.3, 0.31), "untrained": (0.28, 0.29)}, "setfit")
+    paired = [
+        {"versus": "supcon", "mean": 0.031, "low": 0.004, "high": 0.058, "time_ratio": 40.2, "outcome": "win"},
+        {"versus": "bht", "mean": 0.006, "low": -0.03, "high": 0.04, "time_ratio": 38.0, "outcome": "tie"},
+        {"versus": "untrained model", "mean": 0.02, "low": 0.01, "high": 0.03, "time_ratio": None, "outcome": "win"},
+    ]
+    arms = {"setfit": (0.3, 0.31), "supcon": (0.269, 0.27), "bht": (0.294, 0.3), "untrained": (0.28, 0.29)}
+    _cell(tmp_path, "sst5", 8, arms, "setfit", paired)
     cells = label_budget.load_cells(tmp_path)
-    assert len(cells) == 6 and set(cells["cell"]) == {"trec_8", "trec_64", "sst5_8"}
+    assert len(cells) == 8 and set(cells["cell"]) == {"trec_8", "trec_64", "sst5_8"}
     assert label_budget.main([str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
     assert md.index("## sst5, 8 per class") < md.index("## trec, 8 per class") < md.index("## trec, 64 per class")
+    glance = md[: md.index("## sst5")]
+    # the runner-up is the next arm by validation kNN (bht), not the first pair listed (supcon)
+    assert "| sst5 | 8 | setfit | bht | +0.6 [-3.0, +4.0] | tie | 38x | +2.0 [+1.0, +3.0] |" in glance
+    assert "| trec | 8 | supcon |  |  |  |  |  |" in glance, "a cell without pairs still has its line"
     trec_64 = md[md.index("## trec, 64 per class") :]
     assert "| **untrained** | 3 | 84.0 [82.0, 86.0] | 83.0 [81.0, 85.0] | 82.0 |" in trec_64, "the choice is bold"
     assert "| supcon | 3 | 83.0" in trec_64

@@ -48,6 +48,7 @@ def load_cells(folder: Path) -> pd.DataFrame:
                     "recommended": arm["arm"] == cell.get("best_arm"),
                     "sentence": cell.get("sentence", ""),
                     "searched": searched,
+                    "paired": cell.get("paired", []),
                     **arm,
                 }
             )
@@ -68,6 +69,34 @@ def _fmt(mean: Any, low: Any = math.nan, high: Any = math.nan) -> str:
     return f"{text} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def _points(pair: dict[str, Any]) -> str:
+    return f"{100 * pair['mean']:+.1f} [{100 * pair['low']:+.1f}, {100 * pair['high']:+.1f}]"
+
+
+def at_a_glance(cells: pd.DataFrame) -> list[str]:
+    """One line per cell: the recommended arm against the runner-up (the next arm by validation kNN) and the
+    untrained model, paired by seed, as the cell's advise step measured them."""
+    lines = [
+        "| dataset | per class | recommended | runner-up | difference (val kNN points) | outcome "
+        "| training time vs runner-up | over the untrained model |",
+        "|---|---:|---|---|---:|---|---:|---:|",
+    ]
+    for (data, per_class), cell in cells.groupby(["data", "per_class"], sort=True):
+        best = cell[cell["recommended"]]
+        pairs = {pair["versus"]: pair for pair in cell["paired"].iloc[0]}
+        others = cell[~cell["recommended"] & cell["arm"].isin(list(pairs))].sort_values("val", ascending=False)
+        runner = pairs[others["arm"].iloc[0]] if len(others) else None
+        untrained = pairs.get("untrained model")
+        ratio = runner.get("time_ratio") if runner else None
+        lines.append(
+            f"| {data} | {per_class} | {best['arm'].iloc[0] if len(best) else ''} "
+            f"| {runner['versus'] if runner else ''} | {_points(runner) if runner else ''} "
+            f"| {runner['outcome'] if runner else ''} | {f'{ratio:.0f}x' if ratio else ''} "
+            f"| {_points(untrained) if untrained else ''} |"
+        )
+    return lines
+
+
 def markdown(cells: pd.DataFrame, classifier: str = "logreg") -> str:
     lines = [
         "# Label budgets: which arm wins at which budget on which dataset",
@@ -76,6 +105,11 @@ def markdown(cells: pd.DataFrame, classifier: str = "logreg") -> str:
         "on validation, then trained with seeds 1..S; test accuracy (%) with its 95% t interval over the seeds (clipped to 0-100).",
         f"Deployed = the served classifier ({classifier} over the arm's embeddings, fitted on the same texts).",
         "The recommended arm (**bold**) is chosen on validation kNN, never on test.",
+        "",
+        "At a glance: the recommended arm against the next arm by validation kNN and against the untrained model",
+        "(paired by seed, 95% interval; a tie when the interval spans 0).",
+        "",
+        *at_a_glance(cells),
         "",
     ]
     for (data, per_class), cell in cells.groupby(["data", "per_class"], sort=True):
